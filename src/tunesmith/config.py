@@ -1,0 +1,211 @@
+"""Typed configuration: the only place where defaults live.
+
+A config is one YAML file; any key can be overridden with a dotted path
+(`--train.lr 3e-5` on the command line, `{"train.lr": 3e-5}` from Python).
+Every mistake is reported as one line naming the file, the key and, where known, the line.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import TunesmithError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("minilm-l6", description="catalog short name, local Hugging Face folder, or hub id")
+    max_length: int = Field(128, ge=8, le=8192, description="tokens per example; longer texts are truncated")
+    trust_remote_code: bool = Field(False, description="run model code from the model folder (only if you trust it)")
+
+
+class DataConfig(_Section):
+    dataset: str | None = Field(None, description="catalog dataset short name (instead of train/test files)")
+    train: str | None = Field(None, description="training file: .csv, .tsv, .jsonl or .parquet")
+    validation: str | None = Field(None, description="validation file; carved out of train when absent")
+    test: str | None = Field(None, description="test file, evaluated once with the best model")
+    text_column: str = "text"
+    text_pair_column: str | None = Field(None, description="second text for pair tasks (e.g. NLI)")
+    label_column: str = "label"
+    group_column: str | None = Field(
+        None, description="rows sharing a group (e.g. a film) stay on one side of the validation split")
+    problem_type: Literal["single_label", "multi_label", "regression"] = "single_label"
+    label_separator: str = Field("|", description="separates labels of a multi-label row in CSV/TSV")
+    validation_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="share of train held out for validation when no file is given")
+
+    @model_validator(mode="after")
+    def _needs_some_data(self) -> "DataConfig":
+        if self.dataset is None and self.train is None:
+            raise ValueError("set data.dataset (a catalog name) or data.train (a file)")
+        return self
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(1, gt=0, description="may be fractional, e.g. 0.5")
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float | None = Field(1.0, description="clip gradients to this norm; null turns it off")
+    grad_accum_steps: int = Field(1, ge=1)
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast where the CPU/GPU runs it fast, else fp32")
+    seed: int = 0
+    group_by_length: bool = Field(True, description="batch texts of similar length to cut padding")
+    eval_every_steps: int | None = Field(None, ge=1, description="evaluate every N steps; default: every epoch")
+    metric: str = Field("auto", description="metric that picks the best checkpoint (auto: macro_f1 / r2)")
+    early_stopping_patience: int | None = Field(None, ge=1, description="evaluations without improvement")
+    checkpoint_every_steps: int = Field(200, ge=1, description="resumable checkpoint interval (optimizer steps)")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+
+
+class OutputConfig(_Section):
+    dir: str = "runs"
+    name: str | None = Field(None, description="run folder name; default: <dataset>-<timestamp>")
+
+
+class Config(_Section):
+    task: Literal["text_classification"] = "text_classification"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+
+def parse_override_value(text: str) -> Any:
+    """'3e-5' -> 3e-05, 'true' -> True, 'null' -> None, anything else stays a string."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML 1.1 reads '3e-5' as a string; a plain float() rescues it.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
+    """Set dotted keys, e.g. {'train.lr': 3e-5}, in a nested dict (copying it)."""
+    out = _deep_copy(raw)
+    for dotted, value in overrides.items():
+        node = out
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise TunesmithError(f"override {dotted}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(source: str | Path | dict | Config, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML file (or dict) into a validated Config, applying dotted overrides."""
+    if isinstance(source, Config):
+        if not overrides:
+            return source
+        source = source.model_dump()
+    origin = "config"
+    text = None
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        origin = str(path)
+        if not path.is_file():
+            raise TunesmithError(f"{path}: config file not found")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            loc = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or "invalid YAML"
+            raise TunesmithError(f"{path}{loc}: {problem}") from None
+        if raw is None:
+            raise TunesmithError(f"{path}: config file is empty")
+        if not isinstance(raw, dict):
+            raise TunesmithError(f"{path}: the top level must be a mapping of sections (model, data, train...)")
+    else:
+        raw = source
+    raw = apply_overrides(raw, overrides or {})
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise TunesmithError(_describe_validation_error(exc, origin, text)) from None
+
+
+def _describe_validation_error(exc: ValidationError, origin: str, yaml_text: str | None) -> str:
+    err = exc.errors()[0]
+    keys = [str(k) for k in err["loc"]]
+    dotted = ".".join(keys)
+    line = _yaml_line(yaml_text, keys) if yaml_text else None
+    loc = f"{origin}, line {line}" if line else origin
+    if err["type"] == "extra_forbidden":
+        parent = _section_model(keys[:-1])
+        hint = ""
+        if parent is not None:
+            close = difflib.get_close_matches(keys[-1], list(parent.model_fields), n=1)
+            hint = f" (did you mean '{'.'.join(keys[:-1] + close[:1])}'?)" if close else \
+                f" (known keys: {', '.join(parent.model_fields)})"
+        return f"{loc}: unknown key '{dotted}'{hint}"
+    if err["type"] == "missing":
+        return f"{loc}: missing key '{dotted}'"
+    if not keys:
+        return f"{loc}: {err['msg']}"
+    value = err.get("input")
+    shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {dotted}: {msg}{shown}"
+
+
+def _section_model(keys: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for key in keys:
+        field = model.model_fields.get(key)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def _yaml_line(text: str, keys: list[str]) -> int | None:
+    """1-based line of a nested key in YAML text, or of its closest existing parent."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for key in keys:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for key_node, value_node in node.value:
+            if key_node.value == key:
+                line = key_node.start_mark.line + 1
+                node = value_node
+                break
+        else:
+            break
+    return line
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _deep_copy(d: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}

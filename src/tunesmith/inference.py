@@ -1,0 +1,149 @@
+"""Running a model over examples, saving it, and the evaluate / predict entry points."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .atomic import recover_dir, replace_dir, temp_dir_beside, temp_file_beside
+from .config import Config, config_to_yaml, load_config
+from .errors import TunesmithError
+from .tasks import TASKS
+
+RUN_INFO = "tunesmith.json"  # written into model/: what predict needs to read data like training did
+
+
+@lru_cache(maxsize=1)
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def choose_precision(setting: str, device: torch.device | None = None) -> str:
+    """'auto' -> bf16 where the hardware runs it fast (recent GPUs, CPUs with AMX/AVX512-BF16)."""
+    if setting != "auto":
+        return setting
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if _cpu_has_fast_bf16() else "fp32"
+
+
+@torch.inference_mode()
+def predict_logits(model: torch.nn.Module, features: list[dict], lengths: list[int],
+                   collate: Callable[[list[dict]], dict], batch_size: int, device: torch.device,
+                   precision: str, with_loss: bool = False) -> tuple[np.ndarray, float | None]:
+    """Logits for every example, in input order. Batches are formed by length so padding is minimal."""
+    order = np.argsort(lengths, kind="stable")
+    chunks, loss_sum = [], 0.0
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = collate([features[i] for i in idx])
+            if not with_loss:
+                batch.pop("labels", None)
+            out = model(**{k: v.to(device) for k, v in batch.items()})
+            if with_loss:
+                loss_sum += out.loss.float().item() * len(idx)
+            chunks.append(out.logits.float().cpu().numpy())
+    logits = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+    restored = np.empty_like(logits)
+    restored[order] = logits
+    return restored, (loss_sum / max(1, len(order)) if with_loss else None)
+
+
+def save_model_dir(target: Path, model: torch.nn.Module, tokenizer, cfg: Config, labels) -> None:
+    """A plain Hugging Face folder (safetensors) plus tunesmith.json, swapped in atomically."""
+    tmp = temp_dir_beside(target)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        info = {"task": cfg.task, "labels": asdict(labels), "max_length": cfg.model.max_length,
+                "data": cfg.data.model_dump(include={"text_column", "text_pair_column", "label_column",
+                                                     "problem_type", "label_separator"})}
+        (tmp / RUN_INFO).write_text(json.dumps(info, indent=1))
+        (tmp / "tunesmith_config.yaml").write_text(config_to_yaml(cfg))
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_frame_atomic(df: pd.DataFrame, path: Path) -> None:
+    tmp = temp_file_beside(path)
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            df.to_parquet(tmp, index=False)
+        elif path.suffix.lower() in (".jsonl", ".json"):
+            df.to_json(tmp, orient="records", lines=True, force_ascii=False)
+        else:
+            df.to_csv(tmp, index=False, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class LoadedRun:
+    """A trained model read back from a run folder (or from its model/ folder)."""
+
+    def __init__(self, run: str | Path, precision: str = "auto"):
+        path = Path(run)
+        model_dir = path / "model" if (path / "model").is_dir() or (path / "model.old").is_dir() else path
+        recover_dir(model_dir)
+        info_path = model_dir / RUN_INFO
+        if not info_path.is_file():
+            raise TunesmithError(f"{run}: not a tunesmith run folder (no model/{RUN_INFO})")
+        info = json.loads(info_path.read_text())
+        self.task = TASKS[info["task"]]
+        self.labels = self.task.LabelSpace(**info["labels"])
+        self.cfg = load_config(model_dir / "tunesmith_config.yaml")
+        self.data_cfg = self.cfg.data.model_copy(update=info["data"])
+        self.max_length = info["max_length"]
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device).eval()
+        self.precision = choose_precision(precision, self.device)
+
+    def logits(self, examples, batch_size: int = 128) -> np.ndarray:
+        enc = self.task.encode(self.tokenizer, examples, self.max_length)
+        pad_id = self.tokenizer.pad_token_id or 0
+        logits, _ = predict_logits(self.model, enc.features, enc.lengths,
+                                   lambda f: self.task.collate(f, pad_id), batch_size, self.device, self.precision)
+        return logits
+
+
+def evaluate(run: str | Path, data: str | Path, precision: str = "auto", batch_size: int = 128) -> dict:
+    """Metrics of a trained model on a labelled file."""
+    loaded = LoadedRun(run, precision)
+    examples = loaded.task.read_examples(data, loaded.data_cfg, loaded.labels, require_labels=True)
+    return loaded.task.compute_metrics(loaded.logits(examples, batch_size), examples.targets, loaded.labels)
+
+
+def predict(run: str | Path, input: str | Path, output: str | Path | None = None,
+            precision: str = "auto", batch_size: int = 128) -> pd.DataFrame:
+    """Predictions (label and per-class probabilities) for every row of a file; labels are optional."""
+    loaded = LoadedRun(run, precision)
+    examples = loaded.task.read_examples(input, loaded.data_cfg, loaded.labels, require_labels=False)
+    frame = loaded.task.predictions_frame(examples, loaded.logits(examples, batch_size), loaded.labels)
+    if output is not None:
+        write_frame_atomic(frame, Path(output))
+    return frame

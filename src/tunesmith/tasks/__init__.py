@@ -1,0 +1,17 @@
+"""Task registry. A task is a module with the same small set of functions:
+
+    load_splits(cfg) -> Splits                 read, check and split the data; the label space
+    read_examples(path, data_cfg, labels)      one file, checked against a known label space
+    build_model(source, labels, cfg)           -> (model, tokenizer)
+    encode(tokenizer, examples, max_length)    -> Encoded(features, lengths, truncated)
+    collate(features, pad_id)                  -> dict of padded tensors
+    default_metric(labels), compute_metrics(logits, targets, labels), predictions_frame(...)
+
+Tests parametrize over TASKS, so every task gets the same checks.
+"""
+
+from types import ModuleType
+
+from . import text_classification
+
+TASKS: dict[str, ModuleType] = {text_classification.NAME: text_classification}

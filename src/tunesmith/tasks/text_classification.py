@@ -1,0 +1,283 @@
+"""Text classification: single-label, multi-label and regression, on one text or a text pair.
+
+The functions here are the task interface the training loop calls (see tasks/__init__.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import GroupShuffleSplit, StratifiedShuffleSplit, ShuffleSplit
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from .. import catalog
+from ..config import Config, DataConfig
+from ..data import Table, float_values, label_names, multi_label_names, read_table, sort_labels, text_values
+from ..errors import TunesmithError
+from ..evaluate import multi_label_metrics, regression_metrics, single_label_metrics
+from ..models import from_pretrained
+
+NAME = "text_classification"
+_HF_PROBLEM = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
+               "regression": "regression"}
+
+
+@dataclass
+class LabelSpace:
+    """What the model predicts; saved with the model so evaluate/predict read data the same way."""
+    problem_type: str
+    names: list[str] = field(default_factory=list)  # empty for regression
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 if self.problem_type == "regression" else len(self.names)
+
+
+@dataclass
+class Examples:
+    table: Table
+    texts: list[str]
+    pairs: list[str] | None
+    targets: np.ndarray | None  # class ids, multi-hot rows, or floats; None when unlabelled
+    groups: list[str] | None = None
+
+    def subset(self, idx: np.ndarray) -> "Examples":
+        pick = lambda xs: [xs[i] for i in idx] if xs is not None else None  # noqa: E731
+        df = self.table.df.iloc[idx].reset_index(drop=True)
+        lines = pick(self.table.line_of_row)
+        return Examples(Table(df, self.table.path, lines), pick(self.texts), pick(self.pairs),
+                        None if self.targets is None else self.targets[idx], pick(self.groups))
+
+
+@dataclass
+class Splits:
+    train: Examples
+    validation: Examples | None
+    test: Examples | None
+    labels: LabelSpace
+
+
+# ---------------------------------------------------------------- data
+
+def resolve_data_config(data: DataConfig) -> DataConfig:
+    """Fill file paths (and columns the user left at their defaults) from a catalog dataset."""
+    if data.dataset is None:
+        return data
+    entry = catalog.DATASETS.get(data.dataset)
+    if entry is None:
+        raise TunesmithError(f"data.dataset: unknown dataset '{data.dataset}' (catalog: {', '.join(catalog.DATASETS)})")
+    folder = catalog.dataset_path(data.dataset)
+    updates = {}
+    for key, value in entry.data_defaults.items():
+        if key in ("train", "validation", "test"):
+            if getattr(data, key) is None:
+                updates[key] = str(folder / value)
+        elif key not in data.model_fields_set:
+            updates[key] = value
+    return data.model_copy(update=updates)
+
+
+def read_examples(path: str | Path, data: DataConfig, labels: LabelSpace | None,
+                  require_labels: bool = True) -> Examples:
+    """Read and check one file. With `labels` given (evaluate/predict), unknown labels are errors."""
+    table = read_table(path)
+    texts = text_values(table, data.text_column)
+    pairs = text_values(table, data.text_pair_column, "text pair") if data.text_pair_column else None
+    groups = None
+    if data.group_column and data.group_column in table.df.columns:
+        groups = [str(g) for g in table.df[data.group_column].tolist()]
+    targets = None
+    if require_labels or data.label_column in table.df.columns:
+        targets = _encode_targets(table, data, labels)
+    return Examples(table, texts, pairs, targets, groups)
+
+
+def _encode_targets(table: Table, data: DataConfig, labels: LabelSpace | None) -> np.ndarray:
+    col = data.label_column
+    if data.problem_type == "regression":
+        return np.asarray(float_values(table, col), dtype=np.float32)
+    if data.problem_type == "multi_label":
+        rows = multi_label_names(table, col, data.label_separator)
+        names = labels.names if labels else sort_labels({n for r in rows for n in r})
+        index = {n: i for i, n in enumerate(names)}
+        out = np.zeros((len(rows), len(names)), dtype=np.float32)
+        for i, row in enumerate(rows):
+            for n in row:
+                if n not in index:
+                    raise TunesmithError(f"{table.where(i, col)}: label '{n}' was not seen in training "
+                                         f"(known: {', '.join(names)})")
+                out[i, index[n]] = 1.0
+        return out
+    values = label_names(table, col)
+    names = labels.names if labels else sort_labels(set(values))
+    index = {n: i for i, n in enumerate(names)}
+    for i, v in enumerate(values):
+        if v not in index:
+            raise TunesmithError(f"{table.where(i, col)}: label '{v}' was not seen in training "
+                                 f"(known: {', '.join(names)})")
+    return np.asarray([index[v] for v in values], dtype=np.int64)
+
+
+def label_space(train: Examples, data: DataConfig) -> LabelSpace:
+    table, col = train.table, data.label_column
+    if data.problem_type == "regression":
+        return LabelSpace("regression")
+    if data.problem_type == "multi_label":
+        names = sort_labels({n for r in multi_label_names(table, col, data.label_separator) for n in r})
+    else:
+        names = sort_labels(set(label_names(table, col)))
+    if len(names) < 2:
+        shown = f" ('{names[0]}')" if names else ""
+        raise TunesmithError(f"{table.path}: column '{col}' has only {len(names)} class{shown}; "
+                             "classification needs at least two")
+    return LabelSpace(data.problem_type, names)
+
+
+def load_splits(cfg: Config) -> Splits:
+    data = resolve_data_config(cfg.data)
+    train_all = read_examples(data.train, data, None, require_labels=True)
+    labels = label_space(train_all, data)
+    train_all.targets = _encode_targets(train_all.table, data, labels)
+    if data.validation:
+        train, validation = train_all, read_examples(data.validation, data, labels)
+    elif data.validation_fraction > 0:
+        train_idx, val_idx = _validation_split(train_all, data, cfg.train.seed)
+        train, validation = train_all.subset(train_idx), train_all.subset(val_idx)
+    else:
+        train, validation = train_all, None
+    test = read_examples(data.test, data, labels) if data.test else None
+    return Splits(train, validation, test, labels)
+
+
+def _validation_split(examples: Examples, data: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    n = len(examples.texts)
+    frac = data.validation_fraction
+    if round(n * frac) < 1 or n - round(n * frac) < 2:
+        raise TunesmithError(f"{examples.table.path}: {n} rows are too few to hold out "
+                             f"{frac:.0%} for validation; give data.validation or more rows")
+    x = np.zeros(n)
+    if examples.groups is not None and len(set(examples.groups)) > 1:
+        splitter = GroupShuffleSplit(n_splits=1, test_size=frac, random_state=seed)
+        return next(splitter.split(x, groups=examples.groups))
+    if data.problem_type == "single_label":
+        counts = np.bincount(examples.targets)
+        if counts[counts > 0].min() >= 2:
+            try:
+                splitter = StratifiedShuffleSplit(n_splits=1, test_size=frac, random_state=seed)
+                return next(splitter.split(x, examples.targets))
+            except ValueError:
+                pass  # too few rows for every class in both parts: fall back to a plain split
+    return next(ShuffleSplit(n_splits=1, test_size=frac, random_state=seed).split(x))
+
+
+# ---------------------------------------------------------------- model
+
+def build_model(source: str, labels: LabelSpace, cfg: Config):
+    """Backbone + a fresh classification head sized for `labels`."""
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, source,
+                                trust_remote_code=cfg.model.trust_remote_code)
+    kwargs = dict(num_labels=labels.num_outputs, problem_type=_HF_PROBLEM[labels.problem_type],
+                  trust_remote_code=cfg.model.trust_remote_code)
+    if labels.names:
+        kwargs["id2label"] = dict(enumerate(labels.names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(labels.names)}
+    model = from_pretrained(AutoModelForSequenceClassification.from_pretrained, source, **kwargs)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- features
+
+@dataclass
+class Encoded:
+    features: list[dict]
+    lengths: list[int]
+    truncated: int  # texts longer than max_length (cut to fit)
+
+
+def encode(tokenizer, examples: Examples, max_length: int) -> Encoded:
+    args = (examples.texts, examples.pairs) if examples.pairs else (examples.texts,)
+    enc = tokenizer(*args, truncation=True, max_length=max_length)
+    ids = enc["input_ids"]
+    type_ids = enc.get("token_type_ids")
+    # Only texts that hit the limit can have been cut: re-tokenise those alone to count them.
+    full = [i for i, x in enumerate(ids) if len(x) >= max_length]
+    truncated = 0
+    if full:
+        sub = [[a[i] for i in full] for a in args]
+        truncated = sum(len(x) > max_length for x in tokenizer(*sub, truncation=False)["input_ids"])
+    features = []
+    for i, input_ids in enumerate(ids):
+        feat = {"input_ids": input_ids}
+        if type_ids is not None and examples.pairs:
+            feat["token_type_ids"] = type_ids[i]
+        if examples.targets is not None:
+            feat["labels"] = examples.targets[i]
+        features.append(feat)
+    return Encoded(features, [len(x) for x in ids], truncated)
+
+
+def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence in the batch (dynamic padding)."""
+    width = max(len(f["input_ids"]) for f in features)
+    batch = {}
+    input_ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        input_ids[i, :n] = torch.as_tensor(f["input_ids"])
+        mask[i, :n] = 1
+    batch["input_ids"], batch["attention_mask"] = input_ids, mask
+    if "token_type_ids" in features[0]:
+        types = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            types[i, :len(f["token_type_ids"])] = torch.as_tensor(f["token_type_ids"])
+        batch["token_type_ids"] = types
+    if "labels" in features[0]:
+        batch["labels"] = torch.as_tensor(np.stack([f["labels"] for f in features]))
+    return batch
+
+
+# ---------------------------------------------------------------- outputs
+
+def default_metric(labels: LabelSpace) -> str:
+    return "r2" if labels.problem_type == "regression" else "macro_f1"
+
+
+def predict_targets(logits: np.ndarray, labels: LabelSpace) -> np.ndarray:
+    if labels.problem_type == "regression":
+        return logits[:, 0]
+    if labels.problem_type == "multi_label":
+        return (logits > 0).astype(np.float32)  # sigmoid(x) > 0.5
+    return logits.argmax(axis=1)
+
+
+def compute_metrics(logits: np.ndarray, targets: np.ndarray, labels: LabelSpace) -> dict:
+    pred = predict_targets(logits, labels)
+    if labels.problem_type == "regression":
+        return regression_metrics(targets, pred)
+    if labels.problem_type == "multi_label":
+        return multi_label_metrics(targets.astype(int), pred.astype(int), labels.names)
+    return single_label_metrics(targets, pred, labels.names)
+
+
+def predictions_frame(examples: Examples, logits: np.ndarray, labels: LabelSpace) -> pd.DataFrame:
+    """The input rows plus the prediction and one probability column per class."""
+    df = examples.table.df.copy()
+    pred = predict_targets(logits, labels)
+    if labels.problem_type == "regression":
+        df["prediction"] = pred
+        return df
+    if labels.problem_type == "multi_label":
+        probs = 1.0 / (1.0 + np.exp(-logits))
+        df["predicted_labels"] = ["|".join(n for n, on in zip(labels.names, row) if on) for row in pred]
+    else:
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = shifted / shifted.sum(axis=1, keepdims=True)
+        df["predicted_label"] = [labels.names[i] for i in pred]
+    for j, name in enumerate(labels.names):
+        df[f"prob_{name}"] = np.round(probs[:, j], 6)
+    return df

@@ -1,0 +1,311 @@
+"""THE training loop: one function, read top to bottom.
+
+train(config) -> read + check data -> backbone + head -> AdamW + warm-up schedule ->
+for each epoch: length-grouped batches -> forward/backward (bf16 autocast where fast) ->
+clip, step -> evaluate / keep the best model / checkpoint -> test with the best model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, config_to_yaml, load_config
+from .errors import TunesmithError
+from .evaluate import is_improvement, scalar_metrics
+from .inference import choose_precision, predict_logits, save_model_dir, write_frame_atomic
+from .models import count_parameters, parameter_groups, resolve_model
+from .tasks import TASKS
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict              # test metrics (validation metrics when there is no test split)
+    validation_metrics: dict | None
+    train_samples_per_second: float
+
+
+def make_batches(lengths: list[int], batch_size: int, seed: int, group_by_length: bool) -> list[list[int]]:
+    """Shuffled batches of indices; with grouping, each batch holds texts of similar length.
+
+    Grouping sorts within shuffled windows of 50 batches, so batches stay random in order and
+    content but pad far less: padding is set by the longest text in each batch.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    if group_by_length:
+        lengths_arr = np.asarray(lengths)
+        window = batch_size * 50
+        order = np.concatenate([chunk[np.argsort(-lengths_arr[chunk], kind="stable")]
+                                for chunk in np.array_split(order, max(1, math.ceil(len(order) / window)))])
+    batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def new_run_dir(cfg: Config) -> Path:
+    base = cfg.output.name or f"{cfg.data.dataset or Path(cfg.data.train or 'run').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    root = Path(cfg.output.dir)
+    run_dir, n = root / base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = root / f"{base}-{n}"
+    return run_dir
+
+
+def _log(message: str) -> None:
+    tqdm.write(f"tunesmith: {message}", file=sys.stderr)
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, forget log lines written after the checkpoint: they will be written again."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None = None,
+          resume: str | Path | None = None) -> TrainResult:
+    """Fine-tune as the config says; returns the run folder and its metrics."""
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise TunesmithError(f"{run_dir}: not a tunesmith run folder (no config.yaml)")
+        cfg = load_config(run_dir / "config.yaml")
+        if config is not None:
+            given = load_config(config, overrides)
+            if given.model_dump() != cfg.model_dump():
+                _log(f"resuming with the configuration saved in {run_dir}/config.yaml (the given one differs)")
+    else:
+        cfg = load_config(config, overrides)
+        run_dir = new_run_dir(cfg)
+    tcfg = cfg.train
+    task = TASKS[cfg.task]
+
+    # ---- data and model (all input checks happen here, before anything is written)
+    transformers.set_seed(tcfg.seed)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    splits = task.load_splits(cfg)
+    labels = splits.labels
+    model, tokenizer = task.build_model(resolve_model(cfg.model.name), labels, cfg)
+    max_len = min(cfg.model.max_length, getattr(tokenizer, "model_max_length", 10**9) or 10**9)
+    train_enc = task.encode(tokenizer, splits.train, max_len)
+    val_enc = task.encode(tokenizer, splits.validation, max_len) if splits.validation else None
+    metric = task.default_metric(labels) if tcfg.metric == "auto" else tcfg.metric
+    if splits.validation is not None:
+        probe = task.compute_metrics(np.zeros((2, labels.num_outputs), np.float32),
+                                     splits.validation.targets[:2], labels)
+        if metric not in scalar_metrics(probe) and metric != "loss":
+            raise TunesmithError(f"train.metric: unknown metric '{metric}' "
+                                 f"(available: loss, {', '.join(scalar_metrics(probe))})")
+    elif tcfg.early_stopping_patience:
+        raise TunesmithError("train.early_stopping_patience needs a validation split "
+                             "(data.validation or data.validation_fraction > 0)")
+
+    precision = choose_precision(tcfg.precision)
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    collate = lambda feats: task.collate(feats, pad_id)  # noqa: E731
+
+    batches_per_epoch = math.ceil(len(train_enc.features) / tcfg.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / tcfg.grad_accum_steps)
+    total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * steps_per_epoch))
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    optimizer = torch.optim.AdamW(parameter_groups(model, tcfg.weight_decay), lr=tcfg.lr)
+    scheduler = transformers.get_scheduler(
+        "constant_with_warmup" if tcfg.scheduler == "constant" else tcfg.scheduler, optimizer,
+        num_warmup_steps=round(tcfg.warmup_ratio * total_steps), num_training_steps=total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # ---- the run folder
+    state = TrainState()
+    metrics_log = run_dir / "metrics.jsonl"
+    if resume is not None:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise TunesmithError(f"{run_dir}: no checkpoint to resume from")
+        state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
+        _truncate_log(metrics_log, state.step)
+        _log(f"resumed from {ckpt} (step {state.step}/{total_steps})")
+    else:
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+
+    trainable, total = count_parameters(model)
+    _log(f"run folder {run_dir}")
+    _log(f"model {cfg.model.name}: {_count(total)} parameters, {_count(trainable)} trainable; "
+         f"precision {precision}; device {accelerator.device}")
+    for name, ex, enc in (("train", splits.train, train_enc), ("validation", splits.validation, val_enc)):
+        if ex is not None:
+            _log(f"{name}: {len(ex.texts)} examples{_class_counts(ex.targets, labels)}; "
+                 f"{enc.truncated} longer than {max_len} tokens (truncated)")
+    if splits.test is not None:
+        _log(f"test: {len(splits.test.texts)} examples{_class_counts(splits.test.targets, labels)}")
+    _log(f"{total_steps} optimizer steps ({num_epochs} epoch(s) of {steps_per_epoch}), batch {tcfg.batch_size}"
+         f"{f' x {tcfg.grad_accum_steps} accumulation' if tcfg.grad_accum_steps > 1 else ''}, "
+         f"best model by validation {metric}")
+
+    def evaluate_now(epoch_float: float, running_loss: list[float]) -> bool:
+        """Validate, log, keep the best model; returns True when early stopping says stop."""
+        record: dict[str, Any] = {"type": "eval", "step": state.step, "epoch": round(epoch_float, 4),
+                                  "lr": scheduler.get_last_lr()[0]}
+        if running_loss:
+            record["train_loss"] = float(np.mean(running_loss))
+            running_loss.clear()
+        if val_enc is None:
+            _append_jsonl(metrics_log, record)
+            return False
+        logits, loss = predict_logits(model, val_enc.features, val_enc.lengths, collate,
+                                      tcfg.eval_batch_size, accelerator.device, precision, with_loss=True)
+        scores = scalar_metrics(task.compute_metrics(logits, splits.validation.targets, labels))
+        scores["loss"] = loss
+        record["validation"] = scores
+        _append_jsonl(metrics_log, record)
+        value = scores[metric]
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k in (metric, "loss", "accuracy"))
+        if is_improvement(metric, value, state.best_metric):
+            state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
+            save_model_dir(run_dir / "model", accelerator.unwrap_model(model), tokenizer, cfg, labels)
+            _log(f"step {state.step}: validation {shown} (best so far, saved)")
+        else:
+            state.evals_without_improvement += 1
+            _log(f"step {state.step}: validation {shown}")
+        patience = tcfg.early_stopping_patience
+        return patience is not None and state.evals_without_improvement >= patience
+
+    # ---- the loop
+    model.train()
+    running_loss: list[float] = state.extra.pop("running_loss", [])
+    stop = state.step >= total_steps
+    progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
+                    disable=None, file=sys.stderr, dynamic_ncols=True)
+    started = time.perf_counter() - state.train_seconds
+    try:
+        while not stop and state.epoch < num_epochs:
+            batches = make_batches(train_enc.lengths, tcfg.batch_size, tcfg.seed + state.epoch, tcfg.group_by_length)
+            for batch_index in range(state.batch_in_epoch, len(batches)):
+                batch = collate([train_enc.features[i] for i in batches[batch_index]])
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                loss = model(**batch).loss
+                accelerator.backward(loss / tcfg.grad_accum_steps)
+                running_loss.append(loss.item())
+                state.batch_in_epoch = batch_index + 1
+                state.samples_seen += len(batches[batch_index])
+                last_of_epoch = state.batch_in_epoch == len(batches)
+                if state.batch_in_epoch % tcfg.grad_accum_steps and not last_of_epoch:
+                    continue
+                if tcfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{running_loss[-1]:.4f}", refresh=False)
+                if last_of_epoch:
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                epoch_float = state.epoch + state.batch_in_epoch / len(batches)
+                done = state.step >= total_steps
+                eval_due = (state.step % tcfg.eval_every_steps == 0) if tcfg.eval_every_steps \
+                    else (last_of_epoch or done)
+                if eval_due or done:
+                    state.train_seconds = time.perf_counter() - started
+                    model.eval()
+                    stop = evaluate_now(epoch_float, running_loss)
+                    model.train()
+                    started = time.perf_counter() - state.train_seconds
+                if done:
+                    stop = True
+                if stop or last_of_epoch or state.step % tcfg.checkpoint_every_steps == 0:
+                    state.train_seconds = time.perf_counter() - started
+                    state.extra["running_loss"] = running_loss
+                    save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, state)
+                if stop or last_of_epoch:
+                    break
+    except KeyboardInterrupt:
+        progress.close()
+        raise TunesmithError(f"interrupted; continue with: tunesmith train {run_dir}/config.yaml "
+                             f"--resume {run_dir}") from None
+    progress.close()
+    train_seconds = time.perf_counter() - started
+    samples_per_second = state.samples_seen / train_seconds if train_seconds > 0 else 0.0
+
+    # ---- the best model on the test split
+    if val_enc is None:  # nothing chose a best model: keep the last one
+        save_model_dir(run_dir / "model", accelerator.unwrap_model(model), tokenizer, cfg, labels)
+        state.best_step = state.step
+    else:
+        from safetensors.torch import load_model
+        load_model(accelerator.unwrap_model(model), str(run_dir / "model" / "model.safetensors"))
+    model.eval()
+    summary: dict[str, Any] = {
+        "best_step": state.best_step, "best_validation": {metric: state.best_metric},
+        "train": {"steps": state.step, "seconds": round(train_seconds, 2),
+                  "samples_per_second": round(samples_per_second, 2), "precision": precision,
+                  "trainable_parameters": trainable, "total_parameters": total},
+        "data": {"train": len(splits.train.texts),
+                 "validation": len(splits.validation.texts) if splits.validation else 0,
+                 "test": len(splits.test.texts) if splits.test else 0,
+                 "truncated_train": train_enc.truncated, "max_length": max_len},
+    }
+    result_metrics: dict = {}
+    validation_metrics = None
+    if val_enc is not None:
+        logits, _ = predict_logits(model, val_enc.features, val_enc.lengths, collate, tcfg.eval_batch_size,
+                                   accelerator.device, precision)
+        validation_metrics = task.compute_metrics(logits, splits.validation.targets, labels)
+        summary["validation"] = validation_metrics
+        result_metrics = validation_metrics
+    if splits.test is not None:
+        test_enc = task.encode(tokenizer, splits.test, max_len)
+        started_eval = time.perf_counter()
+        logits, _ = predict_logits(model, test_enc.features, test_enc.lengths, collate, tcfg.eval_batch_size,
+                                   accelerator.device, precision)
+        eval_seconds = time.perf_counter() - started_eval
+        result_metrics = task.compute_metrics(logits, splits.test.targets, labels)
+        summary["test"] = result_metrics
+        summary["test_samples_per_second"] = round(len(test_enc.features) / eval_seconds, 2)
+        write_frame_atomic(task.predictions_frame(splits.test, logits, labels), run_dir / "test_predictions.csv")
+        _append_jsonl(metrics_log, {"type": "test", "step": state.step, "test": scalar_metrics(result_metrics)})
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+    split_name = "test" if splits.test is not None else "validation"
+    if result_metrics:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(result_metrics).items())
+        _log(f"{split_name}: {shown}")
+    _log(f"trained {state.step} steps in {train_seconds:.1f}s ({samples_per_second:.1f} samples/s); "
+         f"model in {run_dir / 'model'}")
+    return TrainResult(run_dir, result_metrics, validation_metrics, samples_per_second)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
+def _class_counts(targets: np.ndarray | None, labels) -> str:
+    if targets is None or labels.problem_type != "single_label":
+        return ""
+    counts = np.bincount(targets, minlength=len(labels.names))
+    return " (" + ", ".join(f"{n} {c}" for n, c in zip(labels.names, counts)) + ")"
+
+
+__all__ = ["train", "TrainResult", "make_batches", "TrainState", "asdict"]

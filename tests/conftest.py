@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny random BERT written with save_pretrained (so the real loading code runs)
+and small synthetic datasets whose labels a tiny model can learn in seconds."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+POSITIVE = ["good", "great", "excellent", "wonderful", "fun", "superb"]
+NEGATIVE = ["bad", "awful", "boring", "terrible", "dull", "poor"]
+NEUTRAL = ["the", "movie", "film", "was", "is", "a", "plot", "story", "acting", "very", "really", "quite",
+           "and", "but", "with", "music", "scenes", "actors", "of", "it"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+VOCAB = SPECIAL + POSITIVE + NEGATIVE + NEUTRAL + ["!", ".", ",", "##s", "##ly", "neutral"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)})
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    import torch
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
+    """Texts with one or two sentiment words among neutral filler; the label follows the sentiment."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = rng.choices(NEUTRAL, k=rng.randint(3, 14))
+        for _ in range(rng.randint(1, 2)):
+            words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label == "pos" else NEGATIVE))
+        rows.append({"text": " ".join(words), "label": label, "film": f"film{i % 37}"})
+    return rows
+
+
+@pytest.fixture
+def sentiment_csv(tmp_path) -> tuple[Path, Path]:
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    pd.DataFrame(sentiment_rows(400, seed=1)).to_csv(train, index=False)
+    pd.DataFrame(sentiment_rows(120, seed=2)).to_csv(test, index=False)
+    return train, test
+
+
+def tiny_config(model_dir: Path, train: Path, test: Path | None, out: Path, **train_overrides) -> dict:
+    train_cfg = {"epochs": 3, "batch_size": 16, "lr": 2e-3, "warmup_ratio": 0.0, "seed": 0,
+                 "precision": "fp32"}
+    train_cfg.update(train_overrides)
+    data = {"train": str(train), "validation_fraction": 0.2}
+    if test is not None:
+        data["test"] = str(test)
+    return {"model": {"name": str(model_dir), "max_length": 32}, "data": data, "train": train_cfg,
+            "output": {"dir": str(out)}}
+
+
+@pytest.fixture
+def cli_env(tmp_path) -> dict:
+    env = dict(os.environ)
+    env["TUNESMITH_CACHE"] = str(tmp_path / "cache")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+TUNESMITH = [sys.executable, "-m", "tunesmith.cli"]
