@@ -42,7 +42,8 @@ def multi_label_metrics(y_true: np.ndarray, y_pred: np.ndarray, names: list[str]
 
 
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
-    rho = spearmanr(y_true, y_pred).statistic if len(y_true) > 1 else float("nan")
+    constant = len(y_true) < 2 or np.ptp(y_true) == 0 or np.ptp(y_pred) == 0
+    rho = float("nan") if constant else spearmanr(y_true, y_pred).statistic  # undefined for constant input
     return {"mse": float(mean_squared_error(y_true, y_pred)), "mae": float(mean_absolute_error(y_true, y_pred)),
             "r2": float(r2_score(y_true, y_pred)) if len(y_true) > 1 else float("nan"),
             "spearman": float(rho)}

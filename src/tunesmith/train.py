@@ -222,6 +222,10 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
                 state.step += 1
                 progress.update(1)
                 progress.set_postfix(loss=f"{running_loss[-1]:.4f}", refresh=False)
+                if progress.disable and state.step % max(1, total_steps // 20) == 0:  # a log file, not a terminal
+                    elapsed = time.perf_counter() - started
+                    _log(f"step {state.step}/{total_steps}, loss {np.mean(running_loss[-20:]):.4f}, "
+                         f"{state.samples_seen / max(elapsed, 1e-9):.1f} samples/s")
                 if last_of_epoch:
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 epoch_float = state.epoch + state.batch_in_epoch / len(batches)

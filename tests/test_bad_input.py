@@ -1,0 +1,121 @@
+"""Every bad input: one clear line naming file, line/row and column (or key), exit code 2,
+no traceback, and nothing half-written (no run folder, no output file)."""
+
+import subprocess
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import TUNESMITH, sentiment_rows, tiny_config
+from tunesmith.cli import main
+
+
+def run_cli(capsys, args) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture
+def good_train(tmp_path):
+    path = tmp_path / "good.csv"
+    pd.DataFrame(sentiment_rows(60)).to_csv(path, index=False)
+    return path
+
+
+def write_config(tmp_path, model_dir, train, **data):
+    cfg = tiny_config(model_dir, train, None, tmp_path / "runs", epochs=1)
+    cfg["data"].update(data)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+BAD_TRAIN_FILES = {
+    "missing file": (None, "missing.csv: file not found"),
+    "empty file": ("", "bad.csv: file is empty"),
+    "header only": ("text,label\n", "bad.csv: no data rows"),
+    "misspelled column": ("txet,label\nhi,pos\nho,neg\n", "no text column 'text' (columns: txet, label); did you mean 'txet'?"),
+    "empty text": ("text,label\nhi,pos\n,neg\n", "bad.csv, line 3, column 'text': empty text"),
+    "one class": ("text,label\nhi,pos\nho,pos\nha,pos\n", "column 'label' has only 1 class ('pos')"),
+    "malformed row": ("text,label\nhi,pos\nhi,there,neg\n", "bad.csv, line 3: expected 2 fields"),
+    "missing label": ("text,label\nhi,pos\nho,\n", "bad.csv, line 3, column 'label': missing label"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TRAIN_FILES), ids=lambda c: c.replace(" ", "_"))
+def test_bad_training_file(case, tmp_path, tiny_model_dir, capsys):
+    content, expected = BAD_TRAIN_FILES[case]
+    train = tmp_path / ("missing.csv" if content is None else "bad.csv")
+    if content is not None:
+        train.write_text(content)
+    code, err = run_cli(capsys, ["train", write_config(tmp_path, tiny_model_dir, train)])
+    assert code == 2
+    assert expected in error_line(err)
+    assert not (tmp_path / "runs").exists(), "a failed run must not leave a run folder behind"
+
+
+def test_non_utf8_training_file(tmp_path, tiny_model_dir, capsys):
+    train = tmp_path / "latin1.csv"
+    train.write_bytes("text,label\nok,pos\nnaïve,neg\n".encode("latin-1"))
+    code, err = run_cli(capsys, ["train", write_config(tmp_path, tiny_model_dir, train)])
+    assert code == 2 and "latin1.csv, line 3, byte 3: not valid UTF-8 (byte 0xef)" in error_line(err)
+
+
+def test_non_string_text_jsonl(tmp_path, tiny_model_dir, capsys):
+    train = tmp_path / "d.jsonl"
+    train.write_text('{"text": "good", "label": "pos"}\n{"text": ["a"], "label": "neg"}\n')
+    code, err = run_cli(capsys, ["train", write_config(tmp_path, tiny_model_dir, train)])
+    assert code == 2 and "d.jsonl, line 2, column 'text': text must be a string" in error_line(err)
+
+
+@pytest.mark.parametrize("override,expected", [
+    (["--train.lrr", "1"], "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+    (["--train.batch_size", "zero"], "train.batch_size: Input should be a valid integer"),
+    (["--train.epochs", "-1"], "train.epochs: Input should be greater than 0"),
+    (["--model.name", "./no/such/model"], "model './no/such/model': folder not found"),
+    (["oops"], "unexpected argument 'oops'"),
+    (["--train.metric", "f2"], "train.metric: unknown metric 'f2'"),
+])
+def test_bad_config_values(override, expected, tmp_path, tiny_model_dir, good_train, capsys):
+    code, err = run_cli(capsys, ["train", write_config(tmp_path, tiny_model_dir, good_train), *override])
+    assert code == 2
+    assert expected in error_line(err)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unseen_labels_at_evaluate_and_predict(tmp_path, tiny_model_dir, good_train, capsys):
+    assert run_cli(capsys, ["train", write_config(tmp_path, tiny_model_dir, good_train), "--output.name=r"])[0] == 0
+    other = tmp_path / "other.csv"
+    other.write_text("text,label\ngood film,pos\nit was fine,neutral\n")
+    code, err = run_cli(capsys, ["evaluate", tmp_path / "runs" / "r", "--data", other])
+    assert code == 2
+    assert error_line(err) == (f"error: {other}, line 3, column 'label': label 'neutral' was not seen in "
+                               "training (known: neg, pos)")
+    out = tmp_path / "preds.csv"
+    code, err = run_cli(capsys, ["predict", tmp_path / "runs" / "r", "--input", other, "--output", out])
+    assert code == 2 and "label 'neutral' was not seen" in error_line(err)
+    assert not out.exists(), "no half-written prediction file"
+    code, err = run_cli(capsys, ["predict", tmp_path, "--input", other, "--output", out])
+    assert code == 2 and "not a tunesmith run folder" in error_line(err)
+
+
+def test_resume_without_checkpoint(tmp_path, capsys):
+    code, err = run_cli(capsys, ["train", "x.yaml", "--resume", tmp_path])
+    assert code == 2 and "not a tunesmith run folder" in error_line(err)
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path, cli_env):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  train: nothing.csv\ntrain:\n  epoch: 3\n")
+    proc = subprocess.run(TUNESMITH + ["train", str(cfg)], capture_output=True, text=True, env=cli_env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {cfg}, line 4: unknown key 'train.epoch' (did you mean 'train.epochs'?)"

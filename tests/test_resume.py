@@ -1,0 +1,114 @@
+"""A run killed with SIGKILL mid-epoch and resumed ends exactly where the uninterrupted run ends."""
+
+import json
+import signal
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import TUNESMITH, sentiment_rows, tiny_config
+from tunesmith.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+def _config(tiny_model_dir, tmp_path) -> dict:
+    pd.DataFrame(sentiment_rows(1600, seed=5)).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame(sentiment_rows(200, seed=6)).to_csv(tmp_path / "test.csv", index=False)
+    cfg = tiny_config(tiny_model_dir, tmp_path / "train.csv", tmp_path / "test.csv", tmp_path / "runs",
+                      epochs=2, batch_size=8, lr=1e-3, warmup_ratio=0.1, checkpoint_every_steps=10,
+                      eval_every_steps=50)
+    cfg["data"]["validation_fraction"] = 0.1
+    return cfg
+
+
+def _train(cfg_path, name, env, cwd, extra=()):
+    return subprocess.run(TUNESMITH + ["train", str(cfg_path), f"--output.name={name}", *extra],
+                          capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_model_dir, tmp_path, cli_env):
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(tiny_model_dir, tmp_path)))
+    runs = tmp_path / "runs"
+
+    reference = _train(cfg_path, "reference", cli_env, tmp_path)
+    assert reference.returncode == 0, reference.stderr
+
+    proc = subprocess.Popen(TUNESMITH + ["train", str(cfg_path), "--output.name=killed"], env=cli_env,
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = runs / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and int(latest.read_text().strip().split("-")[1] or 0) >= 40:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed = runs / "killed"
+    assert not (killed / "metrics.json").exists()
+    state = json.loads((latest_checkpoint(killed) / "state.json").read_text())
+    assert state["epoch"] == 0 and state["batch_in_epoch"] > 0, "the kill should land mid-epoch"
+
+    resumed = subprocess.run(TUNESMITH + ["train", str(cfg_path), "--resume", str(killed)],
+                             capture_output=True, text=True, env=cli_env, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+
+    ref = json.loads((runs / "reference" / "metrics.json").read_text())
+    got = json.loads((killed / "metrics.json").read_text())
+    assert got["test"] == ref["test"]
+    assert got["best_step"] == ref["best_step"] and got["train"]["steps"] == ref["train"]["steps"]
+    ref_preds = pd.read_csv(runs / "reference" / "test_predictions.csv")
+    got_preds = pd.read_csv(killed / "test_predictions.csv")
+    assert (ref_preds["predicted_label"] == got_preds["predicted_label"]).all()
+    assert (ref_preds["prob_pos"] - got_preds["prob_pos"]).abs().max() < 1e-5
+    ref_log = [json.loads(x) for x in (runs / "reference" / "metrics.jsonl").read_text().splitlines()]
+    got_log = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got_log] == [r["step"] for r in ref_log]
+    assert [r.get("validation") for r in got_log] == [r.get("validation") for r in ref_log]
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2)
+
+
+def _opt_sched(model):
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+
+def test_kill_during_save_keeps_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    model = _Tiny()
+    opt, sched = _opt_sched(model)
+    save_checkpoint(tmp_path, model, opt, sched, TrainState(step=10, batch_in_epoch=10))
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    with torch.no_grad():
+        model.linear.weight.add_(1.0)
+    real_save = torch.save
+
+    def dying_save(obj, path, *a, **kw):
+        if str(path).endswith("scheduler.pt"):
+            raise SystemExit("killed mid-save")
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(SystemExit):
+        save_checkpoint(tmp_path, model, opt, sched, TrainState(step=20))
+    monkeypatch.setattr(torch, "save", real_save)
+
+    found = latest_checkpoint(tmp_path)
+    assert found.name == "step-0000010"
+    fresh = _Tiny()
+    opt2, sched2 = _opt_sched(fresh)
+    state = load_checkpoint(found, fresh, opt2, sched2)
+    assert state.step == 10
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in expected.items())
+    # the next save sweeps the half-written folder away
+    save_checkpoint(tmp_path, model, opt, sched, TrainState(step=30))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000010", "step-0000030"]
