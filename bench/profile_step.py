@@ -1,0 +1,83 @@
+"""Where a training step's time goes: tunesmith's loop pieces on minilm-l6 + Rotten Tomatoes.
+
+    .venv/bin/python bench/profile_step.py [--steps 20] [--precision fp32|bf16]
+
+Times each phase of the step (collate, forward, backward, clip, optimizer step) with wall clocks over
+--steps length-grouped batches of 32, then prints the top operators from torch.profiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import pandas as pd
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from tunesmith import catalog
+from tunesmith.config import load_config
+from tunesmith.models import parameter_groups
+from tunesmith.tasks import text_classification as tc
+from tunesmith.train import make_batches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    args = parser.parse_args()
+
+    cfg = load_config({"data": {"dataset": "rotten_tomatoes", "validation_fraction": 0}})
+    df = pd.read_csv(catalog.dataset_path("rotten_tomatoes") / "train.csv")
+    labels = tc.LabelSpace("single_label", sorted(set(df["label"])))
+    model, tok = tc.build_model(str(catalog.model_path("minilm-l6")), labels, cfg)
+    splits = tc.load_splits(cfg)
+    enc = tc.encode(tok, splits.train, 128)
+    batches = make_batches(enc.lengths, 32, 0, True)[: args.steps + 3]
+    opt = torch.optim.AdamW(parameter_groups(model, 0.01), lr=5e-5)
+    model.train()
+    phases = {k: 0.0 for k in ("collate", "forward", "backward", "clip", "optimizer")}
+    ctx = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")  # noqa: E731
+
+    def step(b, timed: bool):
+        t0 = time.perf_counter()
+        batch = tc.collate([enc.features[i] for i in b], tok.pad_token_id)
+        t1 = time.perf_counter()
+        with ctx():
+            loss = model(**batch).loss
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        t4 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t5 = time.perf_counter()
+        if timed:
+            for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                phases[k] += dt
+
+    for b in batches[:3]:
+        step(b, False)
+    for b in batches[3:]:
+        step(b, True)
+    total = sum(phases.values())
+    tokens = sum(enc.lengths[i] for b in batches[3:] for i in b)
+    padded = sum(max(enc.lengths[i] for i in b) * len(b) for b in batches[3:])
+    print(f"{args.steps} steps, {total / args.steps * 1000:.0f} ms/step, {32 * args.steps / total:.1f} samples/s, "
+          f"padding {1 - tokens / padded:.1%} of the padded tokens ({args.precision})")
+    print("| phase | ms/step | share |\n|---|---|---|")
+    for k, v in phases.items():
+        print(f"| {k} | {v / args.steps * 1000:.1f} | {v / total:.1%} |")
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for b in batches[3:8]:
+            step(b, False)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
+    emb = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
+    print(f"embedding parameters: {emb:,} of {sum(p.numel() for p in model.parameters()):,}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""tunesmith vs the Hugging Face Trainer on identical work, measured in one script.
+
+    .venv/bin/python bench/vs_hf_trainer.py                 # full Rotten Tomatoes train split (slow on CPU)
+    .venv/bin/python bench/vs_hf_trainer.py --train-rows 3000
+
+Same model (minilm-l6), same film-disjoint split, max_length 128, batch 32, lr 5e-5, weight decay 0.01,
+10% warm-up, 1 epoch, seed 0, dynamic padding, no validation during training. Each side runs in its
+own process (so peak RSS is its own), one after the other. Sides:
+  hf_default  Trainer with its defaults (random batches, fp32)
+  hf_best     Trainer's best setting here: group_by_length, + bf16 where the CPU/GPU runs bf16 fast
+  tunesmith   tunesmith's defaults
+Then inference: HF pipeline("text-classification", batch_size=32) vs tunesmith predict on the test texts.
+MFU = model FLOPs (6 x non-embedding params x real tokens for training, 2x for inference) per second,
+divided by the fp32 (or bf16) matmul throughput measured on this machine at the start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SEED, MAX_LEN, BATCH, LR, WD, WARMUP = 0, 128, 32, 5e-5, 0.01, 0.1
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_peak(dtype_name: str) -> float:
+    import torch
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 5 * 2 * 2048 ** 3 / (time.perf_counter() - t)
+
+
+def prepare(workdir: Path, train_rows: int | None) -> tuple[Path, Path]:
+    from tunesmith import catalog
+    folder = catalog.dataset_path("rotten_tomatoes")
+    train = pd.read_csv(folder / "train.csv")
+    if train_rows:
+        train = train.sample(train_rows, random_state=SEED)
+    train.to_csv(workdir / "train.csv", index=False)
+    return workdir / "train.csv", folder / "test.csv"
+
+
+def real_tokens(texts: list[str]) -> int:
+    from transformers import AutoTokenizer
+    from tunesmith import catalog
+    tok = AutoTokenizer.from_pretrained(catalog.model_path("minilm-l6"))
+    return sum(len(x) for x in tok(texts, truncation=True, max_length=MAX_LEN)["input_ids"])
+
+
+def non_embedding_params() -> int:
+    from transformers import AutoModelForSequenceClassification
+    from tunesmith import catalog
+    model = AutoModelForSequenceClassification.from_pretrained(catalog.model_path("minilm-l6"), num_labels=2)
+    return sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+
+
+def run_hf(train_csv: Path, test_csv: Path, best: bool, workdir: Path) -> dict:
+    import torch
+    from sklearn.metrics import accuracy_score, f1_score
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
+                              Trainer, TrainingArguments, set_seed)
+    from transformers.utils import logging
+    from tunesmith import catalog
+    from tunesmith.inference import choose_precision
+
+    logging.set_verbosity_error()
+    path = catalog.model_path("minilm-l6")
+    train, test = pd.read_csv(train_csv), pd.read_csv(test_csv)
+    names = sorted(set(train["label"]))
+    tok = AutoTokenizer.from_pretrained(path)
+
+    def encode(df):
+        enc = tok(df["text"].tolist(), truncation=True, max_length=MAX_LEN)
+        return [{"input_ids": ids, "attention_mask": m, "labels": names.index(y)}
+                for ids, m, y in zip(enc["input_ids"], enc["attention_mask"], df["label"])]
+
+    set_seed(SEED)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(names))
+    bf16 = best and choose_precision("auto") == "bf16"
+    args = TrainingArguments(
+        output_dir=str(workdir / "hf"), per_device_train_batch_size=BATCH, per_device_eval_batch_size=128,
+        learning_rate=LR, weight_decay=WD, warmup_steps=WARMUP, num_train_epochs=1, seed=SEED,
+        bf16=bf16, train_sampling_strategy="group_by_length" if best else "random",
+        use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no", eval_strategy="no",
+        logging_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=encode(train),
+                      data_collator=DataCollatorWithPadding(tok))
+    out = trainer.train()
+    pred = trainer.predict(encode(test))
+    y_pred = pred.predictions.argmax(-1)
+    return {"train_samples_per_second": out.metrics["train_samples_per_second"],
+            "eval_samples_per_second": pred.metrics["test_samples_per_second"],
+            "accuracy": accuracy_score(pred.label_ids, y_pred),
+            "macro_f1": f1_score(pred.label_ids, y_pred, average="macro"),
+            "precision": "bf16" if bf16 else "fp32", "peak_rss_mb": peak_rss_mb()}
+
+
+def run_tunesmith(train_csv: Path, test_csv: Path, workdir: Path) -> dict:
+    import tunesmith
+    result = tunesmith.train({
+        "model": {"name": "minilm-l6", "max_length": MAX_LEN},
+        "data": {"train": str(train_csv), "test": str(test_csv), "validation_fraction": 0},
+        "train": {"epochs": 1, "batch_size": BATCH, "lr": LR, "weight_decay": WD, "warmup_ratio": WARMUP,
+                  "seed": SEED},
+        "output": {"dir": str(workdir / "runs"), "name": "bench"}})
+    summary = json.loads((result.run_dir / "metrics.json").read_text())
+    return {"train_samples_per_second": summary["train"]["samples_per_second"],
+            "eval_samples_per_second": summary["test_samples_per_second"],
+            "accuracy": result.metrics["accuracy"], "macro_f1": result.metrics["macro_f1"],
+            "precision": summary["train"]["precision"], "peak_rss_mb": peak_rss_mb(),
+            "run_dir": str(result.run_dir)}
+
+
+def run_inference(run_dir: Path, test_csv: Path) -> dict:
+    import tunesmith
+    from transformers import pipeline
+    texts = pd.read_csv(test_csv)["text"].tolist()
+    pipe = pipeline("text-classification", model=str(run_dir / "model"), device="cpu", batch_size=32,
+                    truncation=True, max_length=MAX_LEN)
+    pipe(texts[:64])
+    t = time.perf_counter()
+    pipe(texts)
+    hf = len(texts) / (time.perf_counter() - t)
+    tunesmith.predict(run_dir, test_csv)  # warm-up (and load)
+    t = time.perf_counter()
+    tunesmith.predict(run_dir, test_csv)
+    ours = len(texts) / (time.perf_counter() - t)
+    return {"hf_pipeline_samples_per_second": hf, "tunesmith_predict_samples_per_second": ours}
+
+
+def child(args) -> None:
+    workdir = Path(args.workdir)
+    train_csv, test_csv = Path(args.train_csv), Path(args.test_csv)
+    if args.side == "tunesmith":
+        res = run_tunesmith(train_csv, test_csv, workdir)
+    elif args.side == "inference":
+        res = run_inference(Path(args.run_dir), test_csv)
+    else:
+        res = run_hf(train_csv, test_csv, args.side == "hf_best", workdir)
+    Path(args.out).write_text(json.dumps(res))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--train-rows", type=int, default=None, help="sample this many training rows (default: all)")
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    for hidden in ("--workdir", "--train-csv", "--test-csv", "--out", "--run-dir"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        return child(args)
+
+    workdir = Path(tempfile.mkdtemp(prefix="tunesmith-bench-"))
+    train_csv, test_csv = prepare(workdir, args.train_rows)
+    n_train = len(pd.read_csv(train_csv))
+    test_texts = pd.read_csv(test_csv)["text"].tolist()
+    train_tokens, test_tokens = real_tokens(pd.read_csv(train_csv)["text"].tolist()), real_tokens(test_texts)
+    n_params = non_embedding_params()
+    peaks = {"fp32": matmul_peak("float32"), "bf16": matmul_peak("bfloat16")}
+
+    results = {}
+    for side in ("hf_default", "hf_best", "tunesmith"):
+        out = workdir / f"{side}.json"
+        print(f"running {side} ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--side", side, "--workdir", str(workdir), "--train-csv",
+                        str(train_csv), "--test-csv", str(test_csv), "--out", str(out)], check=True)
+        results[side] = json.loads(out.read_text()) | {"wall_s": time.perf_counter() - started}
+    out = workdir / "inference.json"
+    subprocess.run([sys.executable, __file__, "--side", "inference", "--run-dir", results["tunesmith"]["run_dir"],
+                    "--workdir", str(workdir), "--train-csv", str(train_csv), "--test-csv", str(test_csv),
+                    "--out", str(out)], check=True)
+    inference = json.loads(out.read_text())
+
+    def mfu(samples_per_s: float, tokens: int, n: int, factor: int, precision: str) -> float:
+        return factor * n_params * (tokens / n) * samples_per_s / peaks[precision]
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    print(f"\n{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} cores; train {n_train} rows, "
+          f"test {len(test_texts)} rows (film-disjoint); matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s\n")
+    print("| side | precision | train samples/s | eval samples/s | train MFU | test accuracy | macro F1 | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for side, r in results.items():
+        print(f"| {side} | {r['precision']} | {r['train_samples_per_second']:.1f} | {r['eval_samples_per_second']:.1f} | "
+              f"{mfu(r['train_samples_per_second'], train_tokens, n_train, 6, r['precision']):.1%} | "
+              f"{r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['peak_rss_mb']:.0f} |")
+    ts, best, default = results["tunesmith"], results["hf_best"], results["hf_default"]
+    print(f"\ntrain speed: tunesmith / hf_best = {ts['train_samples_per_second'] / best['train_samples_per_second']:.2f}x, "
+          f"tunesmith / hf_default = {ts['train_samples_per_second'] / default['train_samples_per_second']:.2f}x")
+    print(f"eval speed:  tunesmith / hf_best = {ts['eval_samples_per_second'] / best['eval_samples_per_second']:.2f}x")
+    print(f"accuracy:    tunesmith - hf_best = {100 * (ts['accuracy'] - best['accuracy']):+.2f} points")
+    print(f"peak RSS:    tunesmith / hf_best = {ts['peak_rss_mb'] / best['peak_rss_mb']:.2f}x")
+    print(f"inference:   HF pipeline {inference['hf_pipeline_samples_per_second']:.1f} samples/s, tunesmith predict "
+          f"{inference['tunesmith_predict_samples_per_second']:.1f} samples/s = "
+          f"{inference['tunesmith_predict_samples_per_second'] / inference['hf_pipeline_samples_per_second']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
