@@ -96,3 +96,14 @@ def test_film_split_is_disjoint_and_about_80_20():
     share = np.mean([catalog.film_is_test(f) for f in films])
     assert 0.17 < share < 0.23
     assert catalog.film_is_test("Toy Story") == catalog.film_is_test("Toy Story")
+
+
+def test_train_help_lists_every_config_key_with_its_default():
+    from tunesmith.cli import config_help
+    from tunesmith.config import Config
+
+    text = config_help()
+    assert "train.lr = 5e-05" in text and "model.name = 'minilm-l6'" in text
+    for section in ("model", "data", "train", "output"):
+        for key in Config.model_fields[section].annotation.model_fields:
+            assert f"{section}.{key} = " in text

@@ -91,12 +91,31 @@ def cmd_catalog(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def config_help() -> str:
+    """Every config key with its default and description, straight from the typed config."""
+    from pydantic import BaseModel
+
+    from .config import Config
+
+    lines = ["config keys (override any with --section.key VALUE, e.g. --train.lr 3e-5):"]
+    for section, field in Config.model_fields.items():
+        model = field.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            lines.append(f"  {section} = {field.default!r}")
+            continue
+        for key, sub_field in model.model_fields.items():
+            default = "(required)" if sub_field.is_required() else repr(sub_field.default)
+            note = f"  {sub_field.description}" if sub_field.description else ""
+            lines.append(f"  {section}.{key} = {default}{note}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained models on your own data.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="fine-tune from a YAML config",
-                       epilog="Any config key can be overridden: --train.lr 3e-5 --model.name mpnet-base")
+    p = sub.add_parser("train", help="fine-tune from a YAML config", epilog=config_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config file")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
     p.set_defaults(func=cmd_train, allow_extra=True)
