@@ -77,9 +77,14 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) ->
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-        return TrainState(**json.loads((path / "state.json").read_text()))
+        return read_state(path)
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise TunesmithError(f"{path}: checkpoint cannot be loaded ({str(exc).splitlines()[0]})") from None
+
+
+def read_state(path: Path) -> TrainState:
+    """The loop position saved in a checkpoint, without loading anything else."""
+    return TrainState(**json.loads((path / "state.json").read_text()))
 
 
 def _rng_state() -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -70,6 +70,68 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
 
 
+class LoraSettings(_Section):
+    r: int = Field(8, ge=1, description="rank of the low-rank update")
+    alpha: float = Field(16, gt=0, description="scaling: the update is multiplied by alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: list[str] | None = Field(
+        None, description="module names to adapt; null: peft's default for the architecture "
+                          "(BERT/RoBERTa: query, value; DistilBERT: q_lin, v_lin; MPNet: q, v)")
+    save: Literal["merged", "adapter"] = Field(
+        "merged", description="merged: model/ is a plain Hugging Face folder; adapter: only the adapter and head")
+
+
+class StrategyConfig(_Section):
+    """Which parameters learn, at what learning rate, and when (see strategies.py)."""
+    name: Literal["full", "freeze", "linear_probe", "gradual_unfreeze", "lora"] = Field(
+        "full", description="full: everything learns; freeze: embeddings and/or bottom blocks stay fixed; "
+                            "linear_probe: only the head learns; gradual_unfreeze: head first, then one more "
+                            "block from the top at a time; lora: low-rank adapters plus the head")
+    freeze_embeddings: bool = Field(
+        True, description="freeze: also freeze the embeddings; gradual_unfreeze: never unfreeze them "
+                          "(false: they unfreeze last, after the bottom block)")
+    freeze_layers: int | float = Field(
+        0, description="freeze: blocks frozen from the bottom; a fraction (0.5) means that share of the blocks; "
+                       "negative counts from the top (-2: all but the top two)")
+    unfreeze_every_epochs: float | None = Field(
+        None, gt=0, description="gradual_unfreeze: unfreeze one more layer every this many epochs "
+                                "(neither this nor unfreeze_every_steps set: every 1 epoch)")
+    unfreeze_every_steps: int | None = Field(
+        None, ge=1, description="gradual_unfreeze: unfreeze one more layer every this many optimizer steps")
+    layerwise_lr_decay: float = Field(
+        1.0, gt=0, le=1, description="discriminative LR: the head gets train.lr, each block down gets "
+                                     "lr x decay more (the embeddings are one level below the bottom block)")
+    lora: LoraSettings = LoraSettings()
+    cache_features: Literal["auto", "off"] = Field(
+        "auto", description="auto: when the bottom blocks are frozen, compute their outputs once and train the "
+                            "top from the cache (same results, much faster epochs)")
+    cache_memory_mb: int = Field(
+        2048, ge=0, description="cached features larger than this go to a memory-mapped file in the run folder")
+
+    DEFAULT_UNFREEZE_EVERY_EPOCHS: ClassVar[float] = 1.0
+
+    @model_validator(mode="after")
+    def _settings_fit_the_strategy(self) -> "StrategyConfig":
+        # compare with the defaults, not model_fields_set: a saved config.yaml spells out every key
+        given = {k for k, f in type(self).model_fields.items() if getattr(self, k) != f.get_default(call_default_factory=True)}
+        only_for = {"freeze_layers": ("freeze",), "freeze_embeddings": ("freeze", "gradual_unfreeze"),
+                    "unfreeze_every_epochs": ("gradual_unfreeze",), "unfreeze_every_steps": ("gradual_unfreeze",),
+                    "lora": ("lora",)}
+        for key, names in only_for.items():
+            if key in given and self.name not in names:
+                raise ValueError(f"'{key}' applies to strategy {' or '.join(names)}, not '{self.name}'")
+        if self.layerwise_lr_decay != 1.0 and self.name not in ("full", "freeze", "gradual_unfreeze"):
+            raise ValueError(f"layerwise_lr_decay works with full, freeze and gradual_unfreeze, not '{self.name}'")
+        n = self.freeze_layers
+        if isinstance(n, float) and not n.is_integer() and not -1 < n < 1:
+            raise ValueError(f"freeze_layers must be a whole number of blocks or a fraction between -1 and 1 (got {n})")
+        if self.name == "freeze" and not self.freeze_embeddings and n == 0:
+            raise ValueError("strategy 'freeze' freezes nothing: set freeze_layers or freeze_embeddings: true")
+        if self.unfreeze_every_epochs is not None and self.unfreeze_every_steps is not None:
+            raise ValueError("set unfreeze_every_epochs or unfreeze_every_steps, not both")
+        return self
+
+
 class OutputConfig(_Section):
     dir: str = "runs"
     name: str | None = Field(None, description="run folder name; default: <dataset>-<timestamp>")
@@ -80,6 +142,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig
     train: TrainConfig = TrainConfig()
+    strategy: StrategyConfig = StrategyConfig()
     output: OutputConfig = OutputConfig()
 
 

@@ -17,6 +17,7 @@ import torch
 from .atomic import recover_dir, replace_dir, temp_dir_beside, temp_file_beside
 from .config import Config, config_to_yaml, load_config
 from .errors import TunesmithError
+from .strategies import load_adapter, save_weights
 from .tasks import TASKS
 
 RUN_INFO = "tunesmith.json"  # written into model/: what predict needs to read data like training did
@@ -69,7 +70,7 @@ def save_model_dir(target: Path, model: torch.nn.Module, tokenizer, cfg: Config,
     """A plain Hugging Face folder (safetensors) plus tunesmith.json, swapped in atomically."""
     tmp = temp_dir_beside(target)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_weights(model, tmp, cfg)
         tokenizer.save_pretrained(tmp)
         info = {"task": cfg.task, "labels": asdict(labels), "max_length": cfg.model.max_length,
                 "data": cfg.data.model_dump(include={"text_column", "text_pair_column", "label_column",
@@ -80,6 +81,20 @@ def save_model_dir(target: Path, model: torch.nn.Module, tokenizer, cfg: Config,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def load_model_dir(model_dir: Path, task, labels, cfg: Config) -> torch.nn.Module:
+    """The model saved in model/: a plain Hugging Face folder, or a LoRA adapter (+ head) on its base."""
+    adapter = model_dir / "adapter_config.json"
+    if adapter.is_file():
+        base_source = json.loads(adapter.read_text())["base_model_name_or_path"]
+        if Path(base_source).is_absolute() and not Path(base_source).is_dir():
+            raise TunesmithError(f"{model_dir}: the adapter's base model {base_source} is not there any more "
+                                 "(train with strategy.lora.save: merged for a self-contained folder)")
+        base, _ = task.build_model(base_source, labels, cfg)
+        return load_adapter(model_dir, base)
+    from transformers import AutoModelForSequenceClassification
+    return AutoModelForSequenceClassification.from_pretrained(model_dir)
 
 
 def write_frame_atomic(df: pd.DataFrame, path: Path) -> None:
@@ -113,12 +128,12 @@ class LoadedRun:
         self.cfg = load_config(model_dir / "tunesmith_config.yaml")
         self.data_cfg = self.cfg.data.model_copy(update=info["data"])
         self.max_length = info["max_length"]
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        self.model = load_model_dir(model_dir, self.task, self.labels, self.cfg)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         self.precision = choose_precision(precision, self.device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -60,15 +60,26 @@ def from_pretrained(loader: Callable[..., Any], source: str, **kwargs: Any) -> A
         raise TunesmithError(f"model '{source}': could not load: {first}") from None
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases and normalisation weights (1-D tensors)."""
+def parameter_groups(params: torch.nn.Module | Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float,
+                     lr: float | None = None, name: str = "") -> list[dict]:
+    """AdamW groups: no weight decay on biases and normalisation weights (1-D tensors).
+
+    Strategies call this once per layer (`name` e.g. 'layer.3', with that layer's `lr`);
+    empty groups are left out.
+    """
+    named = params.named_parameters() if isinstance(params, torch.nn.Module) else params
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param_name, param in named:
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+        (no_decay if param.ndim < 2 or "norm" in param_name.lower() else decay).append(param)
+    prefix = f"{name}/" if name else ""
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": prefix + "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": prefix + "no_decay"}]
+    if lr is not None:
+        for group in groups:
+            group["lr"] = lr
+    return [g for g in groups if g["params"]]
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,15 @@ import transformers
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .config import Config, config_to_yaml, load_config
 from .errors import TunesmithError
 from .evaluate import is_improvement, scalar_metrics
-from .inference import choose_precision, predict_logits, save_model_dir, write_frame_atomic
-from .models import count_parameters, parameter_groups, resolve_model
+from .features import build_feature_cache
+from .inference import choose_precision, load_model_dir, predict_logits, save_model_dir, write_frame_atomic
+from .models import count_parameters, resolve_model
+from .strategies import (apply_strategy, describe_groups, is_peft, optimizer_groups, set_train_mode, unfreeze,
+                         unfreeze_due)
 from .tasks import TASKS
 
 
@@ -131,7 +135,8 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
     steps_per_epoch = math.ceil(batches_per_epoch / tcfg.grad_accum_steps)
     total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * steps_per_epoch))
     num_epochs = math.ceil(total_steps / steps_per_epoch)
-    optimizer = torch.optim.AdamW(parameter_groups(model, tcfg.weight_decay), lr=tcfg.lr)
+    model, plan = apply_strategy(model, cfg, steps_per_epoch)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, plan), lr=tcfg.lr)
     scheduler = transformers.get_scheduler(
         "constant_with_warmup" if tcfg.scheduler == "constant" else tcfg.scheduler, optimizer,
         num_warmup_steps=round(tcfg.warmup_ratio * total_steps), num_training_steps=total_steps)
@@ -144,6 +149,8 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise TunesmithError(f"{run_dir}: no checkpoint to resume from")
+        for layer in unfreeze_due(plan, read_state(ckpt).step):  # the optimizer groups the checkpoint has
+            unfreeze(plan, accelerator.unwrap_model(model), optimizer, scheduler, layer)
         state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
         _truncate_log(metrics_log, state.step)
         _log(f"resumed from {ckpt} (step {state.step}/{total_steps})")
@@ -155,6 +162,21 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
     _log(f"run folder {run_dir}")
     _log(f"model {cfg.model.name}: {_count(total)} parameters, {_count(trainable)} trainable; "
          f"precision {precision}; device {accelerator.device}")
+    groups = describe_groups(optimizer)
+    _log(f"strategy {cfg.strategy.name}; learning rate per layer: "
+         + ", ".join(f"{g['name']} {g['lr']:.3g}" for g in groups))
+    if resume is None:
+        _append_jsonl(metrics_log, {"type": "setup", "step": 0, "strategy": cfg.strategy.name, "param_groups": groups,
+                                    "trainable_parameters": trainable, "total_parameters": total})
+    cache, cache_seconds = None, 0.0
+    if plan.bottom_frozen and cfg.strategy.cache_features == "auto":
+        cache_started = time.perf_counter()
+        cache = build_feature_cache(plan, accelerator.unwrap_model(model), train_enc.features, train_enc.lengths,
+                                    collate, tcfg.eval_batch_size, accelerator.device, precision, run_dir)
+        cache_seconds = time.perf_counter() - cache_started
+        _log(f"cached the outputs of the {plan.frozen_blocks} frozen block(s) for {len(train_enc.features)} "
+             f"examples in {cache_seconds:.1f}s ({cache.nbytes / 2**20:.0f} MiB, "
+             f"{'memory-mapped file' if cache.file else 'in memory'}); the top trains from the cache")
     for name, ex, enc in (("train", splits.train, train_enc), ("validation", splits.validation, val_enc)):
         if ex is not None:
             _log(f"{name}: {len(ex.texts)} examples{_class_counts(ex.targets, labels)}; "
@@ -194,7 +216,8 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
         return patience is not None and state.evals_without_improvement >= patience
 
     # ---- the loop
-    model.train()
+    set_train_mode(model)
+    epoch_seconds: list[float] = state.extra.setdefault("epoch_seconds", [])
     running_loss: list[float] = state.extra.pop("running_loss", [])
     stop = state.step >= total_steps
     progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
@@ -206,7 +229,8 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
             for batch_index in range(state.batch_in_epoch, len(batches)):
                 batch = collate([train_enc.features[i] for i in batches[batch_index]])
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                loss = model(**batch).loss
+                with cache.replay(batches[batch_index]) if cache else nullcontext():
+                    loss = model(**batch).loss
                 accelerator.backward(loss / tcfg.grad_accum_steps)
                 running_loss.append(loss.item())
                 state.batch_in_epoch = batch_index + 1
@@ -226,7 +250,17 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
                     elapsed = time.perf_counter() - started
                     _log(f"step {state.step}/{total_steps}, loss {np.mean(running_loss[-20:]):.4f}, "
                          f"{state.samples_seen / max(elapsed, 1e-9):.1f} samples/s")
-                if last_of_epoch:
+                for layer in unfreeze_due(plan, state.step):
+                    lr = unfreeze(plan, accelerator.unwrap_model(model), optimizer, scheduler, layer)
+                    set_train_mode(model)
+                    now_trainable = count_parameters(model)[0]
+                    _append_jsonl(metrics_log, {"type": "unfreeze", "step": state.step, "layer": layer, "lr": lr,
+                                                "trainable_parameters": now_trainable})
+                    _log(f"step {state.step}: unfroze {layer} (lr {lr:.3g}); {_count(now_trainable)} trainable")
+                if last_of_epoch:  # epoch time counts training only, like train_seconds
+                    now = time.perf_counter() - started
+                    epoch_seconds.append(round(now - state.extra.get("epoch_start", 0.0), 3))
+                    state.extra["epoch_start"] = now
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 epoch_float = state.epoch + state.batch_in_epoch / len(batches)
                 done = state.step >= total_steps
@@ -236,7 +270,7 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
                     state.train_seconds = time.perf_counter() - started
                     model.eval()
                     stop = evaluate_now(epoch_float, running_loss)
-                    model.train()
+                    set_train_mode(model)
                     started = time.perf_counter() - state.train_seconds
                 if done:
                     stop = True
@@ -251,13 +285,18 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
         raise TunesmithError(f"interrupted; continue with: tunesmith train {run_dir}/config.yaml "
                              f"--resume {run_dir}") from None
     progress.close()
-    train_seconds = time.perf_counter() - started
+    if cache is not None:
+        cache.close()
+    train_seconds = time.perf_counter() - started + cache_seconds
+    trainable = count_parameters(model)[0]  # at the end (gradual unfreezing changes it)
     samples_per_second = state.samples_seen / train_seconds if train_seconds > 0 else 0.0
 
     # ---- the best model on the test split
     if val_enc is None:  # nothing chose a best model: keep the last one
         save_model_dir(run_dir / "model", accelerator.unwrap_model(model), tokenizer, cfg, labels)
         state.best_step = state.step
+    elif is_peft(model):  # model/ holds the merged model (or the adapter): load it the way predict does
+        model = load_model_dir(run_dir / "model", task, labels, cfg).to(accelerator.device)
     else:
         from safetensors.torch import load_model
         load_model(accelerator.unwrap_model(model), str(run_dir / "model" / "model.safetensors"))
@@ -271,6 +310,13 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
                  "validation": len(splits.validation.texts) if splits.validation else 0,
                  "test": len(splits.test.texts) if splits.test else 0,
                  "truncated_train": train_enc.truncated, "max_length": max_len},
+        "strategy": {"name": cfg.strategy.name, "param_groups": describe_groups(optimizer),
+                     "trainable_parameters": trainable, "total_parameters": total,
+                     "epoch_seconds": epoch_seconds,
+                     "seconds_per_epoch": round(train_seconds * steps_per_epoch / max(1, state.step), 3),
+                     "feature_cache": None if cache is None else {
+                         "seconds": round(cache_seconds, 2), "mib": round(cache.nbytes / 2**20, 1),
+                         "memory_mapped": cache.file is not None, "frozen_blocks": plan.frozen_blocks}},
     }
     result_metrics: dict = {}
     validation_metrics = None
@@ -297,7 +343,8 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
         shown = ", ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(result_metrics).items())
         _log(f"{split_name}: {shown}")
     _log(f"trained {state.step} steps in {train_seconds:.1f}s ({samples_per_second:.1f} samples/s); "
-         f"model in {run_dir / 'model'}")
+         f"strategy {cfg.strategy.name}: {_count(trainable)} of {_count(total)} "
+         f"parameters trainable, {summary['strategy']['seconds_per_epoch']:.1f}s per epoch; model in {run_dir / 'model'}")
     return TrainResult(run_dir, result_metrics, validation_metrics, samples_per_second)
 
 
