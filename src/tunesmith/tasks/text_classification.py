@@ -44,13 +44,15 @@ class Examples:
     pairs: list[str] | None
     targets: np.ndarray | None  # class ids, multi-hot rows, or floats; None when unlabelled
     groups: list[str] | None = None
+    label_names: list[str] = field(default_factory=list)  # what the target ids index
 
     def subset(self, idx: np.ndarray) -> "Examples":
         pick = lambda xs: [xs[i] for i in idx] if xs is not None else None  # noqa: E731
         df = self.table.df.iloc[idx].reset_index(drop=True)
         lines = pick(self.table.line_of_row)
         return Examples(Table(df, self.table.path, lines), pick(self.texts), pick(self.pairs),
-                        None if self.targets is None else self.targets[idx], pick(self.groups))
+                        None if self.targets is None else self.targets[idx], pick(self.groups),
+                        self.label_names)
 
 
 @dataclass
@@ -83,56 +85,53 @@ def resolve_data_config(data: DataConfig) -> DataConfig:
 
 def read_examples(path: str | Path, data: DataConfig, labels: LabelSpace | None,
                   require_labels: bool = True) -> Examples:
-    """Read and check one file. With `labels` given (evaluate/predict), unknown labels are errors."""
+    """Read and check one file. With `labels` given (evaluate/predict), unknown labels are errors;
+    without, the file's own labels (sorted) define the label space (see label_space)."""
     table = read_table(path)
     texts = text_values(table, data.text_column)
     pairs = text_values(table, data.text_pair_column, "text pair") if data.text_pair_column else None
     groups = None
     if data.group_column and data.group_column in table.df.columns:
         groups = [str(g) for g in table.df[data.group_column].tolist()]
-    targets = None
+    targets, names = None, []
     if require_labels or data.label_column in table.df.columns:
-        targets = _encode_targets(table, data, labels)
-    return Examples(table, texts, pairs, targets, groups)
+        targets, names = _encode_targets(table, data, labels)
+    return Examples(table, texts, pairs, targets, groups, names)
 
 
-def _encode_targets(table: Table, data: DataConfig, labels: LabelSpace | None) -> np.ndarray:
+def _encode_targets(table: Table, data: DataConfig, labels: LabelSpace | None) -> tuple[np.ndarray, list[str]]:
+    """Targets as model outputs (ids, multi-hot rows or floats) and the label names they index."""
     col = data.label_column
     if data.problem_type == "regression":
-        return np.asarray(float_values(table, col), dtype=np.float32)
+        return np.asarray(float_values(table, col), dtype=np.float32), []
     if data.problem_type == "multi_label":
         rows = multi_label_names(table, col, data.label_separator)
         names = labels.names if labels else sort_labels({n for r in rows for n in r})
-        index = {n: i for i, n in enumerate(names)}
-        out = np.zeros((len(rows), len(names)), dtype=np.float32)
-        for i, row in enumerate(rows):
-            for n in row:
-                if n not in index:
-                    raise TunesmithError(f"{table.where(i, col)}: label '{n}' was not seen in training "
-                                         f"(known: {', '.join(names)})")
-                out[i, index[n]] = 1.0
-        return out
-    values = label_names(table, col)
-    names = labels.names if labels else sort_labels(set(values))
+    else:
+        rows = [[v] for v in label_names(table, col)]
+        names = labels.names if labels else sort_labels({r[0] for r in rows})
     index = {n: i for i, n in enumerate(names)}
-    for i, v in enumerate(values):
-        if v not in index:
-            raise TunesmithError(f"{table.where(i, col)}: label '{v}' was not seen in training "
-                                 f"(known: {', '.join(names)})")
-    return np.asarray([index[v] for v in values], dtype=np.int64)
+    for i, row in enumerate(rows):
+        for n in row:
+            if n not in index:
+                raise TunesmithError(f"{table.where(i, col)}: label '{n}' was not seen in training "
+                                     f"(known: {', '.join(names)})")
+    if data.problem_type == "single_label":
+        return np.asarray([index[r[0]] for r in rows], dtype=np.int64), names
+    multi_hot = np.zeros((len(rows), len(names)), dtype=np.float32)
+    for i, row in enumerate(rows):
+        multi_hot[i, [index[n] for n in row]] = 1.0
+    return multi_hot, names
 
 
 def label_space(train: Examples, data: DataConfig) -> LabelSpace:
-    table, col = train.table, data.label_column
+    """The labels seen in the training file; classification needs at least two."""
     if data.problem_type == "regression":
         return LabelSpace("regression")
-    if data.problem_type == "multi_label":
-        names = sort_labels({n for r in multi_label_names(table, col, data.label_separator) for n in r})
-    else:
-        names = sort_labels(set(label_names(table, col)))
+    names = train.label_names
     if len(names) < 2:
         shown = f" ('{names[0]}')" if names else ""
-        raise TunesmithError(f"{table.path}: column '{col}' has only {len(names)} class{shown}; "
+        raise TunesmithError(f"{train.table.path}: column '{data.label_column}' has only {len(names)} class{shown}; "
                              "classification needs at least two")
     return LabelSpace(data.problem_type, names)
 
@@ -141,7 +140,6 @@ def load_splits(cfg: Config) -> Splits:
     data = resolve_data_config(cfg.data)
     train_all = read_examples(data.train, data, None, require_labels=True)
     labels = label_space(train_all, data)
-    train_all.targets = _encode_targets(train_all.table, data, labels)
     if data.validation:
         train, validation = train_all, read_examples(data.validation, data, labels)
     elif data.validation_fraction > 0:
