@@ -61,8 +61,16 @@ def cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
     from .inference import predict
 
-    frame = predict(args.run, args.input, args.output, precision=args.precision, batch_size=args.batch_size)
-    print(f"tunesmith: wrote {len(frame)} predictions to {args.output}", file=sys.stderr)
+    if (args.input is None) == (args.text is None):
+        raise TunesmithError("predict: give --input FILE --output FILE, or --text TEXT")
+    if args.input is not None and args.output is None:
+        raise TunesmithError("predict: --input needs --output (where to write the predictions)")
+    frame = predict(args.run, args.input, args.output, precision=args.precision, batch_size=args.batch_size,
+                    texts=args.text)
+    if args.text is not None:  # one JSON object per text on stdout
+        print(frame.to_json(orient="records", lines=True, force_ascii=False).strip())
+    if args.output:
+        print(f"tunesmith: wrote {len(frame)} predictions to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -129,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--output", help="also write all metrics as JSON here")
             p.set_defaults(func=cmd_evaluate)
         else:
-            p.add_argument("--input", required=True, help=".csv/.tsv/.jsonl/.parquet file with a text column")
-            p.add_argument("--output", required=True, help="where to write predictions (.csv, .tsv, .jsonl, .parquet)")
+            p.add_argument("--input", help=".csv/.tsv/.jsonl/.parquet file with a text column "
+                                            "(token classification: also CoNLL or JSONL with tokens)")
+            p.add_argument("--text", action="append", help="a raw text to predict (repeatable); printed as JSON")
+            p.add_argument("--output", help="where to write predictions (.csv, .tsv, .jsonl, .parquet)")
             p.set_defaults(func=cmd_predict)
         p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
         p.add_argument("--batch-size", type=int, default=128)

@@ -41,6 +41,23 @@ class DataConfig(_Section):
     label_separator: str = Field("|", description="separates labels of a multi-label row in CSV/TSV")
     validation_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="share of train held out for validation when no file is given")
+    # token_classification (NER) only
+    format: Literal["auto", "conll", "jsonl"] = Field(
+        "auto", description="token_classification: conll = one 'token ... tag' line per token (tab- or "
+                            "space-separated, tag last), blank line between sentences; jsonl = records with "
+                            "tokens + tags lists (.csv/.parquet too); auto: by file suffix")
+    tokens_column: str = Field("tokens", description="token_classification: list of tokens in a jsonl record")
+    tags_column: str = Field("tags", description="token_classification: list of tags in a jsonl record")
+    tag_scheme: Literal["auto", "IO", "BIO", "IOB1", "BIOES"] = Field(
+        "auto", description="token_classification: how tags mark entities (BIO = IOB2); auto: detected from train")
+    repair_tags: bool = Field(
+        False, description="token_classification: read tags that break the scheme (I- after O) as entity "
+                           "starts instead of stopping with an error")
+    label_all_subtokens: bool = Field(
+        False, description="token_classification: train on every sub-token of a word, not only the first")
+    o_tag_weight: float = Field(
+        1.0, ge=0, description="token_classification: loss weight of tokens tagged O (< 1 counters the "
+                               "dominant O tag; entity tags weigh 1)")
 
     @model_validator(mode="after")
     def _needs_some_data(self) -> "DataConfig":
@@ -138,7 +155,7 @@ class OutputConfig(_Section):
 
 
 class Config(_Section):
-    task: Literal["text_classification"] = "text_classification"
+    task: Literal["text_classification", "token_classification"] = "text_classification"
     model: ModelConfig = ModelConfig()
     data: DataConfig
     train: TrainConfig = TrainConfig()

@@ -46,10 +46,14 @@ def choose_precision(setting: str, device: torch.device | None = None) -> str:
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, features: list[dict], lengths: list[int],
                    collate: Callable[[list[dict]], dict], batch_size: int, device: torch.device,
-                   precision: str, with_loss: bool = False) -> tuple[np.ndarray, float | None]:
-    """Logits for every example, in input order. Batches are formed by length so padding is minimal."""
+                   precision: str, with_loss: bool = False) -> tuple[np.ndarray | list[np.ndarray], float | None]:
+    """Logits for every example, in input order. Batches are formed by length so padding is minimal.
+
+    Token-level models give a list with one (positions, classes) array per example: the positions in
+    the feature's `output_positions` (e.g. the first sub-token of each word), else all its tokens.
+    """
     order = np.argsort(lengths, kind="stable")
-    chunks, loss_sum = [], 0.0
+    chunks, per_example, loss_sum = [], {}, 0.0
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
@@ -59,7 +63,15 @@ def predict_logits(model: torch.nn.Module, features: list[dict], lengths: list[i
             out = model(**{k: v.to(device) for k, v in batch.items()})
             if with_loss:
                 loss_sum += out.loss.float().item() * len(idx)
-            chunks.append(out.logits.float().cpu().numpy())
+            logits = out.logits.float().cpu().numpy()
+            if logits.ndim == 3:  # one row per token: keep each example's own positions, without padding
+                for row, i in enumerate(idx):
+                    positions = features[i].get("output_positions", range(len(features[i]["input_ids"])))
+                    per_example[i] = logits[row, list(positions)]
+            else:
+                chunks.append(logits)
+    if per_example:
+        return [per_example[i] for i in range(len(features))], (loss_sum / len(order) if with_loss else None)
     logits = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
     restored = np.empty_like(logits)
     restored[order] = logits
@@ -93,8 +105,7 @@ def load_model_dir(model_dir: Path, task, labels, cfg: Config) -> torch.nn.Modul
                                  "(train with strategy.lora.save: merged for a self-contained folder)")
         base, _ = task.build_model(base_source, labels, cfg)
         return load_adapter(model_dir, base)
-    from transformers import AutoModelForSequenceClassification
-    return AutoModelForSequenceClassification.from_pretrained(model_dir)
+    return task.AUTO_MODEL.from_pretrained(model_dir)
 
 
 def write_frame_atomic(df: pd.DataFrame, path: Path) -> None:
@@ -153,11 +164,21 @@ def evaluate(run: str | Path, data: str | Path, precision: str = "auto", batch_s
     return loaded.task.compute_metrics(loaded.logits(examples, batch_size), examples.targets, loaded.labels)
 
 
-def predict(run: str | Path, input: str | Path, output: str | Path | None = None,
-            precision: str = "auto", batch_size: int = 128) -> pd.DataFrame:
-    """Predictions (label and per-class probabilities) for every row of a file; labels are optional."""
+def predict(run: str | Path, input: str | Path | None = None, output: str | Path | None = None,
+            precision: str = "auto", batch_size: int = 128, texts: list[str] | None = None) -> pd.DataFrame:
+    """Predictions for every row of a file (labels are optional there), or for raw `texts`:
+    label and per-class probabilities; for token classification, tags and entities."""
+    if (input is None) == (texts is None):
+        raise TunesmithError("predict needs an input file or texts (one of them)")
     loaded = LoadedRun(run, precision)
-    examples = loaded.task.read_examples(input, loaded.data_cfg, loaded.labels, require_labels=False)
+    if texts is not None:  # read like a one-column JSONL file, so texts are checked the same way
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            input = Path(tmp) / "texts.jsonl"
+            pd.DataFrame({loaded.data_cfg.text_column: list(texts)}).to_json(input, orient="records", lines=True)
+            examples = loaded.task.read_examples(input, loaded.data_cfg, loaded.labels, require_labels=False)
+    else:
+        examples = loaded.task.read_examples(input, loaded.data_cfg, loaded.labels, require_labels=False)
     frame = loaded.task.predictions_frame(examples, loaded.logits(examples, batch_size), loaded.labels)
     if output is not None:
         write_frame_atomic(frame, Path(output))

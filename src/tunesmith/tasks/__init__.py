@@ -2,7 +2,7 @@
 
     load_splits(cfg) -> Splits                 read, check and split the data; the label space
     read_examples(path, data_cfg, labels)      one file, checked against a known label space
-    build_model(source, labels, cfg)           -> (model, tokenizer)
+    build_model(source, labels, cfg)           -> (model, tokenizer); AUTO_MODEL reloads a saved one
     encode(tokenizer, examples, max_length)    -> Encoded(features, lengths, truncated)
     collate(features, pad_id)                  -> dict of padded tensors
     default_metric(labels), compute_metrics(logits, targets, labels), predictions_frame(...)
@@ -12,6 +12,6 @@ Tests parametrize over TASKS, so every task gets the same checks.
 
 from types import ModuleType
 
-from . import text_classification
+from . import text_classification, token_classification
 
-TASKS: dict[str, ModuleType] = {text_classification.NAME: text_classification}
+TASKS: dict[str, ModuleType] = {m.NAME: m for m in (text_classification, token_classification)}

@@ -22,6 +22,7 @@ from ..evaluate import multi_label_metrics, regression_metrics, single_label_met
 from ..models import from_pretrained
 
 NAME = "text_classification"
+AUTO_MODEL = AutoModelForSequenceClassification  # how inference reloads a saved model
 _HF_PROBLEM = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
                "regression": "regression"}
 

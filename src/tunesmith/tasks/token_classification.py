@@ -1,0 +1,363 @@
+"""Token classification (named-entity recognition): one tag per word, entity-level scores.
+
+The functions here are the task interface the training loop calls (see tasks/__init__.py).
+Tags in any scheme (IO, BIO, IOB1, BIOES) are read into entity spans and the model learns BIO
+tags; its word-level outputs are decoded under the BIO rules and written back in the data's scheme.
+Words are split into sub-tokens by a fast tokenizer: the first sub-token of a word carries its
+label (or every sub-token, with data.label_all_subtokens) and predicts it.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import ShuffleSplit
+from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+from .. import tags as tagging
+from ..config import Config, DataConfig
+from ..errors import TunesmithError
+from ..models import from_pretrained
+from ..token_data import Sentences, read_sentences
+from . import text_classification
+from .text_classification import resolve_data_config
+
+NAME = "token_classification"
+AUTO_MODEL = AutoModelForTokenClassification  # how inference reloads a saved model
+IGNORE = -100  # label of sub-tokens the loss skips (PyTorch's cross-entropy ignore_index)
+
+
+@dataclass
+class LabelSpace:
+    """The BIO tags the model predicts and the scheme of the training data (predictions use it)."""
+    problem_type: str
+    names: list[str]
+    scheme: str = "BIO"
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.names)
+
+    @property
+    def types(self) -> list[str]:
+        return sorted({n[2:] for n in self.names if n != "O"})
+
+
+@dataclass
+class Examples:
+    sentences: Sentences
+    tags: list[list[str]] | None      # BIO, one per word
+    targets: list[np.ndarray] | None  # tag ids, one per word; None when unlabelled
+    label_all_subtokens: bool = False
+    scheme: str = "BIO"               # the tag scheme the file was read in
+
+    @property
+    def texts(self) -> list[list[str]]:
+        """The words of each sentence (one entry per example, as for text classification)."""
+        return self.sentences.tokens
+
+    def subset(self, idx: np.ndarray) -> "Examples":
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        return Examples(self.sentences.subset(idx), pick(self.tags), pick(self.targets), self.label_all_subtokens,
+                        self.scheme)
+
+
+@dataclass
+class Splits:
+    train: Examples
+    validation: Examples | None
+    test: Examples | None
+    labels: LabelSpace
+
+
+# ---------------------------------------------------------------- data
+
+def _bio_tags(sents: Sentences, data: DataConfig, scheme: str) -> list[list[str]]:
+    """Check every tag against the scheme and rewrite it as BIO; errors name the line."""
+    out = []
+    for i, (tags, lines) in enumerate(zip(sents.tags, sents.lines)):
+        for j, tag in enumerate(tags):
+            try:
+                tagging.split_tag(tag)
+            except ValueError as exc:
+                raise TunesmithError(f"{sents.path}, line {lines[j]}: {exc}") from None
+        spans, problems = tagging.to_spans(tags, scheme)
+        if problems and not data.repair_tags:
+            j, message = problems[0]
+            more = sum(len(tagging.to_spans(t, scheme)[1]) for t in sents.tags[i:]) - 1
+            raise TunesmithError(f"{sents.path}, line {lines[j]}: {message}"
+                                 + (f" (and {more} more)" if more > 0 else "")
+                                 + "; fix the file or set data.repair_tags: true to read such tags as entity starts")
+        out.append(tagging.from_spans(spans, len(tags), "BIO"))
+    return out
+
+
+def read_examples(path: str | Path, data: DataConfig, labels: LabelSpace | None,
+                  require_labels: bool = True) -> Examples:
+    """Read and check one file. With `labels` given (evaluate/predict), unknown tags are errors."""
+    sents = read_sentences(path, data.format, data.tokens_column, data.tags_column, data.text_column,
+                           require_tags=require_labels)
+    if sents.tags is None:
+        return Examples(sents, None, None, data.label_all_subtokens)
+    scheme = labels.scheme if labels else data.tag_scheme
+    if scheme == "auto":
+        try:
+            scheme = tagging.detect_scheme(sents.tags)
+        except ValueError:
+            scheme = "BIO"  # _bio_tags reports the bad tag with its line
+    bio = _bio_tags(sents, data, scheme)
+    targets = None
+    if labels is not None:
+        index = {n: k for k, n in enumerate(labels.names)}
+        for tags, lines in zip(bio, sents.lines):
+            for j, tag in enumerate(tags):
+                if tag not in index:
+                    raise TunesmithError(f"{sents.path}, line {lines[j]}: entity type '{tag[2:]}' was not seen in "
+                                         f"training (known: {', '.join(labels.types)})")
+        targets = [np.asarray([index[t] for t in tags], dtype=np.int64) for tags in bio]
+    return Examples(sents, bio, targets, data.label_all_subtokens, scheme)
+
+
+def load_splits(cfg: Config) -> Splits:
+    data = resolve_data_config(cfg.data)
+    train_all = read_examples(data.train, data, None, require_labels=True)
+    types = {t[2:] for tags in train_all.tags for t in tags if t != "O"}
+    if not types:
+        raise TunesmithError(f"{data.train}: every tag is 'O'; token classification needs tagged entities")
+    labels = LabelSpace(NAME, tagging.bio_names(types), train_all.scheme)
+    index = {n: k for k, n in enumerate(labels.names)}
+    train_all.targets = [np.asarray([index[t] for t in tags], dtype=np.int64) for tags in train_all.tags]
+    if data.validation:
+        train, validation = train_all, read_examples(data.validation, data, labels)
+    elif data.validation_fraction > 0:
+        n, frac = len(train_all.texts), data.validation_fraction
+        if round(n * frac) < 1 or n - round(n * frac) < 2:
+            raise TunesmithError(f"{data.train}: {n} sentences are too few to hold out {frac:.0%} for "
+                                 "validation; give data.validation or more sentences")
+        split = ShuffleSplit(n_splits=1, test_size=frac, random_state=cfg.train.seed)
+        train_idx, val_idx = next(split.split(np.zeros(n)))
+        train, validation = train_all.subset(train_idx), train_all.subset(val_idx)
+    else:
+        train, validation = train_all, None
+    test = read_examples(data.test, data, labels) if data.test else None
+    return Splits(train, validation, test, labels)
+
+
+# ---------------------------------------------------------------- model
+
+def build_model(source: str, labels: LabelSpace, cfg: Config):
+    """Backbone + a fresh token-classification head sized for the BIO tags."""
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, source, trust_remote_code=cfg.model.trust_remote_code)
+    if not tokenizer.is_fast:
+        raise TunesmithError(f"model '{cfg.model.name}': token classification needs a fast tokenizer "
+                             "(it maps sub-tokens back to words)")
+    model = from_pretrained(AutoModelForTokenClassification.from_pretrained, source, num_labels=len(labels.names),
+                            id2label=dict(enumerate(labels.names)),
+                            label2id={n: k for k, n in enumerate(labels.names)},
+                            trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.data.o_tag_weight != 1.0:
+        weights = torch.ones(len(labels.names))
+        weights[labels.names.index("O")] = cfg.data.o_tag_weight
+        _weight_the_loss(model, weights)
+    return model, tokenizer
+
+
+def _weight_the_loss(model: torch.nn.Module, weights: torch.Tensor) -> None:
+    """Replace the model's loss by class-weighted cross-entropy (the model itself knows no weights).
+
+    The weighted mean: sum_i w[y_i] * CE_i / sum_i w[y_i] over the labelled sub-tokens.
+    """
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def weighted_forward(*args, labels=None, **kwargs):
+        out = forward(*args, **kwargs)
+        if labels is not None:
+            logits = out.logits.float()
+            out.loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                                         weight=weights.to(logits.device), ignore_index=IGNORE)
+        return out
+
+    model.forward = weighted_forward
+
+
+# ---------------------------------------------------------------- features
+
+@dataclass
+class Encoded:
+    features: list[dict]
+    lengths: list[int]
+    truncated: int  # sentences longer than max_length; their words past the limit are predicted O (and counted)
+    dropped_words: int = 0
+
+
+def encode(tokenizer, examples: Examples, max_length: int) -> Encoded:
+    words = examples.texts
+    enc = tokenizer(words, is_split_into_words=True, truncation=False)
+    features, lengths, truncated, dropped = [], [], 0, 0
+    for i, ids in enumerate(enc["input_ids"]):
+        word_ids = enc.word_ids(i)
+        missing = set(range(len(words[i]))) - set(w for w in word_ids if w is not None)
+        if missing:  # a word the tokenizer drops entirely (e.g. a lone U+FE0F): read it as [UNK]
+            fixed = [tokenizer.unk_token if k in missing else w for k, w in enumerate(words[i])]
+            one = tokenizer(fixed, is_split_into_words=True, truncation=False)
+            ids, word_ids = one["input_ids"], one.word_ids()
+        if len(ids) > max_length:
+            ids, word_ids = _truncate(ids, word_ids, max_length)
+            truncated += 1
+        firsts = _first_positions(word_ids)
+        dropped += len(words[i]) - len(firsts)
+        feat = {"input_ids": ids, "output_positions": firsts}
+        if examples.targets is not None:
+            feat["labels"] = _labels(word_ids, examples.targets[i], examples.label_all_subtokens)
+        features.append(feat)
+        lengths.append(len(ids))
+    return Encoded(features, lengths, truncated, dropped)
+
+
+def _truncate(ids: list[int], word_ids: list[int | None], max_length: int) -> tuple[list[int], list[int | None]]:
+    """Keep the special tokens at both ends and the first sub-tokens up to max_length.
+
+    A word cut in the middle keeps its first sub-token, so it is still predicted; words that start
+    past the limit get no position (predicted O, counted in Encoded.dropped_words).
+    """
+    head = 0
+    while head < len(word_ids) and word_ids[head] is None:
+        head += 1
+    tail = 0
+    while tail < len(word_ids) - head and word_ids[len(word_ids) - 1 - tail] is None:
+        tail += 1
+    keep = max_length - head - tail
+    body_end = len(ids) - tail
+    return (ids[:head + keep] + ids[body_end:], word_ids[:head + keep] + word_ids[body_end:])
+
+
+def _first_positions(word_ids: list[int | None]) -> list[int]:
+    firsts, prev = [], None
+    for pos, w in enumerate(word_ids):
+        if w is not None and w != prev:
+            firsts.append(pos)
+        prev = w
+    return firsts
+
+
+def _labels(word_ids: list[int | None], targets: np.ndarray, all_subtokens: bool) -> list[int]:
+    """The word's tag on its first sub-token; the others are ignored (or, with all_subtokens,
+    continue the word: a B-X word's later sub-tokens are I-X)."""
+    out, prev = [], None
+    for w in word_ids:
+        if w is None:
+            out.append(IGNORE)
+        elif w != prev:
+            out.append(int(targets[w]))
+        elif all_subtokens:
+            out.append(_inside_id(int(targets[w])))
+        else:
+            out.append(IGNORE)
+        prev = w
+    return out
+
+
+def _inside_id(tag_id: int) -> int:
+    """bio_names orders tags O, B-t1, I-t1, B-t2, ...: a B- (odd id) continues as the I- after it."""
+    return tag_id + 1 if tag_id % 2 == 1 else tag_id
+
+
+def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence in the batch; padded labels are ignored by the loss."""
+    batch = text_classification.collate([{"input_ids": f["input_ids"]} for f in features], pad_id)
+    if "labels" in features[0]:
+        labels = torch.full(batch["input_ids"].shape, IGNORE, dtype=torch.long)
+        for i, f in enumerate(features):
+            labels[i, :len(f["labels"])] = torch.as_tensor(f["labels"])
+        batch["labels"] = labels
+    return batch
+
+
+# ---------------------------------------------------------------- outputs
+
+def default_metric(labels: LabelSpace) -> str:
+    return "f1"
+
+
+def _word_log_probs(logits, n_words: int, num_tags: int) -> np.ndarray:
+    """(n_words, tags) log-probabilities; words past max_length (no logits) are certain O (tag 0)."""
+    x = np.asarray(logits, dtype=np.float32).reshape(-1, num_tags)[:n_words]
+    x = x - x.max(axis=1, keepdims=True)
+    x = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    if len(x) < n_words:
+        pad = np.full((n_words - len(x), num_tags), -1e9, dtype=np.float32)
+        pad[:, 0] = 0.0
+        x = np.concatenate([x, pad])
+    return x
+
+
+def predict_tags(logits, n_words: list[int], labels: LabelSpace) -> tuple[list[list[str]], list[np.ndarray]]:
+    """BIO tags per word (Viterbi under the BIO rules) and the probability of each chosen tag."""
+    tags, probs = [], []
+    for lg, n in zip(logits, n_words):
+        lp = _word_log_probs(lg, n, len(labels.names))
+        path = tagging.bio_decode(lp, labels.names)
+        tags.append([labels.names[k] for k in path])
+        probs.append(np.exp(lp[np.arange(n), path]) if n else np.zeros(0))
+    return tags, probs
+
+
+def compute_metrics(logits, targets, labels: LabelSpace) -> dict:
+    """Entity-level precision / recall / F1 (seqeval, strict BIO), per entity type, and token accuracy."""
+    from seqeval.metrics import classification_report
+    from seqeval.scheme import IOB2
+
+    gold = [[labels.names[k] for k in t] for t in targets]
+    pred, _ = predict_tags(logits, [len(g) for g in gold], labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # undefined precision/recall for a type never predicted: reported as 0
+        report = classification_report(gold, pred, mode="strict", scheme=IOB2, output_dict=True, zero_division=0)
+    micro = report.get("micro avg", {"precision": 0.0, "recall": 0.0, "f1-score": 0.0})
+    words = sum(len(g) for g in gold)
+    correct = sum(p == g for ps, gs in zip(pred, gold) for p, g in zip(ps, gs))
+    out = {"f1": float(micro["f1-score"]), "precision": float(micro["precision"]), "recall": float(micro["recall"]),
+           "token_accuracy": correct / max(1, words)}
+    out["per_class"] = {t: {"precision": float(report[t]["precision"]), "recall": float(report[t]["recall"]),
+                            "f1": float(report[t]["f1-score"]), "support": int(report[t]["support"])}
+                        if t in report else {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+                        for t in labels.types}
+    return out
+
+
+def predictions_frame(examples: Examples, logits, labels: LabelSpace) -> pd.DataFrame:
+    """One row per sentence: predicted tags per word (in the data's scheme) and the entities.
+
+    Raw-text input gives entities with character offsets into the text; pre-tokenised input
+    gives word offsets (start_word, end_word; end exclusive).
+    """
+    sents = examples.sentences
+    tags, probs = predict_tags(logits, [len(w) for w in sents.tokens], labels)
+    rows = []
+    for i, (words, bio, p) in enumerate(zip(sents.tokens, tags, probs)):
+        spans = tagging.to_spans(bio, "BIO")[0]
+        entities = []
+        for kind, start, end in spans:
+            score = round(float(np.mean(p[start:end])), 6)
+            if sents.texts is not None:
+                a, b = sents.offsets[i][start][0], sents.offsets[i][end - 1][1]
+                entities.append({"type": kind, "text": sents.texts[i][a:b], "start": a, "end": b, "score": score})
+            else:
+                entities.append({"type": kind, "text": " ".join(words[start:end]), "start_word": start,
+                                 "end_word": end, "score": score})
+        row = {"tokens": words, "predicted_tags": tagging.from_spans(spans, len(words), labels.scheme),
+               "entities": entities}
+        if sents.tags is not None:
+            row["tags"] = sents.tags[i]
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if sents.frame is not None:  # keep the input's columns first (its text, ids...)
+        extra = sents.frame.drop(columns=[c for c in frame.columns if c in sents.frame.columns])
+        frame = pd.concat([extra.reset_index(drop=True), frame], axis=1)
+    return frame
