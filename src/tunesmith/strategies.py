@@ -63,7 +63,7 @@ def find_layout(model: nn.Module) -> Layout | None:
     """Blocks, embeddings and head of a Hugging Face model; None when it has no block list."""
     base = getattr(model, "base_model", model)
     base_prefix = next(name for name, m in model.named_modules() if m is base)
-    lists = [(name, m) for name, m in base.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    lists = [(name, m) for name, m in base.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if not lists:
         return None
     list_name, blocks = max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
