@@ -107,3 +107,29 @@ def test_train_help_lists_every_config_key_with_its_default():
     for section in ("model", "data", "train", "output"):
         for key in Config.model_fields[section].annotation.model_fields:
             assert f"{section}.{key} = " in text
+
+
+def test_inference_batches_by_length_so_padding_stays_small():
+    """Guard for a speed feature: evaluate/predict sort by length, so padding is near zero."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 100, size=500).tolist()
+    features = [{"input_ids": [1] * n} for n in lengths]
+    widths = []
+
+    def collate(batch):
+        widths.append((len(batch), max(len(f["input_ids"]) for f in batch)))
+        return {"x": torch.zeros(len(batch), 1)}
+
+    class Model(torch.nn.Module):
+        def forward(self, x):
+            return type("Out", (), {"logits": torch.zeros(len(x), 2)})()
+
+    logits, _ = inference.predict_logits(Model(), features, lengths, collate, 64, torch.device("cpu"), "fp32")
+    assert logits.shape == (500, 2)
+    padded = sum(n * w for n, w in widths)
+    unsorted = sum(len(lengths[i:i + 64]) * max(lengths[i:i + 64]) for i in range(0, 500, 64))
+    # 500 lengths spread over 2..99 in batches of 64: sorted batches span ~13 lengths, so ~12% padding,
+    # against ~90% for batches in file order
+    assert padded <= 1.15 * sum(lengths) and padded < 0.7 * unsorted
