@@ -371,12 +371,12 @@ def test_minilm_learns_wnut_tweets_subset(tmp_path):
 
     folder = catalog.dataset_path("wnut_tweets")
     data = tc.read_examples(folder / "train.conll", data_cfg(), None)
-    subset = list(zip(data.texts, data.tags))[:1000]
+    subset = list(zip(data.texts, data.tags))
     train = write_conll(tmp_path / "train.conll", subset)
     result = tunesmith.train({
         "task": "token_classification", "model": {"name": "minilm-l6", "max_length": 64},
         "data": {"train": str(train), "test": str(folder / "test.conll"), "validation_fraction": 0},
-        "train": {"epochs": 3, "batch_size": 16, "lr": 1.5e-4, "seed": 0},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 2e-4, "seed": 0},
         "output": {"dir": str(tmp_path / "runs")}})
     labels = LoadedRun(result.run_dir).labels
     seen: dict[str, Counter] = defaultdict(Counter)
@@ -387,5 +387,5 @@ def test_minilm_learns_wnut_tweets_subset(tmp_path):
     lookup = [np.eye(len(labels.names))[[labels.names.index(seen[w.lower()].most_common(1)[0][0])
                                          if w.lower() in seen else 0 for w in words]] for words in test.texts]
     baseline = tc.compute_metrics(lookup, test.targets, labels)["f1"]
-    assert result.metrics["f1"] > baseline + 0.05, (result.metrics["f1"], baseline)
+    assert result.metrics["f1"] > baseline + 0.1, (result.metrics["f1"], baseline)  # lookup: 0.21 here
     assert result.metrics["token_accuracy"] > 0.9

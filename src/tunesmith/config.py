@@ -56,7 +56,7 @@ class DataConfig(_Section):
     label_all_subtokens: bool = Field(
         False, description="token_classification: train on every sub-token of a word, not only the first")
     o_tag_weight: float = Field(
-        1.0, ge=0, description="token_classification: loss weight of tokens tagged O (< 1 counters the "
+        1.0, gt=0, description="token_classification: loss weight of tokens tagged O (< 1 counters the "
                                "dominant O tag; entity tags weigh 1)")
 
     @model_validator(mode="after")
