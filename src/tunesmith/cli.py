@@ -105,17 +105,22 @@ def config_help() -> str:
 
     from .config import Config
 
-    lines = ["config keys (override any with --section.key VALUE, e.g. --train.lr 3e-5):"]
-    for section, field in Config.model_fields.items():
-        model = field.annotation
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            lines.append(f"  {section} = {field.default!r}")
-            continue
-        for key, sub_field in model.model_fields.items():
-            default = "(required)" if sub_field.is_required() else repr(sub_field.default)
-            note = f"  {sub_field.description}" if sub_field.description else ""
-            lines.append(f"  {section}.{key} = {default}{note}")
-    return "\n".join(lines)
+    def is_section(annotation) -> bool:
+        return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+    def walk(model: type[BaseModel], prefix: str) -> list[str]:
+        lines = []
+        for key, field in model.model_fields.items():
+            if is_section(field.annotation):
+                lines += walk(field.annotation, f"{prefix}{key}.")
+                continue
+            default = "(required)" if field.is_required() else repr(field.default)
+            note = f"  {field.description}" if field.description else ""
+            lines.append(f"  {prefix}{key} = {default}{note}")
+        return lines
+
+    header = "config keys (override any with --section.key VALUE, e.g. --train.lr 3e-5):"
+    return "\n".join([header, *walk(Config, "")])
 
 
 def build_parser() -> argparse.ArgumentParser:
