@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -28,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 SEED, MAX_LEN, BATCH, LR, WD, WARMUP = 0, 128, 32, 5e-5, 0.01, 0.1
@@ -177,7 +175,7 @@ def main() -> None:
     train_csv, test_csv = prepare(workdir, args.train_rows)
     n_train = len(pd.read_csv(train_csv))
     test_texts = pd.read_csv(test_csv)["text"].tolist()
-    train_tokens, test_tokens = real_tokens(pd.read_csv(train_csv)["text"].tolist()), real_tokens(test_texts)
+    train_tokens = real_tokens(pd.read_csv(train_csv)["text"].tolist())
     n_params = non_embedding_params()
     from tunesmith.inference import choose_precision
     peaks = {"fp32": matmul_peak("float32")}

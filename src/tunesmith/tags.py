@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 SCHEMES = ("IO", "BIO", "IOB1", "BIOES")
 _PREFIXES = {"IO": "I", "BIO": "BI", "IOB1": "BI", "BIOES": "BIES"}
 
@@ -135,13 +137,12 @@ def bio_names(types: Iterable[str]) -> list[str]:
     return ["O"] + [f"{p}-{t}" for t in sorted(set(types)) for p in "BI"]
 
 
-def bio_decode(log_probs: "np.ndarray", names: Sequence[str]) -> list[int]:
+def bio_decode(log_probs: np.ndarray, names: Sequence[str]) -> list[int]:
     """The most probable BIO-valid tag sequence (Viterbi): no I-X after O or after another type.
 
     Taking the best tag per token can yield 'O I-PER', which strict entity scoring throws away;
     decoding under the BIO rules keeps the output a set of well-formed entities.
     """
-    import numpy as np
 
     n, c = log_probs.shape
     if n == 0:

@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -358,5 +358,3 @@ def _class_counts(targets: np.ndarray | None, labels) -> str:
     counts = np.bincount(targets, minlength=len(labels.names))
     return " (" + ", ".join(f"{n} {c}" for n, c in zip(labels.names, counts)) + ")"
 
-
-__all__ = ["train", "TrainResult", "make_batches", "TrainState", "asdict"]
