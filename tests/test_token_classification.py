@@ -18,7 +18,7 @@ from conftest import TUNESMITH
 from tunesmith import tags as tagging
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
-from tunesmith.inference import LoadedRun, predict_logits
+from tunesmith.inference import LoadedRun, example_logits, predict_logits
 from tunesmith.tasks import token_classification as tc
 from tunesmith.token_data import split_words
 
@@ -261,6 +261,104 @@ def test_words_past_max_length_are_kept_or_counted(tokenizer):
     metrics = tc.compute_metrics([perfect], [ids], tc.LabelSpace(tc.NAME, names))
     assert metrics["precision"] == 1.0 and metrics["recall"] == 0.5
     assert metrics["token_accuracy"] == pytest.approx(4 / 5)
+
+
+def _long_sentence(n_words: int, seed: int = 3):
+    words, tags = [], []
+    for ws, ts in ner_sentences(40, seed):
+        words += ws + ["unbelievably"]  # a three-piece word now and then, so windows cut words
+        tags += ts + ["O"]
+    names = tagging.bio_names(["LOC", "PER"])
+    return words[:n_words], tags[:n_words], names
+
+
+def test_windows_cover_every_word_once_with_the_most_context(tokenizer):
+    words, tags, names = _long_sentence(60)
+    ids = np.asarray([names.index(t) for t in tags])
+    sents = tc.Sentences(Path("x"), [words], [tags], [[1] * len(words)])
+    full = tc.encode(tokenizer, tc.Examples(sents, [tags], [ids]), max_length=512).features[0]
+    enc = tc.encode(tokenizer, tc.Examples(sents, [tags], [ids]), max_length=16, stride=6)
+    assert enc.truncated == 1 and enc.doc_index == [0] * len(enc.features) and len(enc.features) > 5
+    body = full["input_ids"][1:-1]
+    step, start = 16 - 2 - 6, 0
+    owned = []
+    for k, feat in enumerate(enc.features):
+        assert len(feat["input_ids"]) <= 16 and feat["input_ids"][0] == full["input_ids"][0]
+        assert feat["input_ids"][1:-1] == body[start:start + 14]  # consecutive windows share 6 sub-tokens
+        # the labels inside a window are the sentence's own, sub-token for sub-token
+        assert feat["labels"][1:-1] == full["labels"][1:-1][start:start + 14]
+        for pos, word in zip(feat["output_positions"], feat["output_words"]):
+            p = start + pos - 1  # body position
+            assert full["output_positions"][word] == p + 1
+            context = min(pos - 1, len(feat["input_ids"]) - 2 - pos)
+            for j in range(len(enc.features)):  # no other window holds this word with more context
+                a, b = j * step, min(j * step + 14, len(body))
+                if j != k and a <= p < b:
+                    assert min(p - a, b - 1 - p) <= context
+            owned.append(word)
+        start += step
+    assert sorted(owned) == list(range(len(words)))  # every word predicted once, none dropped
+
+
+def test_stitched_windows_give_the_unchunked_prediction(tokenizer):
+    """With a model whose output per token depends on that token alone (no layers, no position
+    embeddings), a correct stitcher returns exactly the unchunked logits for every word."""
+    from transformers import BertConfig, BertForTokenClassification
+    torch.manual_seed(0)
+    model = BertForTokenClassification(BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=0,
+                                                  num_attention_heads=2, intermediate_size=32, num_labels=5)).eval()
+    with torch.no_grad():
+        model.bert.embeddings.position_embeddings.weight.zero_()
+    words, tags, names = _long_sentence(50)
+    short_words, short_tags, _ = _long_sentence(6, seed=4)
+    sents = tc.Sentences(Path("x"), [words, short_words], [tags, short_tags], [[1] * 50, [1] * 6])
+    examples = tc.Examples(sents, None, None)
+    collate = lambda f: tc.collate(f, 0)  # noqa: E731
+    unchunked = tc.encode(tokenizer, examples, max_length=512)
+    chunked = tc.encode(tokenizer, examples, max_length=12, stride=4)
+    assert chunked.truncated == 1 and len(chunked.features) > 4
+    want, _ = example_logits(model, tc, unchunked, collate, 8, torch.device("cpu"), "fp32")
+    got, _ = example_logits(model, tc, chunked, collate, 8, torch.device("cpu"), "fp32")
+    assert [g.shape for g in got] == [(50, 5), (6, 5)]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-5)
+    # a sentence that fits in one window is encoded exactly as without chunking
+    one = tc.encode(tokenizer, tc.Examples(tc.Sentences(Path("x"), [short_words], None, [[1] * 6]), None, None),
+                    max_length=64, stride=4)
+    assert one.features[0]["input_ids"] == unchunked.features[1]["input_ids"]
+    assert one.features[0]["output_positions"] == unchunked.features[1]["output_positions"]
+
+
+def test_chunked_ner_trains_and_scores_whole_sentences(ner_model_dir, tmp_path):
+    """Long sentences (4+ windows each): training on windows, evaluation per sentence, every word tagged."""
+    def long_sentences(n, seed):
+        rng = random.Random(seed)
+        out = []
+        for _ in range(n):
+            parts = ner_sentences(5, rng.randrange(10**6))
+            out.append(([w for ws, _ in parts for w in ws], [t for _, ts in parts for t in ts]))
+        return out
+    train = write_conll(tmp_path / "train.conll", long_sentences(80, 1))
+    test = write_conll(tmp_path / "test.conll", long_sentences(20, 2))
+    cfg = ner_config(ner_model_dir, train, test, tmp_path / "runs", epochs=3)
+    cfg["model"].update(max_length=16, long_text="chunk", stride=4)
+    result = tunesmith.train(cfg)
+    summary = json.loads((result.run_dir / "metrics.json").read_text())
+    assert summary["data"]["long_text"] == "chunk" and summary["data"]["long_train"] > 50
+    assert summary["data"]["train_windows"] > 3 * summary["data"]["train"]
+    assert result.metrics["f1"] > 0.8, result.metrics
+    loaded = LoadedRun(result.run_dir, "fp32")
+    examples = tc.read_examples(test, loaded.data_cfg, loaded.labels)
+    assert tc.compute_metrics(loaded.logits(examples), examples.targets, loaded.labels)["f1"] == \
+        pytest.approx(result.metrics["f1"], abs=1e-6)
+    loaded.cfg = load_config(loaded.cfg, {"model.long_text": "truncate"})  # the same model, first window only
+    cut = tc.compute_metrics(loaded.logits(examples), examples.targets, loaded.labels)
+    assert cut["recall"] < 0.5 < result.metrics["recall"] - 0.3  # entities past the first window are lost
+    frame = tunesmith.predict(result.run_dir, test)
+    assert len(frame) == 20 and all(len(t) == len(p) for t, p in zip(frame["tokens"], frame["predicted_tags"]))
+    gold = sum(t != "O" and t.startswith("B-") for tags in frame["tags"] for t in tags)
+    found = sum(len(e) for e in frame["entities"])
+    assert abs(found - gold) <= 0.2 * gold  # entities found all along the sentences, not only at the start
 
 
 def test_predict_logits_reads_the_word_positions(ner_model_dir, tokenizer):

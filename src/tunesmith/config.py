@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import TunesmithError
 
@@ -23,8 +23,29 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     name: str = Field("minilm-l6", description="catalog short name, local Hugging Face folder, or hub id")
-    max_length: int = Field(128, ge=8, le=8192, description="tokens per example; longer texts are truncated")
+    max_length: int = Field(128, ge=8, le=8192, description="tokens per model input; see long_text for longer texts")
+    long_text: Literal["truncate", "chunk"] = Field(
+        "truncate", description="texts longer than max_length: truncate = keep the start; chunk = split into "
+                                "overlapping windows (training and prediction) and combine them per document")
+    stride: int = Field(32, ge=0, description="chunk: tokens shared by consecutive windows")
+    chunk_aggregation: Literal["mean", "max"] = Field(
+        "mean", description="chunk, classification: combine the windows' logits of a document by mean or max "
+                            "(NER takes each word from the window where it has the most context)")
     trust_remote_code: bool = Field(False, description="run model code from the model folder (only if you trust it)")
+
+    @field_validator("stride")
+    @classmethod
+    def _stride_fits(cls, stride: int, info: ValidationInfo) -> int:
+        max_length = info.data.get("max_length")
+        if info.data.get("long_text") == "chunk" and max_length and stride > max_length // 2:
+            raise ValueError(f"{stride} is too large for max_length {max_length}: windows must move forward "
+                             f"(use at most {max_length // 2})")
+        return stride
+
+    @property
+    def chunk_stride(self) -> int | None:
+        """The window overlap when long texts are chunked; None when they are truncated."""
+        return self.stride if self.long_text == "chunk" else None
 
 
 class DataConfig(_Section):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from functools import lru_cache
@@ -76,6 +77,29 @@ def predict_logits(model: torch.nn.Module, features: list[dict], lengths: list[i
     restored = np.empty_like(logits)
     restored[order] = logits
     return restored, (loss_sum / max(1, len(order)) if with_loss else None)
+
+
+def example_logits(model: torch.nn.Module, task, enc, collate: Callable[[list[dict]], dict], batch_size: int,
+                   device: torch.device, precision: str, aggregation: str = "mean",
+                   with_loss: bool = False) -> tuple[np.ndarray | list[np.ndarray], float | None]:
+    """predict_logits per example: a chunked document's windows are combined into one prediction,
+    so metrics count documents, not windows (the loss is the mean over windows)."""
+    logits, loss = predict_logits(model, enc.features, enc.lengths, collate, batch_size, device, precision, with_loss)
+    return task.merge_windows(logits, enc, aggregation), loss
+
+
+def describe_long_texts(enc, max_length: int, stride: int | None) -> str:
+    """How texts longer than max_length were handled, for the run log (nothing is lost silently)."""
+    if not enc.truncated:
+        return f"none longer than {max_length} tokens"
+    if stride is not None:
+        windows = len(enc.features) - (enc.num_examples - enc.truncated)
+        return (f"{enc.truncated} longer than {max_length} tokens, split into {windows} overlapping windows "
+                f"(stride {stride})")
+    dropped = getattr(enc, "dropped_words", 0)
+    return (f"{enc.truncated} longer than {max_length} tokens, truncated"
+            + (f" ({dropped} words past the limit predicted O)" if dropped else "")
+            + "; model.long_text: chunk keeps all of them")
 
 
 def save_model_dir(target: Path, model: torch.nn.Module, tokenizer, cfg: Config, labels) -> None:
@@ -150,10 +174,13 @@ class LoadedRun:
         self.precision = choose_precision(precision, self.device)
 
     def logits(self, examples, batch_size: int = 128) -> np.ndarray:
-        enc = self.task.encode(self.tokenizer, examples, self.max_length)
+        stride = self.cfg.model.chunk_stride
+        enc = self.task.encode(self.tokenizer, examples, self.max_length, stride)
+        if enc.truncated:
+            print(f"tunesmith: {describe_long_texts(enc, self.max_length, stride)}", file=sys.stderr)
         pad_id = self.tokenizer.pad_token_id or 0
-        logits, _ = predict_logits(self.model, enc.features, enc.lengths,
-                                   lambda f: self.task.collate(f, pad_id), batch_size, self.device, self.precision)
+        logits, _ = example_logits(self.model, self.task, enc, lambda f: self.task.collate(f, pad_id), batch_size,
+                                   self.device, self.precision, self.cfg.model.chunk_aggregation)
         return logits
 
 

@@ -3,7 +3,10 @@
     load_splits(cfg) -> Splits                 read, check and split the data; the label space
     read_examples(path, data_cfg, labels)      one file, checked against a known label space
     build_model(source, labels, cfg)           -> (model, tokenizer); AUTO_MODEL reloads a saved one
-    encode(tokenizer, examples, max_length)    -> Encoded(features, lengths, truncated)
+    encode(tokenizer, examples, max_length, stride=None)
+                                               -> Encoded(features, lengths, truncated, doc_index...);
+                                                  with a stride, long texts become overlapping windows
+    merge_windows(logits, encoded, aggregation) one prediction per example from its windows' logits
     collate(features, pad_id)                  -> dict of padded tensors
     default_metric(labels), compute_metrics(logits, targets, labels), predictions_frame(...)
 

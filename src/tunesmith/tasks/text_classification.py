@@ -194,29 +194,64 @@ def build_model(source: str, labels: LabelSpace, cfg: Config):
 class Encoded:
     features: list[dict]
     lengths: list[int]
-    truncated: int  # texts longer than max_length (cut to fit)
+    truncated: int  # texts longer than max_length (cut to fit, or split into windows when chunking)
+    doc_index: list[int] | None = None  # chunking: the example each feature (window) belongs to
+    num_examples: int = 0
 
 
-def encode(tokenizer, examples: Examples, max_length: int) -> Encoded:
+def encode(tokenizer, examples: Examples, max_length: int, stride: int | None = None) -> Encoded:
+    """Token ids per example; with `stride` (long_text: chunk), a text longer than max_length becomes
+    windows of max_length tokens, each sharing `stride` tokens with the one before (a pair's second
+    text is repeated in every window)."""
     args = (examples.texts, examples.pairs) if examples.pairs else (examples.texts,)
-    enc = tokenizer(*args, truncation=True, max_length=max_length)
+    doc_index = None
+    if stride is None:
+        enc = tokenizer(*args, truncation=True, max_length=max_length)
+    else:
+        if not tokenizer.is_fast:
+            raise TunesmithError("model.long_text: chunk needs a fast tokenizer (this model's is a slow one)")
+        try:
+            enc = tokenizer(*args, truncation="only_first" if examples.pairs else True, max_length=max_length,
+                            stride=stride, return_overflowing_tokens=True)
+        except Exception as exc:  # e.g. the pair's second text alone leaves no room for the first
+            raise TunesmithError(f"{examples.table.path}: cannot split a text into windows of {max_length} tokens "
+                                 f"with stride {stride} ({str(exc).splitlines()[0]})") from None
+        doc_index = list(enc["overflow_to_sample_mapping"])
     ids = enc["input_ids"]
     type_ids = enc.get("token_type_ids")
-    # Only texts that hit the limit can have been cut: re-tokenise those alone to count them.
-    full = [i for i, x in enumerate(ids) if len(x) >= max_length]
-    truncated = 0
-    if full:
-        sub = [[a[i] for i in full] for a in args]
-        truncated = sum(len(x) > max_length for x in tokenizer(*sub, truncation=False)["input_ids"])
+    if doc_index is not None:
+        truncated = int(np.sum(np.bincount(doc_index, minlength=len(examples.texts)) > 1))
+    else:
+        # Only texts that hit the limit can have been cut: re-tokenise those alone to count them.
+        full = [i for i, x in enumerate(ids) if len(x) >= max_length]
+        truncated = 0
+        if full:
+            sub = [[a[i] for i in full] for a in args]
+            truncated = sum(len(x) > max_length for x in tokenizer(*sub, truncation=False)["input_ids"])
     features = []
     for i, input_ids in enumerate(ids):
+        doc = doc_index[i] if doc_index is not None else i
         feat = {"input_ids": input_ids}
         if type_ids is not None and examples.pairs:
             feat["token_type_ids"] = type_ids[i]
         if examples.targets is not None:
-            feat["labels"] = examples.targets[i]
+            feat["labels"] = examples.targets[doc]  # every window of a document carries its label
         features.append(feat)
-    return Encoded(features, [len(x) for x in ids], truncated)
+    return Encoded(features, [len(x) for x in ids], truncated, doc_index, len(examples.texts))
+
+
+def merge_windows(logits: np.ndarray, enc: Encoded, aggregation: str = "mean") -> np.ndarray:
+    """One row of logits per example: a chunked document's windows combined by mean or max."""
+    if enc.doc_index is None:
+        return logits
+    doc = np.asarray(enc.doc_index)
+    if aggregation == "max":
+        out = np.full((enc.num_examples, logits.shape[1]), -np.inf, dtype=logits.dtype)
+        np.maximum.at(out, doc, logits)
+        return out
+    out = np.zeros((enc.num_examples, logits.shape[1]), dtype=logits.dtype)
+    np.add.at(out, doc, logits)
+    return out / np.bincount(doc, minlength=enc.num_examples)[:, None]
 
 
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

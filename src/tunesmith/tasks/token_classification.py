@@ -193,14 +193,18 @@ def _weight_the_loss(model: torch.nn.Module, weights: torch.Tensor) -> None:
 class Encoded:
     features: list[dict]
     lengths: list[int]
-    truncated: int  # sentences longer than max_length; their words past the limit are predicted O (and counted)
-    dropped_words: int = 0
+    truncated: int  # sentences longer than max_length (truncated: words past the limit predicted O; or chunked)
+    dropped_words: int = 0  # truncation only: words that start past the limit (counted, predicted O)
+    doc_index: list[int] | None = None  # chunking: the sentence each feature (window) belongs to
+    num_examples: int = 0
 
 
-def encode(tokenizer, examples: Examples, max_length: int) -> Encoded:
+def encode(tokenizer, examples: Examples, max_length: int, stride: int | None = None) -> Encoded:
+    """Sub-token ids per sentence; labels on first sub-tokens. A sentence longer than max_length is
+    truncated, or with `stride` (long_text: chunk) split into overlapping windows (see _windows)."""
     words = examples.texts
     enc = tokenizer(words, is_split_into_words=True, truncation=False)
-    features, lengths, truncated, dropped = [], [], 0, 0
+    features, lengths, doc_index, truncated, dropped = [], [], [], 0, 0
     for i, ids in enumerate(enc["input_ids"]):
         word_ids = enc.word_ids(i)
         missing = set(range(len(words[i]))) - set(w for w in word_ids if w is not None)
@@ -208,17 +212,79 @@ def encode(tokenizer, examples: Examples, max_length: int) -> Encoded:
             fixed = [tokenizer.unk_token if k in missing else w for k, w in enumerate(words[i])]
             one = tokenizer(fixed, is_split_into_words=True, truncation=False)
             ids, word_ids = one["input_ids"], one.word_ids()
-        if len(ids) > max_length:
-            ids, word_ids = _truncate(ids, word_ids, max_length)
-            truncated += 1
-        firsts = _first_positions(word_ids)
-        dropped += len(words[i]) - len(firsts)
-        feat = {"input_ids": ids, "output_positions": firsts}
+        labels = None
         if examples.targets is not None:
-            feat["labels"] = _labels(word_ids, examples.targets[i], examples.label_all_subtokens)
-        features.append(feat)
-        lengths.append(len(ids))
-    return Encoded(features, lengths, truncated, dropped)
+            labels = _labels(word_ids, examples.targets[i], examples.label_all_subtokens)
+        if len(ids) > max_length and stride is not None:
+            truncated += 1
+            windows = _windows(ids, word_ids, labels, max_length, stride)
+        else:
+            if len(ids) > max_length:
+                ids, word_ids = _truncate(ids, word_ids, max_length)
+                labels = None if labels is None else _labels(word_ids, examples.targets[i],
+                                                             examples.label_all_subtokens)
+                truncated += 1
+            firsts = _first_positions(word_ids)
+            dropped += len(words[i]) - len(firsts)
+            feat = {"input_ids": ids, "output_positions": firsts}
+            if labels is not None:
+                feat["labels"] = labels
+            windows = [feat]
+        for feat in windows:
+            features.append(feat)
+            lengths.append(len(feat["input_ids"]))
+            doc_index.append(i)
+    return Encoded(features, lengths, truncated, dropped, doc_index if stride is not None else None, len(words))
+
+
+def _windows(ids: list[int], word_ids: list[int | None], labels: list[int] | None, max_length: int,
+             stride: int) -> list[dict]:
+    """Overlapping windows of max_length tokens (special tokens repeated at both ends), each sharing
+    `stride` body tokens with the one before. Every window trains on all the words it holds; for
+    prediction each word is read from the one window where it has the most context on both sides
+    (its `output_positions`, with the word numbers in `output_words`)."""
+    head, tail = _special_ends(word_ids)
+    body_end = len(ids) - tail
+    n, room = body_end - head, max_length - head - tail
+    if room <= stride:
+        raise TunesmithError(f"model.stride {stride} leaves no room for new tokens in windows of {max_length}")
+    spans, start = [], 0
+    while True:
+        spans.append((start, min(start + room, n)))
+        if start + room >= n:
+            break
+        start += room - stride
+    owner = {}  # body position of a word's first sub-token -> the window where it has the most context
+    for pos in _first_positions(word_ids):
+        p = pos - head
+        owner[p] = max(range(len(spans)), key=lambda k: (min(p - spans[k][0], spans[k][1] - 1 - p), -k)
+                       if spans[k][0] <= p < spans[k][1] else (-1, -k))
+    windows = []
+    for k, (a, b) in enumerate(spans):
+        mine = [p for p in sorted(owner) if owner[p] == k]
+        feat = {"input_ids": ids[:head] + ids[head + a:head + b] + ids[body_end:],
+                "output_positions": [head + p - a for p in mine],
+                "output_words": [word_ids[head + p] for p in mine]}
+        if labels is not None:
+            feat["labels"] = [IGNORE] * head + labels[head + a:head + b] + [IGNORE] * tail
+        windows.append(feat)
+    return windows
+
+
+def merge_windows(logits: list[np.ndarray], enc: Encoded, aggregation: str = "mean") -> list[np.ndarray]:
+    """One (words, tags) array per sentence: each word's logits from the window that owns it.
+    (`aggregation` is for classification; NER stitches windows instead of averaging them.)"""
+    if enc.doc_index is None:
+        return logits
+    parts: list[list[tuple[list[int], np.ndarray]]] = [[] for _ in range(enc.num_examples)]
+    for feat, lg, doc in zip(enc.features, logits, enc.doc_index):
+        parts[doc].append((feat.get("output_words", range(len(lg))), lg))
+    merged = []
+    for items in parts:
+        word_numbers = np.concatenate([np.asarray(list(w), dtype=np.int64) for w, _ in items])
+        rows = np.concatenate([lg for _, lg in items])
+        merged.append(rows[np.argsort(word_numbers, kind="stable")])
+    return merged
 
 
 def _truncate(ids: list[int], word_ids: list[int | None], max_length: int) -> tuple[list[int], list[int | None]]:
@@ -227,15 +293,21 @@ def _truncate(ids: list[int], word_ids: list[int | None], max_length: int) -> tu
     A word cut in the middle keeps its first sub-token, so it is still predicted; words that start
     past the limit get no position (predicted O, counted in Encoded.dropped_words).
     """
+    head, tail = _special_ends(word_ids)
+    keep = max_length - head - tail
+    body_end = len(ids) - tail
+    return (ids[:head + keep] + ids[body_end:], word_ids[:head + keep] + word_ids[body_end:])
+
+
+def _special_ends(word_ids: list[int | None]) -> tuple[int, int]:
+    """How many special tokens ([CLS], [SEP]...) open and close the sequence."""
     head = 0
     while head < len(word_ids) and word_ids[head] is None:
         head += 1
     tail = 0
     while tail < len(word_ids) - head and word_ids[len(word_ids) - 1 - tail] is None:
         tail += 1
-    keep = max_length - head - tail
-    body_end = len(ids) - tail
-    return (ids[:head + keep] + ids[body_end:], word_ids[:head + keep] + word_ids[body_end:])
+    return head, tail
 
 
 def _first_positions(word_ids: list[int | None]) -> list[int]:
