@@ -78,6 +78,8 @@ def test_search_killed_then_resumed_keeps_finished_trials(tiny_model_dir, tmp_pa
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == cut_off[0]]
     assert retry and retry[0].params == before[cut_off[0]][2] and retry[0].state in FINISHED
     assert sum(t.state in FINISHED for t in trials) == 8
+    for t in trials:  # strategy.lora.r is sampled only for lora trials
+        assert ("strategy.lora.r" in t.params) == (t.params.get("strategy.name") == "lora"), t.params
 
     # the summary: a trials table, the best config ready for `tunesmith train`, importance
     table = resumed.stdout
@@ -112,6 +114,18 @@ def test_two_workers_share_one_study(tiny_model_dir, tmp_path, cli_env):
     assert not (tmp_path / "runs" / "s" / "study.db").exists()
     workers = {t.user_attrs["worker"]["pid"] for t in trials if t.state in FINISHED}
     assert workers == {first.pid, second.pid}, "both workers should have finished trials"
+
+
+def test_search_with_cross_validated_objective(tiny_model_dir, tmp_path):
+    cfg = _config(tmp_path, tiny_model_dir, trials=2, objective="cv", space={"train.lr": SPACE["train.lr"]})
+    cfg["cv"] = {"folds": 2}
+    result = tunesmith.search(cfg)
+    assert [t["state"] for t in result.trials] == ["complete", "complete"]
+    for t in result.trials:
+        info = json.loads((result.search_dir / f"trial-{t['number']:04d}" / "cv.json").read_text())
+        assert info["folds_run"] == 2 and t["value"] == pytest.approx(info["mean"]["macro_f1"])
+        assert info["test_ensemble"] is None  # the test split takes no part in the search
+    assert result.best_value == max(t["value"] for t in result.trials)
 
 
 def run_cli(capsys, args):

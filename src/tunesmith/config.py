@@ -224,7 +224,7 @@ def _config_leaves(model: type[BaseModel], prefix: str) -> list[str]:
 class SearchConfig(_Section):
     """Hyperparameter search (`tunesmith search`, Optuna TPE + median pruning)."""
     space: dict[Annotated[str, AfterValidator(_searchable_key)], SearchParam] = Field(
-        default_factory=dict, description="config key -> range, e.g. train.lr: {low: 1e-5, high: 1e-4, log: true}")
+        {}, description="config key -> range, e.g. train.lr: {low: 1e-5, high: 1e-4, log: true}")
     trials: int = Field(20, ge=1, description="finished (complete or pruned) trials the study should reach")
     objective: Literal["validation", "cv"] = Field(
         "validation", description="validation: the best validation train.metric of one run; "
