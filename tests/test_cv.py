@@ -135,3 +135,27 @@ def test_bad_cv_input(args, data, expected, tiny_model_dir, tmp_path, capsys):
     assert code == 2 and len(lines) == 1 and expected in lines[0], err
     assert "Traceback" not in err
     assert not (tmp_path / "runs").exists(), "a failed cv must not leave a folder behind"
+
+
+def test_cv_token_classification_with_ensemble(tmp_path):
+    import torch
+    from test_token_classification import VOCAB, ner_config, ner_sentences, write_conll
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path / "ner-bert"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(folder)
+    BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}).save_pretrained(folder)
+    sentences = ner_sentences(60, 3)
+    train = write_conll(tmp_path / "train.conll", sentences)
+    test = write_conll(tmp_path / "test.conll", ner_sentences(20, 4))
+    cfg = ner_config(folder, train, test, tmp_path / "runs", epochs=1)
+    result = tunesmith.cv(cfg, folds=3, keep_models=True)
+    oof = pd.read_json(result.cv_dir / "oof_predictions.jsonl", lines=True)
+    assert oof["row"].tolist() == list(range(1, 61)) and sorted(oof["fold"].unique()) == [1, 2, 3]
+    assert oof["tokens"].tolist() == [w for w, _ in sentences]
+    assert all(len(p) == len(w) for p, w in zip(oof["predicted_tags"], oof["tokens"]))
+    assert "f1" in result.mean and result.test_metrics is not None
+    preds = tunesmith.predict(result.cv_dir, test)
+    assert len(preds) == 20 and "entities" in preds.columns

@@ -121,12 +121,12 @@ def cross_validate(config: str | Path | dict | Config, overrides: dict[str, Any]
     if cv_dir.exists():
         raise TunesmithError(f"{cv_dir}: already exists; choose another output.name")
     created = new_folder(cv_dir)
-    _log(f"cross-validation: {k} folds of {len(rows.texts)} examples "
-         f"({'by group, ' if getattr(rows, 'groups', None) is not None else ''}"
+    selection = "validation file" if base.validation is not None else \
+        "validation part of each fold's training rows" if inner_fraction else "last step"
+    grouped = getattr(rows, "groups", None) is not None
+    _log(f"cross-validation: {k} folds of {len(rows.texts)} examples ({'by group, ' if grouped else ''}"
          f"{'stratified' if base.labels.problem_type == 'single_label' else 'not stratified'}); "
-         f"best checkpoint by validation {metric} on "
-         f"{'the validation file' if base.validation is not None else 'part of each fold’s training rows' if inner_fraction else 'nothing (last step kept)'}"
-         f"; folder {cv_dir}")
+         f"best checkpoint by validation {metric} on the {selection}; folder {cv_dir}")
 
     fold_metrics, fold_logits, frames = [], [None] * len(rows.texts), []
     try:
@@ -190,10 +190,8 @@ def cross_validate(config: str | Path | dict | Config, overrides: dict[str, Any]
         _log(f"test ({len(base.test.texts)} examples), ensemble of {k} fold models: "
              + ", ".join(f"{m} {v:.4f}" for m, v in scalar_metrics(test_metrics).items()))
     summary = {"folds": k, "folds_run": len(fold_metrics), "metric": metric, "examples": len(rows.texts),
-               "grouped": getattr(rows, "groups", None) is not None,
-               "stratified": base.labels.problem_type == "single_label",
-               "checkpoint_selection": "validation file" if base.validation is not None else
-               "validation part of each fold's training rows" if inner_fraction else "last step",
+               "grouped": grouped, "stratified": base.labels.problem_type == "single_label",
+               "checkpoint_selection": selection,
                "std": "sample standard deviation across folds (ddof=1)",
                "per_fold": fold_metrics, "mean": mean, "std_dev": std, "pooled_out_of_fold": pooled,
                "keep_models": cfg.cv.keep_models, "test_ensemble": test_metrics,
