@@ -128,6 +128,21 @@ def test_search_with_cross_validated_objective(tiny_model_dir, tmp_path):
     assert result.best_value == max(t["value"] for t in result.trials)
 
 
+def test_search_stops_when_every_trial_fails(tiny_model_dir, tmp_path, capsys):
+    # a constant regression target: Spearman's rho is undefined, so no trial can give a value
+    rows = pd.DataFrame({"text": [r["text"] for r in sentiment_rows(10)], "label": [1.0] * 10})
+    rows.to_csv(tmp_path / "reg.csv", index=False)
+    cfg = tiny_config(tiny_model_dir, tmp_path / "reg.csv", None, tmp_path / "runs", epochs=1, metric="spearman")
+    cfg["data"].update(problem_type="regression")
+    cfg["search"] = {"trials": 5, "space": {"train.lr": SPACE["train.lr"]}}
+    path = tmp_path / "reg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, line = run_cli(capsys, ["search", path])
+    assert code == 2 and "search stopped: 3 trials in a row failed (validation spearman is undefined)" in line
+    trials = pd.read_csv(tmp_path / "runs" / "reg-search" / "trials.csv")
+    assert trials["state"].tolist() == ["fail"] * 3
+
+
 def run_cli(capsys, args):
     code = main([str(a) for a in args])
     err = capsys.readouterr().err

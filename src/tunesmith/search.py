@@ -50,6 +50,7 @@ HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 120
 SQLITE_TIMEOUT_SECONDS = 120  # workers wait this long for the SQLite lock instead of failing
 STORAGE_ATTEMPTS = 5
+MAX_FAILURES_IN_A_ROW = 3
 
 
 @dataclass
@@ -136,6 +137,54 @@ def search(config: str | Path | dict | Config | None, overrides: dict[str, Any] 
     _log(f"search {study_name}: {done} of {scfg.trials} trials finished; objective {scfg.objective} "
          f"{metric} ({study.direction.name.lower()}); storage {_shown_url(url)}")
 
+    objective = _objective(cfg, base_raw, search_dir, metric)
+    failures_in_a_row: list[str] = []
+
+    def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        n = len(study.get_trials(deepcopy=False, states=finished))
+        seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete else 0
+        value = "" if trial.value is None else f" {metric} {trial.value:.4f}"
+        value += f" ({trial.user_attrs['error']})" if "error" in trial.user_attrs else ""
+        try:
+            best = f"; best: trial {study.best_trial.number} ({study.best_value:.4f})"
+        except ValueError:
+            best = ""
+        _log(f"trial {trial.number} {trial.state.name.lower()}{value} in {seconds:.0f}s "
+             f"({n}/{scfg.trials} finished{best})")
+        if trial.state == optuna.trial.TrialState.FAIL:
+            failures_in_a_row.append(trial.user_attrs.get("error", "failed"))
+            if len(failures_in_a_row) >= MAX_FAILURES_IN_A_ROW:
+                study.stop()  # every trial failing would otherwise loop for ever
+        else:
+            failures_in_a_row.clear()
+
+    if done < scfg.trials:
+        try:
+            study.optimize(objective, catch=(_TrialFailed,),
+                           callbacks=[progress, optuna.study.MaxTrialsCallback(scfg.trials, states=finished)])
+        except TunesmithError:
+            # A setting the checks above could not see (e.g. an unknown train.metric): if this call
+            # started the search and nothing finished, leave nothing behind.
+            if created is not None and not study.get_trials(deepcopy=False, states=finished):
+                optuna.delete_study(study_name=study_name, storage=store)
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+        except KeyboardInterrupt:
+            raise TunesmithError(f"interrupted; finished trials are kept; continue with: "
+                                 f"tunesmith search --resume {search_dir}") from None
+    result = _summarise(study, search_dir, base_raw, cfg, metric)
+    if len(failures_in_a_row) >= MAX_FAILURES_IN_A_ROW:
+        raise TunesmithError(f"search stopped: {len(failures_in_a_row)} trials in a row failed "
+                             f"({failures_in_a_row[-1]}); see {search_dir / 'trials.csv'}")
+    return result
+
+
+def _objective(cfg: Config, base_raw: dict, search_dir: Path, metric: str):
+    """One trial: sample, train (or cross-validate) in search_dir/trial-NNNN, return the metric."""
+    import optuna
+
+    scfg, task = cfg.search, TASKS[cfg.task]
+
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         params = _suggest(trial, base_raw, scfg.space)
@@ -174,33 +223,7 @@ def search(config: str | Path | dict | Config | None, overrides: dict[str, Any] 
             raise _TrialFailed(trial.user_attrs["error"])
         return float(value)
 
-    def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        n = len(study.get_trials(deepcopy=False, states=finished))
-        seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete else 0
-        value = "" if trial.value is None else f" {metric} {trial.value:.4f}"
-        value += f" ({trial.user_attrs['error']})" if "error" in trial.user_attrs else ""
-        try:
-            best = f"; best: trial {study.best_trial.number} ({study.best_value:.4f})"
-        except ValueError:
-            best = ""
-        _log(f"trial {trial.number} {trial.state.name.lower()}{value} in {seconds:.0f}s "
-             f"({n}/{scfg.trials} finished{best})")
-
-    if done < scfg.trials:
-        try:
-            study.optimize(objective, catch=(_TrialFailed,),
-                           callbacks=[progress, optuna.study.MaxTrialsCallback(scfg.trials, states=finished)])
-        except TunesmithError:
-            # A setting the checks above could not see (e.g. an unknown train.metric): if this call
-            # started the search and nothing finished, leave nothing behind.
-            if created is not None and not study.get_trials(deepcopy=False, states=finished):
-                optuna.delete_study(study_name=study_name, storage=store)
-                shutil.rmtree(created, ignore_errors=True)
-            raise
-        except KeyboardInterrupt:
-            raise TunesmithError(f"interrupted; finished trials are kept; continue with: "
-                                 f"tunesmith search --resume {search_dir}") from None
-    return _summarise(study, search_dir, base_raw, cfg, metric)
+    return objective
 
 
 # ---------------------------------------------------------------- the space

@@ -302,7 +302,7 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
     samples_per_second = state.samples_seen / train_seconds if train_seconds > 0 else 0.0
 
     # ---- the best model on the test split
-    if val_enc is None:  # nothing chose a best model: keep the last one
+    if val_enc is None or state.best_step is None:  # no best model chosen (metric always NaN): keep the last
         save_model_dir(run_dir / "model", accelerator.unwrap_model(model), tokenizer, cfg, labels)
         state.best_step = state.step
     elif is_peft(model):  # model/ holds the merged model (or the adapter): load it the way predict does
