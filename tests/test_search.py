@@ -128,6 +128,22 @@ def test_search_with_cross_validated_objective(tiny_model_dir, tmp_path):
     assert result.best_value == max(t["value"] for t in result.trials)
 
 
+def test_a_bad_trial_is_pruned_at_an_intermediate_evaluation(tiny_model_dir, sentiment_csv, tmp_path):
+    train, test = sentiment_csv  # 400 rows that lr 2e-3 learns (test_train_e2e); lr 1e-7 learns nothing
+    cfg = tiny_config(tiny_model_dir, train, test, tmp_path / "runs", epochs=3, eval_every_steps=5)
+    # seed 4: TPE tries 2e-3, 2e-3, then 1e-7, which falls below the median of the first two
+    cfg["search"] = {"trials": 3, "startup_trials": 1, "seed": 4, "space": {"train.lr": {"choices": [2e-3, 1e-7]}}}
+    result = tunesmith.search(cfg)
+    study = _study(result.search_dir)
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned and all(t.params["train.lr"] == 1e-7 for t in pruned), [(t.state, t.params) for t in study.trials]
+    for t in pruned:  # stopped at an evaluation before the end of its run (3 epochs of 20 steps)
+        assert max(t.intermediate_values) < 60
+        steps = json.loads((result.search_dir / f"trial-{t.number:04d}" / "metrics.json").read_text())["train"]["steps"]
+        assert steps == max(t.intermediate_values)
+    assert result.best_params == {"train.lr": 2e-3} and result.best_value > 0.8
+
+
 def test_search_stops_when_every_trial_fails(tiny_model_dir, tmp_path, capsys):
     # a constant regression target: Spearman's rho is undefined, so no trial can give a value
     rows = pd.DataFrame({"text": [r["text"] for r in sentiment_rows(10)], "label": [1.0] * 10})
