@@ -79,6 +79,24 @@ def fold_indices(examples, problem_type: str, folds: int, seed: int, source: str
     return [held for _, held in splitter.split(np.zeros(n), y, groups)]
 
 
+def _train_fold(i: int, cfg: Config, base, held: np.ndarray, held_rows, inner_fraction: bool, cv_dir: Path):
+    """Train on every row outside fold i (less its validation part) and test on fold i."""
+    rows = base.train
+    fold_train, validation = rows.subset(np.setdiff1d(np.arange(len(rows.texts)), held)), base.validation
+    if inner_fraction:
+        tr, va = _inner_split(cfg.task, fold_train, cfg, resolve_data_config(cfg.data))
+        fold_train, validation = fold_train.subset(tr), fold_train.subset(va)
+    _log(f"fold {i}/{cfg.cv.folds}: {len(fold_train.texts)} train, "
+         f"{len(validation.texts) if validation is not None else 0} validation, {len(held)} held out")
+    splits = type(base)(fold_train, validation, held_rows, base.labels)
+    fold_cfg = load_config(cfg, {"output.dir": str(cv_dir), "output.name": f"fold-{i}", "data.test": None})
+    result = train(fold_cfg, splits=splits)
+    shutil.rmtree(result.run_dir / "checkpoints", ignore_errors=True)  # the fold is done: no resume needed
+    if not cfg.cv.keep_models:
+        shutil.rmtree(result.run_dir / "model", ignore_errors=True)
+    return result
+
+
 def _inner_split(task_name: str, examples, cfg: Config, data) -> tuple[np.ndarray, np.ndarray]:
     """Validation rows out of a fold's training part, split the way `train` would split them."""
     if task_name == "text_classification":
@@ -131,21 +149,8 @@ def cross_validate(config: str | Path | dict | Config, overrides: dict[str, Any]
     fold_metrics, fold_logits, frames = [], [None] * len(rows.texts), []
     try:
         for i, held in enumerate(held_out, start=1):
-            fold_train = rows.subset(np.setdiff1d(np.arange(len(rows.texts)), held))
-            validation = base.validation
-            if inner_fraction:
-                tr, va = _inner_split(cfg.task, fold_train, cfg, data)
-                fold_train, validation = fold_train.subset(tr), fold_train.subset(va)
             held_rows = rows.subset(held)
-            _log(f"fold {i}/{k}: {len(fold_train.texts)} train, "
-                 f"{len(validation.texts) if validation is not None else 0} validation, {len(held)} held out")
-            splits = type(base)(fold_train, validation, held_rows, base.labels)
-            fold_cfg = load_config(cfg, {"output.dir": str(cv_dir), "output.name": f"fold-{i}",
-                                         "data.test": None})
-            result = train(fold_cfg, splits=splits, on_evaluate=None)
-            shutil.rmtree(result.run_dir / "checkpoints", ignore_errors=True)  # the fold is done: no resume needed
-            if not cfg.cv.keep_models:
-                shutil.rmtree(result.run_dir / "model", ignore_errors=True)
+            result = _train_fold(i, cfg, base, held, held_rows, inner_fraction, cv_dir)
             scores = scalar_metrics(result.metrics)
             fold_metrics.append(scores)
             for j, row in enumerate(held):
