@@ -10,11 +10,10 @@
 
 from .config import Config, load_config
 from .cv import CVResult
-from .cv import cross_validate as cv
+from .cv import cross_validate as cv  # the name `tunesmith.cv` is this function; the module stays tunesmith.cv
 from .errors import TunesmithError
 from .inference import evaluate, predict
-from .search import SearchResult
-from .search import search as search
+from .search import SearchResult, search
 from .train import TrainResult, train
 
 __all__ = ["CVResult", "Config", "SearchResult", "TrainResult", "TunesmithError", "cv", "evaluate", "load_config",
