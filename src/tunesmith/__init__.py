@@ -10,7 +10,7 @@
 
 from .config import Config, load_config
 from .cv import CVResult
-from .cv import cross_validate as cv  # the name `tunesmith.cv` is this function; the module stays tunesmith.cv
+from .cv import cross_validate as cv  # tunesmith.cv is this function; `from tunesmith.cv import X` reads the module
 from .errors import TunesmithError
 from .inference import evaluate, predict
 from .search import SearchResult, search
