@@ -144,6 +144,8 @@ def search(config: str | Path | dict | Config | None, overrides: dict[str, Any] 
         n = len(study.get_trials(deepcopy=False, states=finished))
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete else 0
         value = "" if trial.value is None else f" {metric} {trial.value:.4f}"
+        if trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values:
+            value = f" at step {max(trial.intermediate_values)}{value} (its last evaluation)"
         value += f" ({trial.user_attrs['error']})" if "error" in trial.user_attrs else ""
         try:
             best = f"; best: trial {study.best_trial.number} ({study.best_value:.4f})"
