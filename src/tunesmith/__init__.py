@@ -4,12 +4,18 @@
     result = tunesmith.train("configs/rotten_tomatoes.yaml", {"train.lr": 3e-5})
     print(result.metrics["accuracy"], result.run_dir)
     tunesmith.predict(result.run_dir, "new.csv", "preds.csv")
+    tunesmith.cv("configs/rotten_tomatoes.yaml", folds=5)          # mean ± std over folds
+    tunesmith.search("configs/rotten_tomatoes_search.yaml", trials=20)  # Optuna over search.space
 """
 
 from .config import Config, load_config
+from .cv import CVResult
+from .cv import cross_validate as cv  # tunesmith.cv is this function; `from tunesmith.cv import X` reads the module
 from .errors import TunesmithError
 from .inference import evaluate, predict
+from .search import SearchResult, search
 from .train import TrainResult, train
 
-__all__ = ["Config", "TrainResult", "TunesmithError", "evaluate", "load_config", "predict", "train"]
+__all__ = ["CVResult", "Config", "SearchResult", "TrainResult", "TunesmithError", "cv", "evaluate", "load_config",
+           "predict", "search", "train"]
 __version__ = "0.1.0"

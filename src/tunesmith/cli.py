@@ -41,6 +41,29 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_cv(args: argparse.Namespace, extra: list[str]) -> int:
+    from .cv import cross_validate, format_cv_table
+
+    result = cross_validate(args.config, _parse_overrides(extra), folds=args.folds,
+                            keep_models=True if args.keep_models else None)
+    print(format_cv_table(result))
+    print(f"\nout-of-fold predictions and cv.json in {result.cv_dir}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
+    from .search import format_search_table, search
+
+    if (args.config is None) == (args.resume is None):
+        raise TunesmithError("search: give a config file, or --resume SEARCH_DIR")
+    overrides = _parse_overrides(extra)
+    if args.resume and overrides:
+        raise TunesmithError("--resume continues the search as it was configured; overrides are not allowed")
+    result = search(args.config, overrides, trials=args.trials, storage=args.storage, resume=args.resume)
+    print(format_search_table(result))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> int:
     from .evaluate import scalar_metrics
     from .inference import evaluate
@@ -132,6 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
     p.set_defaults(func=cmd_train, allow_extra=True)
+
+    p = sub.add_parser("cv", help="k-fold cross-validation: mean ± std of every metric, out-of-fold predictions")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--folds", type=int, help="number of folds (default: cv.folds of the config)")
+    p.add_argument("--keep-models", action="store_true",
+                   help="keep the fold models: score their ensemble on the test split; predict with the cv folder")
+    p.set_defaults(func=cmd_cv, allow_extra=True)
+
+    p = sub.add_parser("search", help="hyperparameter search (Optuna) over the config's search.space")
+    p.add_argument("config", nargs="?", help="YAML config file with a search: section")
+    p.add_argument("--trials", type=int, help="finished trials to reach (default: search.trials of the config)")
+    p.add_argument("--storage", metavar="URL",
+                   help="shared Optuna storage, e.g. sqlite:///study.db or postgresql://...; default: "
+                        "study.db in the search folder")
+    p.add_argument("--resume", metavar="SEARCH_DIR", help="continue the search saved in this folder")
+    p.set_defaults(func=cmd_search, allow_extra=True)
 
     for name, helptext in (("evaluate", "metrics of a trained run on a labelled file"),
                            ("predict", "predict labels and probabilities for a file")):

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from .errors import TunesmithError
 
@@ -175,6 +176,93 @@ class OutputConfig(_Section):
     name: str | None = Field(None, description="run folder name; default: <dataset>-<timestamp>")
 
 
+class CVConfig(_Section):
+    """Cross-validation (`tunesmith cv`, and search.objective: cv)."""
+    folds: int = Field(5, ge=2, description="k: stratified k-fold (group k-fold when data.group_column is set)")
+    keep_models: bool = Field(
+        False, description="keep every fold's model: the cv folder then predicts as their ensemble "
+                           "(averaged probabilities) and the ensemble is scored on the test split")
+
+
+class SearchParam(_Section):
+    """One searched setting: a float or int range, or a list of choices."""
+    type: Literal["float", "int", "categorical"] | None = Field(
+        None, description="default: categorical when choices are given, else float")
+    low: float | None = None
+    high: float | None = None
+    log: bool = Field(False, description="sample uniformly in log space (learning rates, weight decay)")
+    step: float | None = Field(None, gt=0, description="only multiples of step above low (not with log)")
+    choices: list[bool | int | float | str | None] | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.type or ("categorical" if self.choices is not None else "float")
+
+    @model_validator(mode="after")
+    def _a_real_range(self) -> "SearchParam":
+        if self.kind == "categorical":
+            if self.low is not None or self.high is not None:
+                raise ValueError("a categorical parameter takes choices, not low/high")
+            if not self.choices:
+                raise ValueError("empty choices: list at least one value")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"a {self.kind} parameter takes low and high, not choices")
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.kind} parameter needs low and high")
+        if not self.low < self.high:
+            raise ValueError(f"empty range: low ({self.low:g}) must be below high ({self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low > 0 (got {self.low:g})")
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined")
+        if self.kind == "int" and not (self.low.is_integer() and self.high.is_integer()):
+            raise ValueError("an int parameter needs whole-number low and high")
+        return self
+
+
+def _searchable_key(key: str) -> str:
+    """A search parameter must name one setting of the config, e.g. 'train.lr' or 'strategy.lora.r'."""
+    leaves = _config_leaves(Config, "")
+    if key in leaves:
+        if key.split(".")[0] in ("search", "cv", "output"):
+            raise ValueError(f"'{key}' cannot be searched")
+        return key
+    close = difflib.get_close_matches(key, leaves, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else " (use a dotted config key such as train.lr)"
+    raise ValueError(f"unknown search parameter '{key}'{hint}")
+
+
+def _config_leaves(model: type[BaseModel], prefix: str) -> list[str]:
+    out = []
+    for key, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out += _config_leaves(field.annotation, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+class SearchConfig(_Section):
+    """Hyperparameter search (`tunesmith search`, Optuna TPE + median pruning)."""
+    space: dict[Annotated[str, AfterValidator(_searchable_key)], SearchParam] = Field(
+        {}, description="config key -> range, e.g. train.lr: {low: 1e-5, high: 1e-4, log: true}")
+    trials: int = Field(20, ge=1, description="finished (complete or pruned) trials the study should reach")
+    objective: Literal["validation", "cv"] = Field(
+        "validation", description="validation: the best validation train.metric of one run; "
+                                  "cv: its mean over cv.folds folds (k times the cost)")
+    seed: int = Field(0, description="seed of the TPE sampler")
+    startup_trials: int = Field(
+        5, ge=0, description="random trials before TPE takes over, and trials before pruning starts")
+    pruning: bool = Field(
+        True, description="stop a trial whose validation metric falls below the median of earlier trials at "
+                          "the same step (it needs several evaluations per run: set train.eval_every_steps)")
+    pruning_warmup_steps: int = Field(0, ge=0, description="never prune before this many optimizer steps")
+    storage: str | None = Field(
+        None, description="Optuna storage URL shared by workers; default: sqlite:///<search folder>/study.db")
+    keep_models: bool = Field(False, description="keep every trial's model/ (default: only its logs and metrics)")
+
+
 class Config(_Section):
     task: Literal["text_classification", "token_classification"] = "text_classification"
     model: ModelConfig = ModelConfig()
@@ -182,6 +270,8 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     strategy: StrategyConfig = StrategyConfig()
     output: OutputConfig = OutputConfig()
+    cv: CVConfig = CVConfig()
+    search: SearchConfig = SearchConfig()
 
 
 def parse_override_value(text: str) -> Any:
@@ -253,6 +343,8 @@ def load_config(source: str | Path | dict | Config, overrides: dict[str, Any] | 
 def _describe_validation_error(exc: ValidationError, origin: str, yaml_text: str | None) -> str:
     err = exc.errors()[0]
     keys = [str(k) for k in err["loc"]]
+    key_error = keys[-1:] == ["[key]"]  # the mapping key itself is wrong (search.space names config keys)
+    keys = keys[:-1] if key_error else keys
     dotted = ".".join(keys)
     line = _yaml_line(yaml_text, keys) if yaml_text else None
     loc = f"{origin}, line {line}" if line else origin
@@ -269,7 +361,7 @@ def _describe_validation_error(exc: ValidationError, origin: str, yaml_text: str
     if not keys:
         return f"{loc}: {err['msg']}"
     value = err.get("input")
-    shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
+    shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) and not key_error else ""
     msg = err["msg"].removeprefix("Value error, ")
     return f"{loc}: {dotted}: {msg}{shown}"
 

@@ -184,9 +184,15 @@ class LoadedRun:
         return logits
 
 
+def load_run(run: str | Path, precision: str = "auto"):
+    """A run folder, or a cross-validation folder whose fold models predict as one ensemble."""
+    from .cv import CVEnsemble, is_cv_dir  # cv imports train, which imports this module
+    return CVEnsemble(run, precision) if is_cv_dir(run) else LoadedRun(run, precision)
+
+
 def evaluate(run: str | Path, data: str | Path, precision: str = "auto", batch_size: int = 128) -> dict:
     """Metrics of a trained model on a labelled file."""
-    loaded = LoadedRun(run, precision)
+    loaded = load_run(run, precision)
     examples = loaded.task.read_examples(data, loaded.data_cfg, loaded.labels, require_labels=True)
     return loaded.task.compute_metrics(loaded.logits(examples, batch_size), examples.targets, loaded.labels)
 
@@ -197,7 +203,7 @@ def predict(run: str | Path, input: str | Path | None = None, output: str | Path
     label and per-class probabilities; for token classification, tags and entities."""
     if (input is None) == (texts is None):
         raise TunesmithError("predict needs an input file or texts (one of them)")
-    loaded = LoadedRun(run, precision)
+    loaded = load_run(run, precision)
     if texts is not None:  # read like a one-column JSONL file, so texts are checked the same way
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:

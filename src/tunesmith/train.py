@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ class TrainResult:
     metrics: dict              # test metrics (validation metrics when there is no test split)
     validation_metrics: dict | None
     train_samples_per_second: float
+    test_logits: Any = None    # the best model's outputs on the test split (cross-validation pools them)
 
 
 def make_batches(lengths: list[int], batch_size: int, seed: int, group_by_length: bool) -> list[list[int]]:
@@ -89,8 +91,14 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None = None,
-          resume: str | Path | None = None) -> TrainResult:
-    """Fine-tune as the config says; returns the run folder and its metrics."""
+          resume: str | Path | None = None, *, splits=None,
+          on_evaluate: Callable[[int, dict], bool] | None = None) -> TrainResult:
+    """Fine-tune as the config says; returns the run folder and its metrics.
+
+    `splits` (the task's Splits) replaces reading the data: cross-validation passes each fold.
+    `on_evaluate(step, validation_scores)` sees every evaluation; returning True stops training
+    (hyperparameter search prunes a bad trial this way).
+    """
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
@@ -110,7 +118,7 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
     transformers.set_seed(tcfg.seed)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    splits = task.load_splits(cfg)
+    splits = task.load_splits(cfg) if splits is None else splits
     labels = splits.labels
     model, tokenizer = task.build_model(resolve_model(cfg.model.name), labels, cfg)
     max_len = min(cfg.model.max_length, getattr(tokenizer, "model_max_length", 10**9) or 10**9)
@@ -216,6 +224,8 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
         else:
             state.evals_without_improvement += 1
             _log(f"step {state.step}: validation {shown}")
+        if on_evaluate is not None and on_evaluate(state.step, scores):
+            return True
         patience = tcfg.early_stopping_patience
         return patience is not None and state.evals_without_improvement >= patience
 
@@ -305,7 +315,7 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
     samples_per_second = state.samples_seen / train_seconds if train_seconds > 0 else 0.0
 
     # ---- the best model on the test split
-    if val_enc is None:  # nothing chose a best model: keep the last one
+    if val_enc is None or state.best_step is None:  # no best model chosen (metric always NaN): keep the last
         save_model_dir(run_dir / "model", accelerator.unwrap_model(model), tokenizer, cfg, labels)
         state.best_step = state.step
     elif is_peft(model):  # model/ holds the merged model (or the adapter): load it the way predict does
@@ -334,7 +344,7 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
                          "memory_mapped": cache.file is not None, "frozen_blocks": plan.frozen_blocks}},
     }
     result_metrics: dict = {}
-    validation_metrics = None
+    validation_metrics, test_logits = None, None
     if val_enc is not None:
         logits, _ = example_logits(model, task, val_enc, collate, tcfg.eval_batch_size, accelerator.device,
                                    precision, cfg.model.chunk_aggregation)
@@ -348,6 +358,7 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
         started_eval = time.perf_counter()
         logits, _ = example_logits(model, task, test_enc, collate, tcfg.eval_batch_size, accelerator.device,
                                    precision, cfg.model.chunk_aggregation)
+        test_logits = logits
         eval_seconds = time.perf_counter() - started_eval
         result_metrics = task.compute_metrics(logits, splits.test.targets, labels)
         summary["test"] = result_metrics
@@ -362,7 +373,7 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
     _log(f"trained {state.step} steps in {train_seconds:.1f}s ({samples_per_second:.1f} samples/s); "
          f"strategy {cfg.strategy.name}: {_count(trainable)} of {_count(total)} "
          f"parameters trainable, {summary['strategy']['seconds_per_epoch']:.1f}s per epoch; model in {run_dir / 'model'}")
-    return TrainResult(run_dir, result_metrics, validation_metrics, samples_per_second)
+    return TrainResult(run_dir, result_metrics, validation_metrics, samples_per_second, test_logits)
 
 
 def _count(n: int) -> str:

@@ -1,0 +1,277 @@
+"""Cross-validation: k training runs, each scored on the one fold it never saw.
+
+The training data (the train file, or the catalog's train split) is cut into k folds: stratified by
+class for single-label data, and by group (e.g. film) when data.group_column is set, so a group
+never sits on both sides. Inside a fold, the best checkpoint is picked on a validation part carved
+out of the fold's *training* rows (again by group), never on the held-out fold: picking on the fold
+you report would inflate the score. The test split is not used to choose anything; with
+cv.keep_models it is scored once, by the ensemble of the fold models.
+
+    cv_dir/
+      cv.json              per-fold metrics, mean and std of every metric, pooled out-of-fold metrics
+      oof_predictions.csv  every training row with its fold and its out-of-fold prediction (.jsonl for NER)
+      test_predictions.csv ensemble predictions on the test split (cv.keep_models only)
+      fold-1/ ...          each fold's run folder (config, metrics; model/ with cv.keep_models)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import GroupKFold, KFold, ShuffleSplit, StratifiedGroupKFold, StratifiedKFold
+
+from .atomic import write_text_atomic
+from .config import Config, load_config
+from .errors import TunesmithError
+from .evaluate import scalar_metrics
+from .inference import LoadedRun, write_frame_atomic
+from .tasks import TASKS
+from .tasks.text_classification import _validation_split, resolve_data_config
+from .train import _log, new_run_dir, train
+
+CV_INFO = "cv.json"
+
+
+@dataclass
+class CVResult:
+    cv_dir: Path
+    folds: list[dict]           # scalar metrics of each held-out fold
+    mean: dict[str, float]
+    std: dict[str, float]       # sample standard deviation across folds (ddof=1)
+    pooled: dict                # metrics of all out-of-fold predictions together
+    test_metrics: dict | None   # the fold models' ensemble on the test split (keep_models only)
+
+
+def fold_indices(examples, problem_type: str, folds: int, seed: int, source: str) -> list[np.ndarray]:
+    """The held-out row indices of each fold; checks that every fold can hold out something sensible."""
+    n = len(examples.texts)
+    if folds > n:
+        raise TunesmithError(f"{source}: {folds} folds need at least {folds} examples (found {n})")
+    groups = getattr(examples, "groups", None)  # token classification has none
+    stratify = problem_type == "single_label"
+    if stratify:
+        names = examples.label_names
+        counts = np.bincount(examples.targets, minlength=len(names))
+        low = int(np.argmin(counts))
+        if counts[low] < folds:
+            raise TunesmithError(f"{source}: class '{names[low]}' has only {counts[low]} example(s), too few for "
+                                 f"{folds} folds (each fold holds out some of every class); use at most "
+                                 f"{counts[low]} folds, or add examples")
+    if groups is not None:
+        n_groups = len(set(groups))
+        if n_groups < folds:
+            raise TunesmithError(f"{source}: only {n_groups} distinct groups in the group column, too few for "
+                                 f"{folds} folds (a group never sits on both sides)")
+        splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=seed) if stratify else \
+            GroupKFold(folds, shuffle=True, random_state=seed)
+    else:
+        splitter = StratifiedKFold(folds, shuffle=True, random_state=seed) if stratify else \
+            KFold(folds, shuffle=True, random_state=seed)
+    y = examples.targets if stratify else None
+    return [held for _, held in splitter.split(np.zeros(n), y, groups)]
+
+
+def _train_fold(i: int, cfg: Config, base, held: np.ndarray, held_rows, inner_fraction: bool, cv_dir: Path):
+    """Train on every row outside fold i (less its validation part) and test on fold i."""
+    rows = base.train
+    fold_train, validation = rows.subset(np.setdiff1d(np.arange(len(rows.texts)), held)), base.validation
+    if inner_fraction:
+        tr, va = _inner_split(cfg.task, fold_train, cfg, resolve_data_config(cfg.data))
+        fold_train, validation = fold_train.subset(tr), fold_train.subset(va)
+    _log(f"fold {i}/{cfg.cv.folds}: {len(fold_train.texts)} train, "
+         f"{len(validation.texts) if validation is not None else 0} validation, {len(held)} held out")
+    splits = type(base)(fold_train, validation, held_rows, base.labels)
+    fold_cfg = load_config(cfg, {"output.dir": str(cv_dir), "output.name": f"fold-{i}", "data.test": None})
+    result = train(fold_cfg, splits=splits)
+    shutil.rmtree(result.run_dir / "checkpoints", ignore_errors=True)  # the fold is done: no resume needed
+    if not cfg.cv.keep_models:
+        shutil.rmtree(result.run_dir / "model", ignore_errors=True)
+    return result
+
+
+def _inner_split(task_name: str, examples, cfg: Config, data) -> tuple[np.ndarray, np.ndarray]:
+    """Validation rows out of a fold's training part, split the way `train` would split them."""
+    if task_name == "text_classification":
+        return _validation_split(examples, data, cfg.train.seed)  # by group, else stratified
+    n = len(examples.texts)
+    return next(ShuffleSplit(n_splits=1, test_size=data.validation_fraction,
+                             random_state=cfg.train.seed).split(np.zeros(n)))
+
+
+def cross_validate(config: str | Path | dict | Config, overrides: dict[str, Any] | None = None, *,
+                   folds: int | None = None, keep_models: bool | None = None, cv_dir: str | Path | None = None,
+                   on_fold: Callable[[int, float], bool] | None = None) -> CVResult:
+    """k-fold cross-validation of the config; `folds`/`keep_models` override cv.folds/cv.keep_models.
+
+    `on_fold(fold, mean_so_far)` (hyperparameter search) sees the mean of train.metric after each
+    fold and may return True to stop early; the result then covers the folds run so far.
+    """
+    extra = dict(overrides or {})
+    if folds is not None:
+        extra["cv.folds"] = folds
+    if keep_models is not None:
+        extra["cv.keep_models"] = keep_models
+    cfg = load_config(config, extra)
+    k, task = cfg.cv.folds, TASKS[cfg.task]
+    data = resolve_data_config(cfg.data)
+
+    # ---- every input check before anything is written
+    # All training rows; a validation *file* (if any) picks checkpoints in every fold.
+    base = task.load_splits(load_config(cfg, {"data.validation_fraction": 0.0}))
+    rows = base.train
+    held_out = fold_indices(rows, base.labels.problem_type, k, cfg.train.seed, str(data.train))
+    inner_fraction = base.validation is None and data.validation_fraction > 0
+    metric = task.default_metric(base.labels) if cfg.train.metric == "auto" else cfg.train.metric
+
+    if cv_dir is None:
+        stem = cfg.data.dataset or Path(cfg.data.train or "run").stem
+        name = cfg.output.name or f"{stem}-cv-{time.strftime('%Y%m%d-%H%M%S')}"
+        cv_dir = new_run_dir(load_config(cfg, {"output.name": name}))
+    cv_dir = Path(cv_dir)
+    if cv_dir.exists():
+        raise TunesmithError(f"{cv_dir}: already exists; choose another output.name")
+    created = new_folder(cv_dir)
+    selection = "validation file" if base.validation is not None else \
+        "validation part of each fold's training rows" if inner_fraction else "last step"
+    grouped = getattr(rows, "groups", None) is not None
+    _log(f"cross-validation: {k} folds of {len(rows.texts)} examples ({'by group, ' if grouped else ''}"
+         f"{'stratified' if base.labels.problem_type == 'single_label' else 'not stratified'}); "
+         f"best checkpoint by validation {metric} on the {selection}; folder {cv_dir}")
+
+    fold_metrics, fold_logits, frames = [], [None] * len(rows.texts), []
+    try:
+        for i, held in enumerate(held_out, start=1):
+            held_rows = rows.subset(held)
+            result = _train_fold(i, cfg, base, held, held_rows, inner_fraction, cv_dir)
+            scores = scalar_metrics(result.metrics)
+            fold_metrics.append(scores)
+            for j, row in enumerate(held):
+                fold_logits[row] = result.test_logits[j]
+            frame = task.predictions_frame(held_rows, result.test_logits, base.labels)
+            frame.insert(0, "fold", i)
+            frame.insert(0, "row", held + 1)  # 1-based position in the training data
+            frames.append(frame)
+            mean_so_far = float(np.mean([m[metric] for m in fold_metrics])) if metric in scores else float("nan")
+            _log(f"fold {i}/{k}: held-out {', '.join(f'{m} {v:.4f}' for m, v in scores.items())}")
+            if on_fold is not None and on_fold(i, mean_so_far):
+                _log(f"stopped after fold {i}/{k}")
+                break
+    except TunesmithError:
+        if not fold_metrics:  # a bad setting surfaced in the first fold: leave nothing behind
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+    # ---- summary
+    keys = [m for m in fold_metrics[0] if all(m in f for f in fold_metrics)]
+    mean = {m: float(np.mean([f[m] for f in fold_metrics])) for m in keys}
+    std = {m: float(np.std([f[m] for f in fold_metrics], ddof=1)) if len(fold_metrics) > 1 else float("nan")
+           for m in keys}
+    done = np.concatenate(held_out[:len(fold_metrics)])
+    done.sort()
+    oof = pd.concat(frames, ignore_index=True).sort_values("row", kind="stable").reset_index(drop=True)
+    per_token = isinstance(result.test_logits, list)  # NER: lists of tags per row do not fit a CSV
+    oof_path = cv_dir / ("oof_predictions.jsonl" if per_token else "oof_predictions.csv")
+    write_frame_atomic(oof, oof_path)
+    pooled_logits = [fold_logits[r] for r in done]
+    pooled_targets = [rows.targets[r] for r in done]
+    if not per_token:  # one row of logits per example: back to one array
+        pooled_logits, pooled_targets = np.stack(pooled_logits), rows.targets[done]
+    pooled = task.compute_metrics(pooled_logits, pooled_targets, base.labels)
+
+    test_metrics = None
+    if cfg.cv.keep_models and base.test is not None and len(fold_metrics) == k:
+        ensemble = CVEnsemble(cv_dir, fold_dirs=[cv_dir / f"fold-{i}" for i in range(1, k + 1)])
+        logits = ensemble.logits(base.test)
+        test_metrics = task.compute_metrics(logits, base.test.targets, base.labels)
+        write_frame_atomic(task.predictions_frame(base.test, logits, base.labels), cv_dir / "test_predictions.csv")
+        _log(f"test ({len(base.test.texts)} examples), ensemble of {k} fold models: "
+             + ", ".join(f"{m} {v:.4f}" for m, v in scalar_metrics(test_metrics).items()))
+    summary = {"folds": k, "folds_run": len(fold_metrics), "metric": metric, "examples": len(rows.texts),
+               "grouped": grouped, "stratified": base.labels.problem_type == "single_label",
+               "checkpoint_selection": selection,
+               "std": "sample standard deviation across folds (ddof=1)",
+               "per_fold": fold_metrics, "mean": mean, "std_dev": std, "pooled_out_of_fold": pooled,
+               "keep_models": cfg.cv.keep_models, "test_ensemble": test_metrics,
+               "predictions": oof_path.name}
+    write_text_atomic(cv_dir / CV_INFO, json.dumps(summary, indent=1))
+    return CVResult(cv_dir, fold_metrics, mean, std, pooled, test_metrics)
+
+
+def new_folder(path: Path) -> Path:
+    """Create `path` (and missing parents); returns the topmost folder created, to remove on failure."""
+    top = path
+    while not top.parent.exists():
+        top = top.parent
+    path.mkdir(parents=True)
+    return top
+
+
+def format_cv_table(result: CVResult) -> str:
+    """Per-fold table, then mean ± std of every metric and the pooled out-of-fold figure."""
+    keys = list(result.mean)
+    width = max(len(m) for m in keys)
+    lines = [f"{'fold':>4}  " + "  ".join(f"{m:>{max(9, len(m))}}" for m in keys)]
+    for i, f in enumerate(result.folds, start=1):
+        lines.append(f"{i:>4}  " + "  ".join(f"{f[m]:>{max(9, len(m))}.4f}" for m in keys))
+    lines.append("")
+    pooled = scalar_metrics(result.pooled)
+    lines.append(f"{'metric':<{width}}  {'mean ± std':>15}  {'pooled':>7}")
+    for m in keys:
+        shown = f"{pooled[m]:.4f}" if m in pooled else ""
+        lines.append(f"{m:<{width}}  {result.mean[m]:.4f} ± {result.std[m]:.4f}  {shown:>7}")
+    if result.test_metrics:
+        lines.append("")
+        lines.append("test, ensemble of the fold models: " + ", ".join(
+            f"{m} {v:.4f}" for m, v in scalar_metrics(result.test_metrics).items()))
+    return "\n".join(lines)
+
+
+def ensemble_logits(outputs: list, problem_type: str):
+    """Average the fold models' probabilities, returned as logits that give back those probabilities.
+
+    Softmax of log(p) is p again (p sums to 1), and sigmoid(log(p / (1 - p))) is p: so the tasks'
+    predictions_frame and metrics read the ensemble exactly as they read one model.
+    """
+    if isinstance(outputs[0], list):  # token classification: one (positions, tags) array per example
+        return [ensemble_logits([o[i] for o in outputs], problem_type) for i in range(len(outputs[0]))]
+    stacked = np.stack(outputs).astype(np.float64)
+    if problem_type == "regression":
+        return stacked.mean(axis=0).astype(np.float32)
+    if problem_type == "multi_label":
+        p = np.clip((1 / (1 + np.exp(-stacked))).mean(axis=0), 1e-7, 1 - 1e-7)
+        return np.log(p / (1 - p)).astype(np.float32)
+    shifted = np.exp(stacked - stacked.max(axis=-1, keepdims=True))
+    p = (shifted / shifted.sum(axis=-1, keepdims=True)).mean(axis=0)
+    return np.log(np.clip(p, 1e-12, None)).astype(np.float32)
+
+
+class CVEnsemble:
+    """The fold models of a cv folder (cv.keep_models), predicting together like one LoadedRun."""
+
+    def __init__(self, cv_dir: str | Path, precision: str = "auto", fold_dirs: list[Path] | None = None):
+        cv_dir = Path(cv_dir)
+        if fold_dirs is None:
+            info = json.loads((cv_dir / CV_INFO).read_text())
+            fold_dirs = [cv_dir / f"fold-{i}" for i in range(1, info["folds_run"] + 1)]
+        missing = [d.name for d in fold_dirs if not (d / "model").is_dir()]
+        if missing:
+            raise TunesmithError(f"{cv_dir}: cross-validation folder without fold models ({', '.join(missing)}); "
+                                 "run tunesmith cv with --keep-models to predict with the fold ensemble")
+        self.members = [LoadedRun(d, precision) for d in fold_dirs]
+        first = self.members[0]
+        self.task, self.labels, self.cfg, self.data_cfg = first.task, first.labels, first.cfg, first.data_cfg
+
+    def logits(self, examples, batch_size: int = 128):
+        return ensemble_logits([m.logits(examples, batch_size) for m in self.members], self.labels.problem_type)
+
+
+def is_cv_dir(path: str | Path) -> bool:
+    return (Path(path) / CV_INFO).is_file()
