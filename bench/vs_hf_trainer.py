@@ -7,7 +7,9 @@ Same model (minilm-l6), same film-disjoint split, max_length 128, batch 32, lr 5
 10% warm-up, 1 epoch, seed 0, dynamic padding, no validation during training. Each side runs in its
 own process (so peak RSS is its own), one after the other. Sides:
   hf_default  Trainer with its defaults (random batches, fp32)
-  hf_best     Trainer's best setting here: group_by_length, + bf16 where the CPU/GPU runs bf16 fast
+  hf_best     Trainer's recommended speed setting: group_by_length, + bf16 where the CPU/GPU runs bf16 fast
+  (hf_best_pad16, with --hf-pad16: the same with its collator padding to multiples of 16)
+Ratios are against whichever Trainer setting trained fastest in this run.
   tunesmith   tunesmith's defaults
 Then inference: HF pipeline("text-classification", batch_size=32) vs tunesmith predict on the test texts.
 MFU = model FLOPs (6 x non-embedding params x real tokens for training, 2x for inference) per second,
@@ -36,18 +38,29 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_gpu_mb() -> float | None:
+    import torch
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
 def matmul_peak(dtype_name: str, n: int = 4096) -> float:
     """Best of three timings of n x n matmuls: the FLOP/s this machine can reach at all."""
     import torch
     dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
+    reps = 50 if device == "cuda" else 3
     best = 0.0
     for _ in range(3):
+        if device == "cuda":
+            torch.cuda.synchronize()
         t = time.perf_counter()
-        for _ in range(3):
+        for _ in range(reps):
             a @ b
-        best = max(best, 3 * 2 * n ** 3 / (time.perf_counter() - t))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, reps * 2 * n ** 3 / (time.perf_counter() - t))
     return best
 
 
@@ -75,7 +88,7 @@ def non_embedding_params() -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
 
 
-def run_hf(train_csv: Path, test_csv: Path, best: bool, workdir: Path) -> dict:
+def run_hf(train_csv: Path, test_csv: Path, best: bool, workdir: Path, pad_multiple: int | None = None) -> dict:
     import torch
     from sklearn.metrics import accuracy_score, f1_score
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
@@ -98,14 +111,17 @@ def run_hf(train_csv: Path, test_csv: Path, best: bool, workdir: Path) -> dict:
     set_seed(SEED)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(names))
     bf16 = best and choose_precision("auto") == "bf16"
-    args = TrainingArguments(
+    common = dict(
         output_dir=str(workdir / "hf"), per_device_train_batch_size=BATCH, per_device_eval_batch_size=128,
         learning_rate=LR, weight_decay=WD, warmup_steps=WARMUP, num_train_epochs=1, seed=SEED,
-        bf16=bf16, train_sampling_strategy="group_by_length" if best else "random",
-        use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no", eval_strategy="no",
+        bf16=bf16, use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no", eval_strategy="no",
         logging_strategy="no", disable_tqdm=True)
+    try:
+        args = TrainingArguments(**common, train_sampling_strategy="group_by_length" if best else "random")
+    except TypeError:  # transformers releases before train_sampling_strategy
+        args = TrainingArguments(**common, group_by_length=best)
     trainer = Trainer(model=model, args=args, train_dataset=encode(train),
-                      data_collator=DataCollatorWithPadding(tok))
+                      data_collator=DataCollatorWithPadding(tok, pad_to_multiple_of=pad_multiple))
     out = trainer.train()
     pred = trainer.predict(encode(test))
     y_pred = pred.predictions.argmax(-1)
@@ -113,38 +129,45 @@ def run_hf(train_csv: Path, test_csv: Path, best: bool, workdir: Path) -> dict:
             "eval_samples_per_second": pred.metrics["test_samples_per_second"],
             "accuracy": accuracy_score(pred.label_ids, y_pred),
             "macro_f1": f1_score(pred.label_ids, y_pred, average="macro"),
-            "precision": "bf16" if bf16 else "fp32", "peak_rss_mb": peak_rss_mb()}
+            "precision": "bf16" if bf16 else "fp32", "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb()}
 
 
-def run_tunesmith(train_csv: Path, test_csv: Path, workdir: Path) -> dict:
+def run_tunesmith(train_csv: Path, test_csv: Path, workdir: Path, precision: str = "auto") -> dict:
     import tunesmith
     result = tunesmith.train({
         "model": {"name": "minilm-l6", "max_length": MAX_LEN},
         "data": {"train": str(train_csv), "test": str(test_csv), "validation_fraction": 0},
         "train": {"epochs": 1, "batch_size": BATCH, "lr": LR, "weight_decay": WD, "warmup_ratio": WARMUP,
-                  "seed": SEED},
-        "output": {"dir": str(workdir / "runs"), "name": "bench"}})
+                  "seed": SEED, "precision": precision},
+        "output": {"dir": str(workdir / "runs"), "name": f"bench-{precision}"}})
     summary = json.loads((result.run_dir / "metrics.json").read_text())
     return {"train_samples_per_second": summary["train"]["samples_per_second"],
             "eval_samples_per_second": summary["test_samples_per_second"],
             "accuracy": result.metrics["accuracy"], "macro_f1": result.metrics["macro_f1"],
-            "precision": summary["train"]["precision"], "peak_rss_mb": peak_rss_mb(),
+            "precision": summary["train"]["precision"], "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(),
             "run_dir": str(result.run_dir)}
 
 
 def run_inference(run_dir: Path, test_csv: Path) -> dict:
-    import tunesmith
     from transformers import pipeline
     texts = pd.read_csv(test_csv)["text"].tolist()
-    pipe = pipeline("text-classification", model=str(run_dir / "model"), device="cpu", batch_size=32,
+    import torch
+    pipe = pipeline("text-classification", model=str(run_dir / "model"), batch_size=32,
+                    device=0 if torch.cuda.is_available() else "cpu",
                     truncation=True, max_length=MAX_LEN)
     pipe(texts[:64])
     t = time.perf_counter()
     pipe(texts)
     hf = len(texts) / (time.perf_counter() - t)
-    tunesmith.predict(run_dir, test_csv)  # warm-up (and load)
+    from tunesmith.inference import LoadedRun
+    loaded = LoadedRun(run_dir)  # loaded once, like the pipeline: the timing is prediction only
+
+    def predict_file():
+        examples = loaded.task.read_examples(test_csv, loaded.data_cfg, loaded.labels, require_labels=False)
+        return loaded.task.predictions_frame(examples, loaded.logits(examples), loaded.labels)
+    predict_file()  # warm-up
     t = time.perf_counter()
-    tunesmith.predict(run_dir, test_csv)
+    predict_file()
     ours = len(texts) / (time.perf_counter() - t)
     return {"hf_pipeline_samples_per_second": hf, "tunesmith_predict_samples_per_second": ours}
 
@@ -152,18 +175,23 @@ def run_inference(run_dir: Path, test_csv: Path) -> dict:
 def child(args) -> None:
     workdir = Path(args.workdir)
     train_csv, test_csv = Path(args.train_csv), Path(args.test_csv)
-    if args.side == "tunesmith":
-        res = run_tunesmith(train_csv, test_csv, workdir)
+    if args.side.startswith("tunesmith"):  # tunesmith, or tunesmith_<precision>
+        res = run_tunesmith(train_csv, test_csv, workdir, args.side.partition("_")[2] or "auto")
     elif args.side == "inference":
         res = run_inference(Path(args.run_dir), test_csv)
     else:
-        res = run_hf(train_csv, test_csv, args.side == "hf_best", workdir)
+        res = run_hf(train_csv, test_csv, args.side != "hf_default", workdir,
+                     16 if args.side == "hf_best_pad16" else None)
     Path(args.out).write_text(json.dumps(res))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--train-rows", type=int, default=None, help="sample this many training rows (default: all)")
+    parser.add_argument("--also-precision", nargs="*", default=[], choices=["fp32", "bf16"],
+                        help="also run tunesmith with this train.precision (beside its default, auto)")
+    parser.add_argument("--hf-pad16", action="store_true",
+                        help="also run the Trainer's best setting with its collator padding to multiples of 16")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     for hidden in ("--workdir", "--train-csv", "--test-csv", "--out", "--run-dir"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -183,7 +211,9 @@ def main() -> None:
         peaks["bf16"] = matmul_peak("bfloat16")
 
     results = {}
-    for side in ("hf_default", "hf_best", "tunesmith"):
+    sides = ["hf_default", "hf_best"] + ["hf_best_pad16"] * args.hf_pad16 + ["tunesmith"] \
+        + [f"tunesmith_{p}" for p in args.also_precision]
+    for side in sides:
         out = workdir / f"{side}.json"
         print(f"running {side} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
@@ -201,21 +231,35 @@ def main() -> None:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
+    import torch
+    if torch.cuda.is_available():
+        cpu = f"{torch.cuda.get_device_name()} (torch {torch.__version__}), host {cpu}"
     print(f"\n{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} cores; train {n_train} rows, "
           f"test {len(test_texts)} rows (film-disjoint); matmul peak "
           + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()) + "\n")
-    print("| side | precision | train samples/s | eval samples/s | train MFU | test accuracy | macro F1 | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| side | precision | train samples/s | eval samples/s | train MFU | test accuracy | macro F1 | peak RSS MB "
+          "| peak GPU MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for side, r in results.items():
         print(f"| {side} | {r['precision']} | {r['train_samples_per_second']:.1f} | {r['eval_samples_per_second']:.1f} | "
               f"{mfu(r['train_samples_per_second'], train_tokens, n_train, 6, r['precision']):.1%} | "
-              f"{r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['peak_rss_mb']:.0f} |")
-    ts, best, default = results["tunesmith"], results["hf_best"], results["hf_default"]
-    print(f"\ntrain speed: tunesmith / hf_best = {ts['train_samples_per_second'] / best['train_samples_per_second']:.2f}x, "
-          f"tunesmith / hf_default = {ts['train_samples_per_second'] / default['train_samples_per_second']:.2f}x")
-    print(f"eval speed:  tunesmith / hf_best = {ts['eval_samples_per_second'] / best['eval_samples_per_second']:.2f}x")
-    print(f"accuracy:    tunesmith - hf_best = {100 * (ts['accuracy'] - best['accuracy']):+.2f} points")
-    print(f"peak RSS:    tunesmith / hf_best = {ts['peak_rss_mb'] / best['peak_rss_mb']:.2f}x")
+              f"{r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['peak_rss_mb']:.0f} | "
+              f"{'-' if r.get('peak_gpu_mb') is None else round(r['peak_gpu_mb'])} |")
+    ts = results["tunesmith"]
+    hf = {k: v for k, v in results.items() if k.startswith("hf_")}
+    fastest = max(hf, key=lambda k: hf[k]["train_samples_per_second"])  # the Trainer's best setting, as measured
+    best = hf[fastest]
+    print(f"\ntrain speed: tunesmith / {fastest} (fastest Trainer setting here) = "
+          f"{ts['train_samples_per_second'] / best['train_samples_per_second']:.2f}x; "
+          + ", ".join(f"tunesmith / {k} = {ts['train_samples_per_second'] / v['train_samples_per_second']:.2f}x"
+                      for k, v in hf.items() if k != fastest))
+    fastest_eval = max(hf, key=lambda k: hf[k]["eval_samples_per_second"])
+    print(f"eval speed:  tunesmith / {fastest_eval} = "
+          f"{ts['eval_samples_per_second'] / hf[fastest_eval]['eval_samples_per_second']:.2f}x")
+    print(f"accuracy:    tunesmith - {fastest} = {100 * (ts['accuracy'] - best['accuracy']):+.2f} points")
+    print(f"peak RSS:    tunesmith / {fastest} = {ts['peak_rss_mb'] / best['peak_rss_mb']:.2f}x")
+    if ts.get("peak_gpu_mb") and best.get("peak_gpu_mb"):
+        print(f"peak GPU:    tunesmith / {fastest} = {ts['peak_gpu_mb'] / best['peak_gpu_mb']:.2f}x")
     print(f"inference:   HF pipeline {inference['hf_pipeline_samples_per_second']:.1f} samples/s, tunesmith predict "
           f"{inference['tunesmith_predict_samples_per_second']:.1f} samples/s = "
           f"{inference['tunesmith_predict_samples_per_second'] / inference['hf_pipeline_samples_per_second']:.2f}x")

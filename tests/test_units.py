@@ -34,6 +34,11 @@ def test_precision_auto_follows_hardware(monkeypatch):
     monkeypatch.setattr(inference, "_cpu_has_fast_bf16", lambda: False)
     assert inference.choose_precision("auto", torch.device("cpu")) == "fp32"
     assert inference.choose_precision("fp32", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gpu = torch.device("cuda")
+    assert inference.choose_precision("auto", gpu, parameters=22_700_000) == "fp32"  # launch-bound: fp32 faster
+    assert inference.choose_precision("auto", gpu, parameters=340_000_000) == "bf16"
+    assert inference.choose_precision("bf16", gpu, parameters=22_700_000) == "bf16"
 
 
 def test_gradient_accumulation_and_cosine_schedule(tiny_model_dir, sentiment_csv, tmp_path):
@@ -133,3 +138,29 @@ def test_inference_batches_by_length_so_padding_stays_small():
     # 500 lengths spread over 2..99 in batches of 64: sorted batches span ~13 lengths, so ~12% padding,
     # against ~90% for batches in file order
     assert padded <= 1.15 * sum(lengths) and padded < 0.7 * unsorted
+
+
+def test_batch_widths_stay_within_the_buckets(tiny_model_dir, sentiment_csv, tmp_path):
+    """Guard for a speed feature: with pad_to_multiple_of, an epoch of training sees at most
+    max_length / multiple distinct batch widths, and the predictions do not depend on the padding."""
+    import torch
+
+    import tunesmith
+    from tunesmith.tasks import text_classification as tcls
+    from tunesmith.train import make_batches
+
+    assert inference.pad_multiple("auto", torch.device("cuda")) == 16
+    assert inference.pad_multiple("auto", torch.device("cpu")) == 1 and inference.pad_multiple(8, torch.device("cpu")) == 8
+    rng = np.random.default_rng(0)
+    features = [{"input_ids": [5] * int(n), "labels": 0} for n in rng.integers(3, 129, size=700)]
+    widths = {tcls.collate([features[i] for i in batch], 0, 16)["input_ids"].shape[1]
+              for batch in make_batches([len(f["input_ids"]) for f in features], 32, 0, True)}
+    assert widths <= {16, 32, 48, 64, 80, 96, 112, 128} and len(widths) <= 8
+    batch = tcls.collate(features[:3], 0, 16)
+    assert batch["attention_mask"].sum() == sum(len(f["input_ids"]) for f in features[:3])
+    result = tunesmith.train(tiny_config(tiny_model_dir, *sentiment_csv, tmp_path / "a", epochs=1))
+    loaded = inference.LoadedRun(result.run_dir, "fp32")
+    loaded.cfg = tunesmith.load_config(loaded.cfg, {"train.pad_to_multiple_of": 16})
+    examples = tcls.read_examples(sentiment_csv[1], loaded.data_cfg, loaded.labels)
+    np.testing.assert_allclose(loaded.logits(examples), inference.LoadedRun(result.run_dir, "fp32").logits(examples),
+                               atol=1e-5)

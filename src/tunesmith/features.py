@@ -45,16 +45,16 @@ class FeatureCache:
         self.as_tuple, self.device, self.file = as_tuple, device, file
         self.nbytes = int(store.nbytes)
 
-    def hidden(self, indices: list[int]) -> torch.Tensor:
-        """Cached hidden states of these examples, zero-padded to the longest (as collate pads the ids)."""
+    def hidden(self, indices: list[int], width: int | None = None) -> torch.Tensor:
+        """Cached hidden states of these examples, zero-padded to `width` (the batch's, as collated)."""
         lengths = [int(self.offsets[i + 1] - self.offsets[i]) for i in indices]
-        out = np.zeros((len(indices), max(lengths), self.store.shape[1]), dtype=np.float32)
+        out = np.zeros((len(indices), width or max(lengths), self.store.shape[1]), dtype=np.float32)
         for row, (i, n) in enumerate(zip(indices, lengths)):
             out[row, :n] = self.store[self.offsets[i]:self.offsets[i] + n]
         return torch.from_numpy(out).to(self.device)
 
     @contextmanager
-    def replay(self, indices: list[int]) -> Iterator[None]:
+    def replay(self, indices: list[int], width: int | None = None) -> Iterator[None]:
         """Inside, a forward pass over these examples skips the frozen blocks and reads the cache.
 
         Padded positions hold zeros instead of what the blocks would compute there; the attention
@@ -62,7 +62,7 @@ class FeatureCache:
         """
         layout = self.plan.layout
         blocks = layout.blocks
-        replay = _Replay(self.hidden(indices), self.as_tuple)
+        replay = _Replay(self.hidden(indices, width), self.as_tuple)
         setattr(layout.blocks_owner, layout.blocks_attr, nn.ModuleList([replay, *blocks[self.plan.frozen_blocks:]]))
         try:
             yield

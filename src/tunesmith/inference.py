@@ -33,15 +33,32 @@ def _cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def choose_precision(setting: str, device: torch.device | None = None) -> str:
-    """'auto' -> bf16 where the hardware runs it fast (recent GPUs, CPUs with AMX/AVX512-BF16)."""
+# Below this size a GPU step is bound by kernel launches, not arithmetic: measured on an H200
+# (bench/README.md), MiniLM-L6 (22.7M) trained faster in fp32 than under bf16 autocast (whose casts are
+# extra kernels), and a BERT-base-sized model (110M) took the same time per step either way.
+GPU_BF16_MIN_PARAMETERS = 150_000_000
+
+
+def choose_precision(setting: str, device: torch.device | None = None, parameters: int | None = None) -> str:
+    """'auto' -> bf16 where the hardware runs it fast (CPUs with AMX/AVX512-BF16; GPUs with bf16, for
+    models of GPU_BF16_MIN_PARAMETERS or more when the size is given), else fp32."""
     if setting != "auto":
         return setting
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        big_enough = parameters is None or parameters >= GPU_BF16_MIN_PARAMETERS
+        return "bf16" if torch.cuda.is_bf16_supported() and big_enough else "fp32"
     return "bf16" if _cpu_has_fast_bf16() else "fp32"
+
+
+def pad_multiple(setting: int | str, device: torch.device) -> int:
+    """train.pad_to_multiple_of resolved for a device. On a GPU, bf16 steps measured many times slower
+    when every batch brings a new width (bench/precision_step.py); a multiple of 16 keeps the widths
+    to max_length / 16 shapes. On a CPU each padded token is computed, so batches stay tight."""
+    if setting != "auto":
+        return int(setting)
+    return 16 if device.type == "cuda" else 1
 
 
 @torch.inference_mode()
@@ -171,7 +188,7 @@ class LoadedRun:
         self.model = load_model_dir(model_dir, self.task, self.labels, self.cfg)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
-        self.precision = choose_precision(precision, self.device)
+        self.precision = choose_precision(precision, self.device, sum(p.numel() for p in self.model.parameters()))
 
     def logits(self, examples, batch_size: int = 128) -> np.ndarray:
         stride = self.cfg.model.chunk_stride
@@ -179,7 +196,9 @@ class LoadedRun:
         if enc.truncated:
             print(f"tunesmith: {describe_long_texts(enc, self.max_length, stride)}", file=sys.stderr)
         pad_id = self.tokenizer.pad_token_id or 0
-        logits, _ = example_logits(self.model, self.task, enc, lambda f: self.task.collate(f, pad_id), batch_size,
+        multiple = pad_multiple(self.cfg.train.pad_to_multiple_of, self.device)
+        logits, _ = example_logits(self.model, self.task, enc, lambda f: self.task.collate(f, pad_id, multiple),
+                                   batch_size,
                                    self.device, self.precision, self.cfg.model.chunk_aggregation)
         return logits
 

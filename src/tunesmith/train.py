@@ -28,8 +28,8 @@ from .config import Config, config_to_yaml, load_config
 from .errors import TunesmithError
 from .evaluate import is_improvement, scalar_metrics
 from .features import build_feature_cache
-from .inference import (choose_precision, describe_long_texts, example_logits, load_model_dir, save_model_dir,
-                        write_frame_atomic)
+from .inference import (choose_precision, describe_long_texts, example_logits, load_model_dir, pad_multiple,
+                        save_model_dir, write_frame_atomic)
 from .models import count_parameters, resolve_model
 from .strategies import (apply_strategy, describe_groups, is_peft, optimizer_groups, set_train_mode, unfreeze,
                          unfreeze_due)
@@ -136,10 +136,11 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
         raise TunesmithError("train.early_stopping_patience needs a validation split "
                              "(data.validation or data.validation_fraction > 0)")
 
-    precision = choose_precision(tcfg.precision)
+    precision = choose_precision(tcfg.precision, parameters=sum(p.numel() for p in model.parameters()))
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    collate = lambda feats: task.collate(feats, pad_id)  # noqa: E731
+    multiple = pad_multiple(tcfg.pad_to_multiple_of, accelerator.device)
+    collate = lambda feats: task.collate(feats, pad_id, multiple)  # noqa: E731
 
     batches_per_epoch = math.ceil(len(train_enc.features) / tcfg.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / tcfg.grad_accum_steps)
@@ -251,7 +252,7 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
             for batch_index in range(state.batch_in_epoch, len(batches)):
                 batch = collate([train_enc.features[i] for i in batches[batch_index]])
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                with cache.replay(batches[batch_index]) if cache else nullcontext():
+                with cache.replay(batches[batch_index], batch["input_ids"].shape[1]) if cache else nullcontext():
                     loss = model(**batch).loss
                 accelerator.backward(loss / tcfg.grad_accum_steps)
                 pending_loss.append(loss.detach())

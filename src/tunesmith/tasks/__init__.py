@@ -7,7 +7,7 @@
                                                -> Encoded(features, lengths, truncated, doc_index...);
                                                   with a stride, long texts become overlapping windows
     merge_windows(logits, encoded, aggregation) one prediction per example from its windows' logits
-    collate(features, pad_id)                  -> dict of padded tensors
+    collate(features, pad_id, multiple=1)      -> dict of padded tensors
     default_metric(labels), compute_metrics(logits, targets, labels), predictions_frame(...)
 
 Tests parametrize over TASKS, so every task gets the same checks.

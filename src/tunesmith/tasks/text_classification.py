@@ -254,9 +254,9 @@ def merge_windows(logits: np.ndarray, enc: Encoded, aggregation: str = "mean") -
     return out / np.bincount(doc, minlength=enc.num_examples)[:, None]
 
 
-def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest sequence in the batch (dynamic padding)."""
-    width = max(len(f["input_ids"]) for f in features)
+def collate(features: list[dict], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence in the batch (dynamic padding), rounded up to `multiple`."""
+    width = -(-max(len(f["input_ids"]) for f in features) // multiple) * multiple
     batch = {}
     input_ids = torch.full((len(features), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(features), width), dtype=torch.long)

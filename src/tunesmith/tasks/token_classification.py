@@ -341,9 +341,9 @@ def _inside_id(tag_id: int) -> int:
     return tag_id + 1 if tag_id % 2 == 1 else tag_id
 
 
-def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest sequence in the batch; padded labels are ignored by the loss."""
-    batch = text_classification.collate([{"input_ids": f["input_ids"]} for f in features], pad_id)
+def collate(features: list[dict], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence in the batch (rounded up to `multiple`); padded labels are ignored."""
+    batch = text_classification.collate([{"input_ids": f["input_ids"]} for f in features], pad_id, multiple)
     if "labels" in features[0]:
         labels = torch.full(batch["input_ids"].shape, IGNORE, dtype=torch.long)
         for i, f in enumerate(features):
