@@ -26,7 +26,10 @@ from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, read_sta
 from .config import Config, config_to_yaml, load_config
 from .errors import TunesmithError
 from .evaluate import is_improvement, scalar_metrics
+from .augment import Augmenter
 from .features import build_feature_cache
+from .imbalance import class_counts, describe
+from .imbalance import setup as setup_imbalance
 from .inference import choose_precision, load_model_dir, predict_logits, save_model_dir, write_frame_atomic
 from .models import count_parameters, resolve_model
 from .strategies import (apply_strategy, describe_groups, is_peft, optimizer_groups, set_train_mode, unfreeze,
@@ -42,14 +45,20 @@ class TrainResult:
     train_samples_per_second: float
 
 
-def make_batches(lengths: list[int], batch_size: int, seed: int, group_by_length: bool) -> list[list[int]]:
+def make_batches(lengths: list[int], batch_size: int, seed: int, group_by_length: bool,
+                 sample_weights: np.ndarray | None = None) -> list[list[int]]:
     """Shuffled batches of indices; with grouping, each batch holds texts of similar length.
 
     Grouping sorts within shuffled windows of 50 batches, so batches stay random in order and
     content but pad far less: padding is set by the longest text in each batch.
+    With sample_weights (oversampling), the epoch is len(lengths) draws with replacement, example i
+    drawn with probability w_i / sum(w); the seed fixes the draws, so a resumed epoch is the same.
     """
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(lengths))
+    if sample_weights is None:
+        order = rng.permutation(len(lengths))
+    else:
+        order = rng.choice(len(lengths), size=len(lengths), replace=True, p=sample_weights / sample_weights.sum())
     if group_by_length:
         lengths_arr = np.asarray(lengths)
         window = batch_size * 50
@@ -115,6 +124,8 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
     max_len = min(cfg.model.max_length, getattr(tokenizer, "model_max_length", 10**9) or 10**9)
     train_enc = task.encode(tokenizer, splits.train, max_len)
     val_enc = task.encode(tokenizer, splits.validation, max_len) if splits.validation else None
+    balance = setup_imbalance(cfg, splits, labels)
+    augmenter = Augmenter(cfg.augment, tcfg.seed) if cfg.augment else None
     metric = task.default_metric(labels) if tcfg.metric == "auto" else tcfg.metric
     if splits.validation is not None:
         probe = task.compute_metrics(np.zeros((2, labels.num_outputs), np.float32),
@@ -169,7 +180,9 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
         _append_jsonl(metrics_log, {"type": "setup", "step": 0, "strategy": cfg.strategy.name, "param_groups": groups,
                                     "trainable_parameters": trainable, "total_parameters": total})
     cache, cache_seconds = None, 0.0
-    if plan.bottom_frozen and cfg.strategy.cache_features == "auto":
+    if plan.bottom_frozen and cfg.strategy.cache_features == "auto" and augmenter is not None:
+        _log("feature cache off: augmentation changes the training texts every epoch")
+    elif plan.bottom_frozen and cfg.strategy.cache_features == "auto":
         cache_started = time.perf_counter()
         cache = build_feature_cache(plan, accelerator.unwrap_model(model), train_enc.features, train_enc.lengths,
                                     collate, tcfg.eval_batch_size, accelerator.device, precision, run_dir)
@@ -183,6 +196,12 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
                  f"{enc.truncated} longer than {max_len} tokens (truncated)")
     if splits.test is not None:
         _log(f"test: {len(splits.test.texts)} examples{_class_counts(splits.test.targets, labels)}")
+    if balance.summary.get("weights") or cfg.imbalance.method != "none":
+        shown = describe(balance.summary.get("weights", {}))
+        _log(f"imbalance {cfg.imbalance.method}" + (f"; class weights: {shown}" if shown else "")
+             + (f"; gamma {cfg.imbalance.gamma}" if cfg.imbalance.method == "focal" else ""))
+    if augmenter is not None:
+        _log(f"augmentation of training examples: {augmenter.describe()}")
     _log(f"{total_steps} optimizer steps ({num_epochs} epoch(s) of {steps_per_epoch}), batch {tcfg.batch_size}"
          f"{f' x {tcfg.grad_accum_steps} accumulation' if tcfg.grad_accum_steps > 1 else ''}, "
          f"best model by validation {metric}")
@@ -225,12 +244,19 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
     started = time.perf_counter() - state.train_seconds
     try:
         while not stop and state.epoch < num_epochs:
-            batches = make_batches(train_enc.lengths, tcfg.batch_size, tcfg.seed + state.epoch, tcfg.group_by_length)
+            if augmenter is not None:  # this epoch's copy, seeded by (seed, epoch, example): a resume redoes it
+                train_enc = task.encode(tokenizer, augmenter.apply(task, splits.train, state.epoch), max_len)
+            batches = make_batches(train_enc.lengths, tcfg.batch_size, tcfg.seed + state.epoch, tcfg.group_by_length,
+                                   balance.sample_weights)
             for batch_index in range(state.batch_in_epoch, len(batches)):
                 batch = collate([train_enc.features[i] for i in batches[batch_index]])
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with cache.replay(batches[batch_index]) if cache else nullcontext():
-                    loss = model(**batch).loss
+                    if balance.loss is None:
+                        loss = model(**batch).loss
+                    else:  # weighted or focal loss, from the logits (validation keeps the model's plain loss)
+                        targets = batch.pop("labels")
+                        loss = balance.loss(model(**batch).logits, targets)
                 accelerator.backward(loss / tcfg.grad_accum_steps)
                 running_loss.append(loss.item())
                 state.batch_in_epoch = batch_index + 1
@@ -306,6 +332,8 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
         "train": {"steps": state.step, "seconds": round(train_seconds, 2),
                   "samples_per_second": round(samples_per_second, 2), "precision": precision,
                   "trainable_parameters": trainable, "total_parameters": total},
+        "imbalance": balance.summary,
+        "augment": [op.model_dump() for op in cfg.augment],
         "data": {"train": len(splits.train.texts),
                  "validation": len(splits.validation.texts) if splits.validation else 0,
                  "test": len(splits.test.texts) if splits.test else 0,
@@ -352,9 +380,7 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
-def _class_counts(targets: np.ndarray | None, labels) -> str:
-    if targets is None or labels.problem_type != "single_label":
-        return ""
-    counts = np.bincount(targets, minlength=len(labels.names))
-    return " (" + ", ".join(f"{n} {c}" for n, c in zip(labels.names, counts)) + ")"
+def _class_counts(targets, labels) -> str:
+    counts = class_counts(targets, labels)
+    return f" ({describe(counts)})" if counts else ""
 
