@@ -16,11 +16,11 @@ import yaml
 
 import tunesmith
 from conftest import TUNESMITH, VOCAB, sentiment_rows, tiny_config
+from test_bad_input import error_line, run_cli
 from test_token_classification import ner_config, ner_files, ner_model_dir, ner_sentences  # noqa: F401
 from tunesmith import tags as tagging
 from tunesmith import wordnet
 from tunesmith.augment import Augmenter
-from tunesmith.cli import main
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 
@@ -262,9 +262,6 @@ def test_preview_prints_original_and_augmented_pairs(tiny_model_dir, tmp_path, c
 ])
 def test_bad_imbalance_and_augment_settings(extra, expected, tmp_path, tiny_model_dir, capsys):
     path = write_cfg(tmp_path, tiny_model_dir, extra)
-    code = main(["train", str(path)])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    assert expected in lines[0]
+    code, err = run_cli(capsys, ["train", path])
+    assert code == 2 and expected in error_line(err)
     assert not (tmp_path / "runs").exists()

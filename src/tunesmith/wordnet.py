@@ -8,7 +8,6 @@ lines start with two spaces. Found in /usr/share/wordnet, else in the cache afte
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -17,8 +16,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from .atomic import temp_dir_beside
-from .catalog import _sha256, cache_dir
+from .catalog import _sha256, build_folder, cache_dir
 from .errors import TunesmithError
 
 POS = ("noun", "verb", "adj", "adv")
@@ -116,15 +114,11 @@ def fetch_wordnet() -> Path:
         if actual != DEB_SHA256:
             raise TunesmithError(f"wordnet-base: checksum mismatch (expected {DEB_SHA256[:12]}..., got "
                                  f"{actual[:12]}...); refusing to use it")
-        unpacked = temp_dir_beside(target)
-        try:
-            proc = subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], capture_output=True, text=True)
+
+        def unpack(folder: Path) -> None:
+            proc = subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(folder)], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise TunesmithError(f"could not unpack wordnet-base: {proc.stderr.strip()}")
-            if target.exists():  # a half-built folder from an interrupted run
-                shutil.rmtree(target)
-            os.replace(unpacked, target)
-        except BaseException:
-            shutil.rmtree(unpacked, ignore_errors=True)
-            raise
+
+        build_folder(target, unpack)
     return find_wordnet()
