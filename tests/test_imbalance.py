@@ -192,3 +192,17 @@ def test_resume_with_oversample_and_augment_matches_uninterrupted(tiny_model_dir
     ref_log = [json.loads(x) for x in (reference.run_dir / "metrics.jsonl").read_text().splitlines()]
     got_log = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("train_loss") for r in got_log] == [r.get("train_loss") for r in ref_log]
+
+
+def test_oversample_replays_cached_features(tiny_model_dir, imbalanced_csv, tmp_path):
+    """Oversampled batches repeat examples; the frozen-feature cache serves them by index."""
+    cfg = tiny_config(tiny_model_dir, *imbalanced_csv, tmp_path / "runs", epochs=1)
+    cfg["strategy"] = {"name": "linear_probe"}
+    cfg["imbalance"] = {"method": "oversample"}
+    cached = tunesmith.train(cfg)
+    uncached = tunesmith.train(cfg, {"strategy.cache_features": "off"})
+    summary = json.loads((cached.run_dir / "metrics.json").read_text())
+    assert summary["strategy"]["feature_cache"] is not None
+    a = pd.read_csv(cached.run_dir / "test_predictions.csv")["prob_pos"]
+    b = pd.read_csv(uncached.run_dir / "test_predictions.csv")["prob_pos"]
+    assert (a - b).abs().max() < 1e-5 and a.std() > 0  # same model either way
