@@ -255,7 +255,7 @@ def test_preview_prints_original_and_augmented_pairs(tiny_model_dir, tmp_path, c
     ({"imbalance": {"method": "class_weights", "weights": {"neg": -1}}},
      "line 18: imbalance.weights: weight of class 'neg' must be > 0 (got -1.0)"),
     ({"imbalance": {"method": "class_weights", "weights": {"neutral": 2}}},
-     "imbalance.weights: unknown class 'neutral' (classes: neg, pos)"),
+     "cfg.yaml, line 18: imbalance.weights: unknown class 'neutral' (classes: neg, pos)"),
     ({"imbalance": {"method": "undersample"}}, "line 17: imbalance.method: Input should be 'none', 'class_weights'"),
     ({"imbalance": {"method": "oversample", "gamma": 1}}, "imbalance: gamma applies to method focal, not 'oversample'"),
 ])

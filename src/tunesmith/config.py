@@ -352,6 +352,17 @@ def _section_model(keys: list[str]) -> type[BaseModel] | None:
     return model
 
 
+def locate(path: str | Path | None, dotted: str) -> str:
+    """Where a key sits in a YAML config file, for errors found after loading: 'cfg.yaml, line 12'."""
+    if path is None:
+        return "config"
+    try:
+        line = _yaml_line(Path(path).read_text(encoding="utf-8", errors="replace"), dotted.split("."))
+    except OSError:
+        line = None
+    return f"{path}, line {line}" if line else str(path)
+
+
 def _yaml_line(text: str, keys: list[str]) -> int | None:
     """1-based line of a nested key in YAML text, or of its closest existing parent."""
     try:

@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
-from .config import Config, config_to_yaml, load_config
+from .config import Config, config_to_yaml, load_config, locate
 from .errors import TunesmithError
 from .evaluate import is_improvement, scalar_metrics
 from .augment import Augmenter
@@ -124,7 +124,12 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
     max_len = min(cfg.model.max_length, getattr(tokenizer, "model_max_length", 10**9) or 10**9)
     train_enc = task.encode(tokenizer, splits.train, max_len)
     val_enc = task.encode(tokenizer, splits.validation, max_len) if splits.validation else None
-    balance = setup_imbalance(cfg, splits, labels)
+    try:
+        balance = setup_imbalance(cfg, splits, labels)
+    except TunesmithError as exc:  # a hand weight naming no class: point at the key in the config file
+        config_file = run_dir / "config.yaml" if resume is not None else \
+            config if isinstance(config, (str, Path)) else None
+        raise TunesmithError(f"{locate(config_file, 'imbalance.weights')}: {exc}") from None
     augmenter = Augmenter(cfg.augment, tcfg.seed) if cfg.augment else None
     metric = task.default_metric(labels) if tcfg.metric == "auto" else tcfg.metric
     if splits.validation is not None:
