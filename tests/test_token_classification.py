@@ -18,6 +18,7 @@ from conftest import TUNESMITH
 from tunesmith import tags as tagging
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
+from tunesmith.imbalance import make_loss, setup
 from tunesmith.inference import LoadedRun, example_logits, predict_logits
 from tunesmith.tasks import token_classification as tc
 from tunesmith.token_data import split_words
@@ -392,15 +393,18 @@ def test_o_tag_weight_weights_the_loss(ner_model_dir, ner_files, tokenizer):
     cfg = load_config(ner_config(ner_model_dir, *ner_files, "runs"), {"data.o_tag_weight": 0.25})
     labels = tc.LabelSpace(tc.NAME, tagging.bio_names(["LOC", "PER"]))
     model, _ = tc.build_model(str(ner_model_dir), labels, cfg)
-    plain, _ = tc.build_model(str(ner_model_dir), labels, load_config(cfg, {"data.o_tag_weight": 1.0}))
     batch = tc.collate([{"input_ids": [2, 5, 6, 3], "labels": [-100, 0, 3, -100]}], 0)
-    torch.manual_seed(0)
-    plain.load_state_dict(model.state_dict())
-    model.eval(), plain.eval()
-    logits = plain(**batch).logits[0, 1:3]
-    ce = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 3]), reduction="none")
-    assert model(**batch).loss.item() == pytest.approx(((0.25 * ce[0] + ce[1]) / 1.25).item(), rel=1e-5)
-    assert plain(**batch).loss.item() == pytest.approx(ce.mean().item(), rel=1e-5)
+    model.eval()
+    targets = batch.pop("labels")
+    splits = tc.Splits(tc.Examples(None, [["O", "B-PER"]], [np.asarray([0, 3])]), None, None, labels)
+    balance = setup(cfg, splits, labels)
+    assert balance.summary["loss_weights"]["O"] == 0.25 and balance.summary["loss_weights"]["B-PER"] == 1.0
+    logits = model(**batch).logits
+    ce = torch.nn.functional.cross_entropy(logits[0, 1:3], torch.tensor([0, 3]), reduction="none")
+    assert balance.loss(logits, targets).item() == pytest.approx(((0.25 * ce[0] + ce[1]) / 1.25).item(), rel=1e-5)
+    # weight 1: the plain mean, as the model's own loss
+    plain = make_loss(cfg, np.ones(len(labels.names), np.float32), labels)
+    assert plain(logits, targets).item() == pytest.approx(model(**batch, labels=targets).loss.item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------- end to end

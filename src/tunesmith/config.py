@@ -175,6 +175,70 @@ class StrategyConfig(_Section):
         return self
 
 
+class ImbalanceConfig(_Section):
+    """How training counters classes of very different sizes (see imbalance.py)."""
+    method: Literal["none", "class_weights", "oversample", "focal"] = Field(
+        "none", description="class_weights: weight each class's loss; oversample: draw rare-class examples more "
+                            "often (a weighted sampler, same epoch size); focal: focal loss, which down-weights "
+                            "examples the model already gets right")
+    weights: Literal["balanced"] | dict[str, float] = Field(
+        "balanced", description="class_weights / oversample: 'balanced' (n / (classes x count), from the training "
+                                "split; multi-label: negatives / positives per class) or a weight per class name "
+                                "(token classification: per entity type, and 'O')")
+    gamma: float = Field(2.0, ge=0, description="focal: how strongly easy examples are down-weighted (0: plain "
+                                                "cross-entropy)")
+
+    @field_validator("weights")
+    @classmethod
+    def _positive(cls, weights: str | dict[str, float]) -> str | dict[str, float]:
+        for name, w in (weights.items() if isinstance(weights, dict) else ()):
+            if not w > 0:  # also catches NaN
+                raise ValueError(f"weight of class '{name}' must be > 0 (got {w})")
+        return weights
+
+    @model_validator(mode="after")
+    def _settings_fit_the_method(self) -> "ImbalanceConfig":
+        if isinstance(self.weights, dict) and self.method not in ("class_weights", "oversample"):
+            raise ValueError(f"weights apply to method class_weights or oversample, not '{self.method}'")
+        if self.gamma != 2.0 and self.method != "focal":
+            raise ValueError(f"gamma applies to method focal, not '{self.method}'")
+        return self
+
+
+class _AugmentOp(_Section):
+    p: float = Field(0.5, ge=0, le=1, description="probability that a training example gets this operation")
+
+
+class SwapOp(_AugmentOp):
+    op: Literal["swap"]
+    n: int = Field(1, ge=1, description="pairs of words swapped")
+
+
+class DeleteOp(_AugmentOp):
+    op: Literal["delete"]
+    rate: float = Field(0.1, gt=0, lt=1, description="each word is deleted with this probability (one stays)")
+
+
+class InsertOp(_AugmentOp):
+    op: Literal["insert"]
+    n: int = Field(1, ge=1, description="WordNet synonyms of the text's own words inserted at random places")
+
+
+class SynonymOp(_AugmentOp):
+    op: Literal["synonym"]
+    n: int = Field(1, ge=1, description="words replaced by a WordNet synonym")
+
+
+class ContextualOp(_AugmentOp):
+    op: Literal["contextual"]
+    model: str = Field(description="masked-LM model (local folder or hub id) that proposes the substitute word")
+    n: int = Field(1, ge=1, description="words replaced, one masked at a time")
+    top_k: int = Field(10, ge=1, description="the substitute is drawn from the model's k likeliest whole words")
+
+
+AugmentOp = Annotated[SwapOp | DeleteOp | InsertOp | SynonymOp | ContextualOp, Field(discriminator="op")]
+
+
 class OutputConfig(_Section):
     dir: str = "runs"
     name: str | None = Field(None, description="run folder name; default: <dataset>-<timestamp>")
@@ -276,6 +340,20 @@ class Config(_Section):
     output: OutputConfig = OutputConfig()
     cv: CVConfig = CVConfig()
     search: SearchConfig = SearchConfig()
+    imbalance: ImbalanceConfig = ImbalanceConfig()
+    augment: list[AugmentOp] = Field(
+        [], description="operations applied on the fly to training examples, in order, each with probability p "
+                        "(ops: swap, delete, insert, synonym, contextual)")
+
+    @model_validator(mode="after")
+    def _imbalance_fits_the_task(self) -> "Config":
+        if self.imbalance.method != "none" and self.data.problem_type == "regression":
+            raise ValueError(f"imbalance.method '{self.imbalance.method}' needs classes; regression has none")
+        if (self.task == "token_classification" and self.data.o_tag_weight != 1.0
+                and self.imbalance.method == "class_weights"):
+            raise ValueError("data.o_tag_weight and imbalance.weights both weigh the O tag: "
+                             "give O its weight in imbalance.weights instead")
+        return self
 
 
 def parse_override_value(text: str) -> Any:
@@ -344,11 +422,17 @@ def load_config(source: str | Path | dict | Config, overrides: dict[str, Any] | 
         raise TunesmithError(_describe_validation_error(exc, origin, text)) from None
 
 
+AUGMENT_OPS = ("swap", "delete", "insert", "synonym", "contextual")
+
+
 def _describe_validation_error(exc: ValidationError, origin: str, yaml_text: str | None) -> str:
     err = exc.errors()[0]
-    keys = [str(k) for k in err["loc"]]
-    key_error = keys[-1:] == ["[key]"]  # the mapping key itself is wrong (search.space names config keys)
-    keys = keys[:-1] if key_error else keys
+    loc = list(err["loc"])
+    key_error = bool(loc) and str(loc[-1]) == "[key]"  # the mapping key itself is wrong (search.space names config keys)
+    loc = loc[:-1] if key_error else loc
+    # pydantic names the union member it tried ('swap', "literal['balanced']"); the YAML has no such key
+    keys = [str(k) for i, k in enumerate(loc)
+            if not ("[" in str(k) or (i and isinstance(loc[i - 1], int) and k in AUGMENT_OPS))]
     dotted = ".".join(keys)
     line = _yaml_line(yaml_text, keys) if yaml_text else None
     loc = f"{origin}, line {line}" if line else origin
@@ -362,8 +446,11 @@ def _describe_validation_error(exc: ValidationError, origin: str, yaml_text: str
         return f"{loc}: unknown key '{dotted}'{hint}"
     if err["type"] == "missing":
         return f"{loc}: missing key '{dotted}'"
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        got = f" (got {err['input'].get('op')!r})" if isinstance(err.get("input"), dict) and "op" in err["input"] else ""
+        return f"{loc}: {dotted}: 'op' must be one of {', '.join(AUGMENT_OPS)}{got}"
     if not keys:
-        return f"{loc}: {err['msg']}"
+        return f"{loc}: {err['msg'].removeprefix('Value error, ')}"
     value = err.get("input")
     shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) and not key_error else ""
     msg = err["msg"].removeprefix("Value error, ")
@@ -371,6 +458,8 @@ def _describe_validation_error(exc: ValidationError, origin: str, yaml_text: str
 
 
 def _section_model(keys: list[str]) -> type[BaseModel] | None:
+    if len(keys) == 2 and keys[0] == "augment":  # an operation in the augment list: its fields are p and its own
+        return None
     model: type[BaseModel] = Config
     for key in keys:
         field = model.model_fields.get(key)
@@ -378,6 +467,17 @@ def _section_model(keys: list[str]) -> type[BaseModel] | None:
             return None
         model = field.annotation
     return model
+
+
+def locate(path: str | Path | None, dotted: str) -> str:
+    """Where a key sits in a YAML config file, for errors found after loading: 'cfg.yaml, line 12'."""
+    if path is None:
+        return "config"
+    try:
+        line = _yaml_line(Path(path).read_text(encoding="utf-8", errors="replace"), dotted.split("."))
+    except OSError:
+        line = None
+    return f"{path}, line {line}" if line else str(path)
 
 
 def _yaml_line(text: str, keys: list[str]) -> int | None:
@@ -388,6 +488,10 @@ def _yaml_line(text: str, keys: list[str]) -> int | None:
         return None
     line = None
     for key in keys:
+        if isinstance(node, yaml.SequenceNode) and key.isdigit() and int(key) < len(node.value):
+            node = node.value[int(key)]  # a list item (augment.0): its line is its first key's
+            line = node.start_mark.line + 1
+            continue
         if not isinstance(node, yaml.MappingNode):
             break
         for key_node, value_node in node.value:

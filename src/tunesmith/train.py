@@ -24,10 +24,13 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
-from .config import Config, config_to_yaml, load_config
+from .config import Config, config_to_yaml, load_config, locate
 from .errors import TunesmithError
 from .evaluate import is_improvement, scalar_metrics
+from .augment import Augmenter
 from .features import build_feature_cache
+from .imbalance import class_counts, describe
+from .imbalance import setup as setup_imbalance
 from .inference import (choose_precision, describe_long_texts, example_logits, load_model_dir, pad_multiple,
                         save_model_dir, write_frame_atomic)
 from .models import count_parameters, resolve_model
@@ -45,14 +48,20 @@ class TrainResult:
     test_logits: Any = None    # the best model's outputs on the test split (cross-validation pools them)
 
 
-def make_batches(lengths: list[int], batch_size: int, seed: int, group_by_length: bool) -> list[list[int]]:
+def make_batches(lengths: list[int], batch_size: int, seed: int, group_by_length: bool,
+                 sample_weights: np.ndarray | None = None) -> list[list[int]]:
     """Shuffled batches of indices; with grouping, each batch holds texts of similar length.
 
     Grouping sorts within shuffled windows of 50 batches, so batches stay random in order and
     content but pad far less: padding is set by the longest text in each batch.
+    With sample_weights (oversampling), the epoch is len(lengths) draws with replacement, example i
+    drawn with probability w_i / sum(w); the seed fixes the draws, so a resumed epoch is the same.
     """
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(lengths))
+    if sample_weights is None:
+        order = rng.permutation(len(lengths))
+    else:
+        order = rng.choice(len(lengths), size=len(lengths), replace=True, p=sample_weights / sample_weights.sum())
     if group_by_length:
         lengths_arr = np.asarray(lengths)
         window = batch_size * 50
@@ -125,6 +134,13 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
     stride = cfg.model.chunk_stride
     train_enc = task.encode(tokenizer, splits.train, max_len, stride)
     val_enc = task.encode(tokenizer, splits.validation, max_len, stride) if splits.validation else None
+    try:
+        balance = setup_imbalance(cfg, splits, labels)
+    except TunesmithError as exc:  # a hand weight naming no class: point at the key in the config file
+        config_file = run_dir / "config.yaml" if resume is not None else \
+            config if isinstance(config, (str, Path)) else None
+        raise TunesmithError(f"{locate(config_file, 'imbalance.weights')}: {exc}") from None
+    augmenter = Augmenter(cfg.augment, tcfg.seed) if cfg.augment else None
     metric = task.default_metric(labels) if tcfg.metric == "auto" else tcfg.metric
     if splits.validation is not None:
         probe = task.compute_metrics(np.zeros((2, labels.num_outputs), np.float32),
@@ -182,7 +198,9 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
         _append_jsonl(metrics_log, {"type": "setup", "step": 0, "strategy": cfg.strategy.name, "param_groups": groups,
                                     "trainable_parameters": trainable, "total_parameters": total})
     cache, cache_seconds = None, 0.0
-    if plan.bottom_frozen and cfg.strategy.cache_features == "auto":
+    if plan.bottom_frozen and cfg.strategy.cache_features == "auto" and augmenter is not None:
+        _log("feature cache off: augmentation changes the training texts every epoch")
+    elif plan.bottom_frozen and cfg.strategy.cache_features == "auto":
         cache_started = time.perf_counter()
         cache = build_feature_cache(plan, accelerator.unwrap_model(model), train_enc.features, train_enc.lengths,
                                     collate, tcfg.eval_batch_size, accelerator.device, precision, run_dir)
@@ -196,6 +214,12 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
                  f"{describe_long_texts(enc, max_len, stride)}")
     if splits.test is not None:
         _log(f"test: {len(splits.test.texts)} examples{_class_counts(splits.test.targets, labels)}")
+    if balance.summary.get("weights") or cfg.imbalance.method != "none":
+        shown = describe(balance.summary.get("weights", {}))
+        _log(f"imbalance {cfg.imbalance.method}" + (f"; class weights: {shown}" if shown else "")
+             + (f"; gamma {cfg.imbalance.gamma}" if cfg.imbalance.method == "focal" else ""))
+    if augmenter is not None:
+        _log(f"augmentation of training examples: {augmenter.describe()}")
     _log(f"{total_steps} optimizer steps ({num_epochs} epoch(s) of {steps_per_epoch}), batch {tcfg.batch_size}"
          f"{f' x {tcfg.grad_accum_steps} accumulation' if tcfg.grad_accum_steps > 1 else ''}, "
          f"best model by validation {metric}")
@@ -248,12 +272,22 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
     started = time.perf_counter() - state.train_seconds
     try:
         while not stop and state.epoch < num_epochs:
-            batches = make_batches(train_enc.lengths, tcfg.batch_size, tcfg.seed + state.epoch, tcfg.group_by_length)
+            if augmenter is not None:  # this epoch's copy, seeded by (seed, epoch, example): a resume redoes it
+                train_enc = task.encode(tokenizer, augmenter.apply(task, splits.train, state.epoch), max_len, stride)
+            weights = balance.sample_weights
+            if weights is not None and train_enc.doc_index is not None:  # chunked: a window weighs as its text
+                weights = weights[np.asarray(train_enc.doc_index)]
+            batches = make_batches(train_enc.lengths, tcfg.batch_size, tcfg.seed + state.epoch, tcfg.group_by_length,
+                                   weights)
             for batch_index in range(state.batch_in_epoch, len(batches)):
                 batch = collate([train_enc.features[i] for i in batches[batch_index]])
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with cache.replay(batches[batch_index], batch["input_ids"].shape[1]) if cache else nullcontext():
-                    loss = model(**batch).loss
+                    if balance.loss is None:
+                        loss = model(**batch).loss
+                    else:  # weighted or focal loss, from the logits (validation keeps the model's plain loss)
+                        targets = batch.pop("labels")
+                        loss = balance.loss(model(**batch).logits, targets)
                 accelerator.backward(loss / tcfg.grad_accum_steps)
                 pending_loss.append(loss.detach())
                 state.batch_in_epoch = batch_index + 1
@@ -330,6 +364,8 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
         "train": {"steps": state.step, "seconds": round(train_seconds, 2),
                   "samples_per_second": round(samples_per_second, 2), "precision": precision,
                   "trainable_parameters": trainable, "total_parameters": total},
+        "imbalance": balance.summary,
+        "augment": [op.model_dump() for op in cfg.augment],
         "data": {"train": len(splits.train.texts),
                  "validation": len(splits.validation.texts) if splits.validation else 0,
                  "test": len(splits.test.texts) if splits.test else 0,
@@ -381,9 +417,7 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
-def _class_counts(targets: np.ndarray | None, labels) -> str:
-    if targets is None or labels.problem_type != "single_label":
-        return ""
-    counts = np.bincount(targets, minlength=len(labels.names))
-    return " (" + ", ".join(f"{n} {c}" for n, c in zip(labels.names, counts)) + ")"
+def _class_counts(targets, labels) -> str:
+    counts = class_counts(targets, labels)
+    return f" ({describe(counts)})" if counts else ""
 

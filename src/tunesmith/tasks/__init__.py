@@ -1,6 +1,7 @@
 """Task registry. A task is a module with the same small set of functions:
 
     load_splits(cfg) -> Splits                 read, check and split the data; the label space
+    map_words(examples, fn), show_examples(examples)   augmentation rewrites words (tags kept aligned)
     read_examples(path, data_cfg, labels)      one file, checked against a known label space
     build_model(source, labels, cfg)           -> (model, tokenizer); AUTO_MODEL reloads a saved one
     encode(tokenizer, examples, max_length, stride=None)

@@ -5,6 +5,7 @@ The functions here are the task interface the training loop calls (see tasks/__i
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,6 +172,18 @@ def _validation_split(examples: Examples, data: DataConfig, seed: int) -> tuple[
             except ValueError:
                 pass  # too few rows for every class in both parts: fall back to a plain split
     return next(ShuffleSplit(n_splits=1, test_size=frac, random_state=seed).split(x))
+
+
+def map_words(examples: Examples, fn) -> Examples:
+    """The examples with each (first) text rewritten by fn(words, None) -> (words, None), words split on
+    whitespace (augmentation); a text fn leaves as it was stays exactly as written."""
+    words = [t.split() for t in examples.texts]
+    new, _ = fn(words, None)
+    return dataclasses.replace(examples, texts=[t if w == n else " ".join(n) for t, w, n in zip(examples.texts, words, new)])
+
+
+def show_examples(examples: Examples) -> list[str]:
+    return list(examples.texts)
 
 
 # ---------------------------------------------------------------- model

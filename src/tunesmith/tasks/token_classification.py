@@ -9,7 +9,7 @@ label (or every sub-token, with data.label_all_subtokens) and predicts it.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +149,24 @@ def load_splits(cfg: Config) -> Splits:
     return Splits(train, validation, test, labels)
 
 
+def map_words(examples: Examples, fn) -> Examples:
+    """The examples with words and BIO tags rewritten by fn(words, tags) -> (words, tags) (augmentation:
+    it keeps tags aligned); the result is for encoding only (no source lines or raw texts)."""
+    words, tags = fn(examples.texts, examples.tags)
+    index = {"O": 0}  # bio_names puts O first; every other tag fn returns comes from the same sentence
+    index.update((t, int(k)) for ts, ks in zip(examples.tags, examples.targets) for t, k in zip(ts, ks))
+    targets = [np.asarray([index[t] for t in ts], dtype=np.int64) for ts in tags]
+    lines = [[ls[0] if ls else 0] * len(w) for ls, w in zip(examples.sentences.lines, words)]
+    sents = dataclasses.replace(examples.sentences, tokens=words, tags=tags, lines=lines, texts=None, offsets=None)
+    return dataclasses.replace(examples, sentences=sents, tags=tags, targets=targets, scheme="BIO")
+
+
+def show_examples(examples: Examples) -> list[str]:
+    """Words, an entity word followed by /its tag."""
+    return [" ".join(w if t == "O" else f"{w}/{t}" for w, t in zip(ws, ts))
+            for ws, ts in zip(examples.texts, examples.tags)]
+
+
 # ---------------------------------------------------------------- model
 
 def build_model(source: str, labels: LabelSpace, cfg: Config):
@@ -161,30 +179,8 @@ def build_model(source: str, labels: LabelSpace, cfg: Config):
                             id2label=dict(enumerate(labels.names)),
                             label2id={n: k for k, n in enumerate(labels.names)},
                             trust_remote_code=cfg.model.trust_remote_code)
-    if cfg.data.o_tag_weight != 1.0:
-        weights = torch.ones(len(labels.names))
-        weights[labels.names.index("O")] = cfg.data.o_tag_weight
-        _weight_the_loss(model, weights)
+    # data.o_tag_weight: the training loop weighs the loss (imbalance.py), like every class weight
     return model, tokenizer
-
-
-def _weight_the_loss(model: torch.nn.Module, weights: torch.Tensor) -> None:
-    """Replace the model's loss by class-weighted cross-entropy (the model itself knows no weights).
-
-    The weighted mean: sum_i w[y_i] * CE_i / sum_i w[y_i] over the labelled sub-tokens.
-    """
-    forward = model.forward
-
-    @functools.wraps(forward)
-    def weighted_forward(*args, labels=None, **kwargs):
-        out = forward(*args, **kwargs)
-        if labels is not None:
-            logits = out.logits.float()
-            out.loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
-                                                         weight=weights.to(logits.device), ignore_index=IGNORE)
-        return out
-
-    model.forward = weighted_forward
 
 
 # ---------------------------------------------------------------- features
