@@ -115,3 +115,12 @@ def test_text_pairs_and_early_stopping(tiny_model_dir, tmp_path):
     log = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps_per_epoch = 10  # 160 training rows / batch 16
     assert log[-1]["step"] < 20 * steps_per_epoch, "early stopping should end the run long before 20 epochs"
+
+
+def test_a_one_row_validation_file_is_enough(tiny_model_dir, sentiment_csv, tmp_path):
+    validation = tmp_path / "one.csv"
+    pd.DataFrame([{"text": "a good film", "label": "pos"}]).to_csv(validation, index=False)
+    cfg = tiny_config(tiny_model_dir, sentiment_csv[0], None, tmp_path / "runs", epochs=1)
+    cfg["data"]["validation"] = str(validation)
+    result = tunesmith.train(cfg)
+    assert set(result.validation_metrics) >= {"accuracy", "macro_f1"}

@@ -143,8 +143,9 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
     augmenter = Augmenter(cfg.augment, tcfg.seed) if cfg.augment else None
     metric = task.default_metric(labels) if tcfg.metric == "auto" else tcfg.metric
     if splits.validation is not None:
-        probe = task.compute_metrics(np.zeros((2, labels.num_outputs), np.float32),
-                                     splits.validation.targets[:2], labels)
+        k = min(2, len(splits.validation.texts))  # a tiny validation split may hold a single row
+        probe = task.compute_metrics(np.zeros((k, labels.num_outputs), np.float32),
+                                     splits.validation.targets[:k], labels)
         if metric not in scalar_metrics(probe) and metric != "loss":
             raise TunesmithError(f"train.metric: unknown metric '{metric}' "
                                  f"(available: loss, {', '.join(scalar_metrics(probe))})")
