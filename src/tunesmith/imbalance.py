@@ -16,8 +16,7 @@ import torch.nn.functional as F
 
 from .config import Config
 from .errors import TunesmithError
-
-IGNORE = -100  # label positions the loss skips (sub-tokens, padding), as in PyTorch's cross-entropy
+from .tasks.token_classification import IGNORE  # label positions the loss skips (sub-tokens, padding)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -29,7 +29,7 @@ from .errors import TunesmithError
 from .evaluate import is_improvement, scalar_metrics
 from .augment import Augmenter
 from .features import build_feature_cache
-from .imbalance import class_counts, describe
+from .imbalance import describe
 from .imbalance import setup as setup_imbalance
 from .inference import (choose_precision, describe_long_texts, example_logits, load_model_dir, pad_multiple,
                         save_model_dir, write_frame_atomic)
@@ -209,12 +209,14 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
         _log(f"cached the outputs of the {plan.frozen_blocks} frozen block(s) for {len(train_enc.features)} "
              f"examples in {cache_seconds:.1f}s ({cache.nbytes / 2**20:.0f} MiB, "
              f"{'memory-mapped file' if cache.file else 'in memory'}); the top trains from the cache")
+    distribution = balance.summary["distribution"]  # class counts per split, counted once by setup_imbalance
+    counts = lambda split: f" ({describe(distribution[split])})" if distribution.get(split) else ""  # noqa: E731
     for name, ex, enc in (("train", splits.train, train_enc), ("validation", splits.validation, val_enc)):
         if ex is not None:
-            _log(f"{name}: {len(ex.texts)} examples{_class_counts(ex.targets, labels)}; "
+            _log(f"{name}: {len(ex.texts)} examples{counts(name)}; "
                  f"{describe_long_texts(enc, max_len, stride)}")
     if splits.test is not None:
-        _log(f"test: {len(splits.test.texts)} examples{_class_counts(splits.test.targets, labels)}")
+        _log(f"test: {len(splits.test.texts)} examples{counts('test')}")
     if balance.summary.get("weights") or cfg.imbalance.method != "none":
         shown = describe(balance.summary.get("weights", {}))
         _log(f"imbalance {cfg.imbalance.method}" + (f"; class weights: {shown}" if shown else "")
@@ -416,9 +418,4 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
 
 def _count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
-
-
-def _class_counts(targets, labels) -> str:
-    counts = class_counts(targets, labels)
-    return f" ({describe(counts)})" if counts else ""
 
