@@ -19,7 +19,7 @@ from tunesmith import catalog
 from tunesmith.config import load_config
 from tunesmith.models import parameter_groups
 from tunesmith.tasks import text_classification as tc
-from tunesmith.train import make_batches
+from tunesmith.train import FUSED_ADAMW_DEVICES, make_batches
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     splits = tc.load_splits(cfg)
     enc = tc.encode(tok, splits.train, 128)
     batches = make_batches(enc.lengths, 32, 0, True)[: args.steps + 3]
-    opt = torch.optim.AdamW(parameter_groups(model, 0.01), lr=5e-5)
+    opt = torch.optim.AdamW(parameter_groups(model, 0.01), lr=5e-5, fused="cpu" in FUSED_ADAMW_DEVICES)  # as train.py
     model.train()
     phases = {k: 0.0 for k in ("collate", "forward", "backward", "clip", "optimizer")}
     ctx = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")  # noqa: E731

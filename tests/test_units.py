@@ -164,3 +164,23 @@ def test_batch_widths_stay_within_the_buckets(tiny_model_dir, sentiment_csv, tmp
     examples = tcls.read_examples(sentiment_csv[1], loaded.data_cfg, loaded.labels)
     np.testing.assert_allclose(loaded.logits(examples), inference.LoadedRun(result.run_dir, "fp32").logits(examples),
                                atol=1e-5)
+
+
+def test_training_uses_the_fused_adamw(tiny_model_dir, sentiment_csv, tmp_path, monkeypatch):
+    """Guard for a speed feature: on CPU (and CUDA) the optimizer step is torch's fused AdamW, which
+    measured 23 ms per step against 118 ms for the foreach implementation on MiniLM (bench/README.md)."""
+    import torch
+
+    import tunesmith
+
+    made = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    tunesmith.train(tiny_config(tiny_model_dir, *sentiment_csv, tmp_path / "a", epochs=1))
+    assert len(made) == 1 and made[0].defaults["fused"] is True
+    assert made[0].state  # and it took steps
