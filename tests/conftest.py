@@ -22,19 +22,23 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 VOCAB = SPECIAL + POSITIVE + NEGATIVE + NEUTRAL + ["!", ".", ",", "##s", "##ly", "neutral"]
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
+def save_tiny_bert(folder: Path, vocab: list[str], model_class=None) -> Path:
+    """A 2-layer, 32-wide random BERT (BertModel unless model_class says otherwise) and a WordPiece
+    tokenizer over `vocab`, written with save_pretrained into folder."""
+    import torch
     from transformers import BertConfig, BertModel, BertTokenizer
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)})
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128)
-    import torch
     torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    (model_class or BertModel)(config).save_pretrained(folder)
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), VOCAB)
 
 
 def sentiment_rows(n: int, seed: int = 0) -> list[dict]:

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import yaml
 
 import tunesmith
-from conftest import TUNESMITH, VOCAB, sentiment_rows, tiny_config
+from conftest import TUNESMITH, VOCAB, save_tiny_bert, sentiment_rows, tiny_config
 from test_bad_input import error_line, run_cli
 from test_token_classification import ner_config, ner_files, ner_model_dir, ner_sentences  # noqa: F401
 from tunesmith import tags as tagging
@@ -170,15 +169,9 @@ def test_ner_operations_keep_tags_aligned_and_entities_whole(tiny_wordnet):
 
 @pytest.fixture(scope="module")
 def tiny_mlm_dir(tmp_path_factory) -> Path:
-    from transformers import BertConfig, BertForMaskedLM, BertTokenizer
+    from transformers import BertForMaskedLM
 
-    folder = tmp_path_factory.mktemp("tiny-mlm")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertForMaskedLM(config).save_pretrained(folder)
-    BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-mlm"), VOCAB, BertForMaskedLM)
 
 
 def test_contextual_replacement_changes_only_the_chosen_word(tiny_mlm_dir):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tunesmith
-from conftest import TUNESMITH
+from conftest import TUNESMITH, save_tiny_bert
 from tunesmith import tags as tagging
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
@@ -34,15 +34,7 @@ VOCAB = SPECIAL + PEOPLE + [w for p in PLACES for w in p] + FILLER + PIECES
 
 @pytest.fixture(scope="module")
 def ner_model_dir(tmp_path_factory) -> Path:
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-ner-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(folder)
-    BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-ner-bert"), VOCAB)
 
 
 @pytest.fixture(scope="module")
