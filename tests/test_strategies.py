@@ -18,6 +18,7 @@ from tunesmith.cli import main
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.features import build_feature_cache
+from tunesmith.models import first_token_only
 from tunesmith.strategies import apply_strategy, find_layout, optimizer_groups, set_train_mode, unfreeze_due
 
 LAYERS = ("embeddings", "layer.0", "layer.1", "head")  # the tiny BERT, bottom to top
@@ -278,6 +279,13 @@ def test_replayed_features_match_the_frozen_blocks(arch, tmp_path):
                 replayed = model(**batch).logits
         assert torch.allclose(direct, replayed, atol=1e-5), (arch, frozen)
         assert len(layout.blocks) == 3  # the blocks are back after the replay
+    if first_token_only(model):  # bert, roberta: a frozen last block computes the first token alone
+        plan = Plan(StrategyConfig(name="linear_probe"), 1e-3, 0.0, layout, frozen_blocks=3)
+        cache = build_feature_cache(plan, model, features, lengths, lambda f: collate(f, 1), 5,
+                                    torch.device("cpu"), "fp32", tmp_path)
+        assert cache.store.shape[0] == len(features)  # one row per example, not one per token
+        with torch.no_grad(), cache.replay(batch_ids):
+            assert torch.allclose(model(**batch).logits, direct, atol=1e-5), arch
 
 
 def test_large_cache_goes_to_a_memory_mapped_file(tiny_model_dir, data, tmp_path):

@@ -4,7 +4,8 @@ train only the top from the cache.
 Valid because frozen modules run in eval mode (strategies.set_train_mode): no dropout, no moving
 statistics, and no data augmentation exists, so the bottom's output for an example is the same in
 every epoch. The cache holds the output of the last frozen block for each example's real tokens
-(float32, `tokens x hidden`), in memory or, above `strategy.cache_memory_mb`, in a memory-mapped
+(float32, `tokens x hidden`; the first token alone when that block computes nothing else, see
+models.first_token_only), in memory or, above `strategy.cache_memory_mb`, in a memory-mapped
 file in the run folder. Replaying a batch swaps the frozen blocks for one module that returns the
 cached hidden states; everything above runs as usual, so the loss, the gradients and the random
 numbers the top consumes (its dropout) are those of the uncached run.
@@ -88,7 +89,9 @@ def build_feature_cache(plan: Plan, model: nn.Module, features: list[dict], leng
         captured["hidden"] = output[0] if isinstance(output, tuple) else output
         raise _Stop
 
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    # rows kept per example: its tokens, or only the first when that is all the block computes
+    kept = [1] * len(lengths) if getattr(last_frozen, "first_token_only", False) else lengths
+    offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
     store, file = None, None
     order = np.argsort(lengths, kind="stable")
     was_training = model.training
@@ -109,7 +112,7 @@ def build_feature_cache(plan: Plan, model: nn.Module, features: list[dict], leng
                     store, file = _allocate((int(offsets[-1]), hidden.shape[-1]),
                                             plan.cfg.cache_memory_mb * 2**20, folder)
                 for row, i in enumerate(idx):
-                    store[offsets[i]:offsets[i + 1]] = hidden[row, :lengths[i]]
+                    store[offsets[i]:offsets[i + 1]] = hidden[row, :kept[i]]
     finally:
         handle.remove()
         model.train(was_training)

@@ -146,7 +146,7 @@ def load_model_dir(model_dir: Path, task, labels, cfg: Config) -> torch.nn.Modul
                                  "(train with strategy.lora.save: merged for a self-contained folder)")
         base, _ = task.build_model(base_source, labels, cfg)
         return load_adapter(model_dir, base)
-    return task.AUTO_MODEL.from_pretrained(model_dir)
+    return task.load_model(model_dir)
 
 
 def write_frame_atomic(df: pd.DataFrame, path: Path) -> None:

@@ -3,7 +3,8 @@
     load_splits(cfg) -> Splits                 read, check and split the data; the label space
     map_words(examples, fn), show_examples(examples)   augmentation rewrites words (tags kept aligned)
     read_examples(path, data_cfg, labels)      one file, checked against a known label space
-    build_model(source, labels, cfg)           -> (model, tokenizer); AUTO_MODEL reloads a saved one
+    build_model(source, labels, cfg)           -> (model, tokenizer) to train
+    load_model(folder)                         a saved model, for evaluate/predict
     encode(tokenizer, examples, max_length, stride=None)
                                                -> Encoded(features, lengths, truncated, doc_index...);
                                                   with a stride, long texts become overlapping windows

@@ -20,10 +20,9 @@ from ..config import Config, DataConfig
 from ..data import Table, float_values, label_names, multi_label_names, read_table, sort_labels, text_values
 from ..errors import TunesmithError
 from ..evaluate import multi_label_metrics, regression_metrics, single_label_metrics
-from ..models import from_pretrained
+from ..models import first_token_only, from_pretrained
 
 NAME = "text_classification"
-AUTO_MODEL = AutoModelForSequenceClassification  # how inference reloads a saved model
 _HF_PROBLEM = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
                "regression": "regression"}
 
@@ -198,7 +197,15 @@ def build_model(source: str, labels: LabelSpace, cfg: Config):
         kwargs["id2label"] = dict(enumerate(labels.names))
         kwargs["label2id"] = {n: i for i, n in enumerate(labels.names)}
     model = from_pretrained(AutoModelForSequenceClassification.from_pretrained, source, **kwargs)
+    first_token_only(model)
     return model, tokenizer
+
+
+def load_model(folder: str | Path):
+    """A model this task saved (a plain Hugging Face folder), ready for evaluate/predict."""
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    first_token_only(model)
+    return model
 
 
 # ---------------------------------------------------------------- features

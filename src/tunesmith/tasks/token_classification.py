@@ -29,7 +29,6 @@ from . import text_classification
 from .text_classification import resolve_data_config
 
 NAME = "token_classification"
-AUTO_MODEL = AutoModelForTokenClassification  # how inference reloads a saved model
 IGNORE = -100  # label of sub-tokens the loss skips (PyTorch's cross-entropy ignore_index)
 
 
@@ -181,6 +180,11 @@ def build_model(source: str, labels: LabelSpace, cfg: Config):
                             trust_remote_code=cfg.model.trust_remote_code)
     # data.o_tag_weight: the training loop weighs the loss (imbalance.py), like every class weight
     return model, tokenizer
+
+
+def load_model(folder: str | Path):
+    """A model this task saved (a plain Hugging Face folder), ready for evaluate/predict."""
+    return AutoModelForTokenClassification.from_pretrained(folder)
 
 
 # ---------------------------------------------------------------- features
