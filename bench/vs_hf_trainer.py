@@ -2,10 +2,14 @@
 
     .venv/bin/python bench/vs_hf_trainer.py                 # full Rotten Tomatoes train split (slow on CPU)
     .venv/bin/python bench/vs_hf_trainer.py --train-rows 3000
+    .venv/bin/python bench/vs_hf_trainer.py --train-rows 4000 --seeds 0 1 2   # accuracy as mean +- std
 
 Same model (minilm-l6), same film-disjoint split, max_length 128, batch 32, lr 5e-5, weight decay 0.01,
 10% warm-up, 1 epoch, seed 0, dynamic padding, no validation during training. Each side runs in its
-own process (so peak RSS is its own), one after the other. Sides:
+own process (so peak RSS is its own), one after the other. With --seeds, hf_best and tunesmith train
+once per seed (the training sample stays the one drawn with seed 0) and the table shows means, with
+the accuracy's standard deviation over seeds; hf_default, a speed reference, runs with the first seed
+only. Sides:
   hf_default  Trainer with its defaults (random batches, fp32)
   hf_best     Trainer's recommended speed setting: group_by_length, + bf16 where the CPU/GPU runs bf16 fast
   (hf_best_pad16, with --hf-pad16: the same with its collator padding to multiples of 16)
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
-SEED, MAX_LEN, BATCH, LR, WD, WARMUP = 0, 128, 32, 5e-5, 0.01, 0.1
+SAMPLE_SEED, MAX_LEN, BATCH, LR, WD, WARMUP = 0, 128, 32, 5e-5, 0.01, 0.1
 
 
 def peak_rss_mb() -> float:
@@ -69,7 +73,7 @@ def prepare(workdir: Path, train_rows: int | None) -> tuple[Path, Path]:
     folder = catalog.dataset_path("rotten_tomatoes")
     train = pd.read_csv(folder / "train.csv")
     if train_rows:
-        train = train.sample(train_rows, random_state=SEED)
+        train = train.sample(train_rows, random_state=SAMPLE_SEED)
     train.to_csv(workdir / "train.csv", index=False)
     return workdir / "train.csv", folder / "test.csv"
 
@@ -88,7 +92,8 @@ def non_embedding_params() -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
 
 
-def run_hf(train_csv: Path, test_csv: Path, best: bool, workdir: Path, pad_multiple: int | None = None) -> dict:
+def run_hf(train_csv: Path, test_csv: Path, best: bool, workdir: Path, seed: int,
+           pad_multiple: int | None = None) -> dict:
     import torch
     from sklearn.metrics import accuracy_score, f1_score
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
@@ -108,12 +113,12 @@ def run_hf(train_csv: Path, test_csv: Path, best: bool, workdir: Path, pad_multi
         return [{"input_ids": ids, "attention_mask": m, "labels": names.index(y)}
                 for ids, m, y in zip(enc["input_ids"], enc["attention_mask"], df["label"])]
 
-    set_seed(SEED)
+    set_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(names))
     bf16 = best and choose_precision("auto") == "bf16"
     common = dict(
         output_dir=str(workdir / "hf"), per_device_train_batch_size=BATCH, per_device_eval_batch_size=128,
-        learning_rate=LR, weight_decay=WD, warmup_steps=WARMUP, num_train_epochs=1, seed=SEED,
+        learning_rate=LR, weight_decay=WD, warmup_steps=WARMUP, num_train_epochs=1, seed=seed,
         bf16=bf16, use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no", eval_strategy="no",
         logging_strategy="no", disable_tqdm=True)
     try:
@@ -132,14 +137,14 @@ def run_hf(train_csv: Path, test_csv: Path, best: bool, workdir: Path, pad_multi
             "precision": "bf16" if bf16 else "fp32", "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb()}
 
 
-def run_tunesmith(train_csv: Path, test_csv: Path, workdir: Path, precision: str = "auto") -> dict:
+def run_tunesmith(train_csv: Path, test_csv: Path, workdir: Path, seed: int, precision: str = "auto") -> dict:
     import tunesmith
     result = tunesmith.train({
         "model": {"name": "minilm-l6", "max_length": MAX_LEN},
         "data": {"train": str(train_csv), "test": str(test_csv), "validation_fraction": 0},
         "train": {"epochs": 1, "batch_size": BATCH, "lr": LR, "weight_decay": WD, "warmup_ratio": WARMUP,
-                  "seed": SEED, "precision": precision},
-        "output": {"dir": str(workdir / "runs"), "name": f"bench-{precision}"}})
+                  "seed": seed, "precision": precision},
+        "output": {"dir": str(workdir / "runs"), "name": f"bench-{precision}-seed{seed}"}})
     summary = json.loads((result.run_dir / "metrics.json").read_text())
     return {"train_samples_per_second": summary["train"]["samples_per_second"],
             "eval_samples_per_second": summary["test_samples_per_second"],
@@ -172,15 +177,28 @@ def run_inference(run_dir: Path, test_csv: Path) -> dict:
     return {"hf_pipeline_samples_per_second": hf, "tunesmith_predict_samples_per_second": ours}
 
 
+def mean_over_seeds(runs: list[dict]) -> dict:
+    """One side's runs (one per seed) as one row: means, the accuracy's spread, the highest peak memory."""
+    import numpy as np
+    row = dict(runs[0], seeds=[r["seed"] for r in runs])
+    for key in ("train_samples_per_second", "eval_samples_per_second", "accuracy", "macro_f1"):
+        values = np.array([r[key] for r in runs], dtype=float)
+        row[key], row[key + "_std"] = float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    for key in ("peak_rss_mb", "peak_gpu_mb"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        row[key] = max(values) if values else None
+    return row
+
+
 def child(args) -> None:
     workdir = Path(args.workdir)
     train_csv, test_csv = Path(args.train_csv), Path(args.test_csv)
     if args.side.startswith("tunesmith"):  # tunesmith, or tunesmith_<precision>
-        res = run_tunesmith(train_csv, test_csv, workdir, args.side.partition("_")[2] or "auto")
+        res = run_tunesmith(train_csv, test_csv, workdir, int(args.seed), args.side.partition("_")[2] or "auto")
     elif args.side == "inference":
         res = run_inference(Path(args.run_dir), test_csv)
     else:
-        res = run_hf(train_csv, test_csv, args.side != "hf_default", workdir,
+        res = run_hf(train_csv, test_csv, args.side != "hf_default", workdir, int(args.seed),
                      16 if args.side == "hf_best_pad16" else None)
     Path(args.out).write_text(json.dumps(res))
 
@@ -192,8 +210,10 @@ def main() -> None:
                         help="also run tunesmith with this train.precision (beside its default, auto)")
     parser.add_argument("--hf-pad16", action="store_true",
                         help="also run the Trainer's best setting with its collator padding to multiples of 16")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="training seeds (default: 0); with several, the table shows means over seeds")
     parser.add_argument("--side", help=argparse.SUPPRESS)
-    for hidden in ("--workdir", "--train-csv", "--test-csv", "--out", "--run-dir"):
+    for hidden in ("--workdir", "--train-csv", "--test-csv", "--out", "--run-dir", "--seed"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -210,18 +230,23 @@ def main() -> None:
     if choose_precision("auto") == "bf16":  # bf16 matmul without hardware support takes minutes: skip it
         peaks["bf16"] = matmul_peak("bfloat16")
 
-    results = {}
+    runs: dict[str, list[dict]] = {}
     sides = ["hf_default", "hf_best"] + ["hf_best_pad16"] * args.hf_pad16 + ["tunesmith"] \
         + [f"tunesmith_{p}" for p in args.also_precision]
-    for side in sides:
-        out = workdir / f"{side}.json"
-        print(f"running {side} ...", file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--side", side, "--workdir", str(workdir), "--train-csv",
-                        str(train_csv), "--test-csv", str(test_csv), "--out", str(out)], check=True)
-        results[side] = json.loads(out.read_text()) | {"wall_s": time.perf_counter() - started}
+    for seed in args.seeds:
+        for side in sides:
+            if side == "hf_default" and seed != args.seeds[0]:
+                continue
+            out = workdir / f"{side}-seed{seed}.json"
+            print(f"running {side}, seed {seed} ...", file=sys.stderr, flush=True)
+            started = time.perf_counter()
+            subprocess.run([sys.executable, __file__, "--side", side, "--seed", str(seed), "--workdir", str(workdir),
+                            "--train-csv", str(train_csv), "--test-csv", str(test_csv), "--out", str(out)], check=True)
+            runs.setdefault(side, []).append(json.loads(out.read_text()) | {"seed": seed,
+                                                                            "wall_s": time.perf_counter() - started})
+    results = {side: mean_over_seeds(r) for side, r in runs.items()}
     out = workdir / "inference.json"
-    subprocess.run([sys.executable, __file__, "--side", "inference", "--run-dir", results["tunesmith"]["run_dir"],
+    subprocess.run([sys.executable, __file__, "--side", "inference", "--run-dir", runs["tunesmith"][0]["run_dir"],
                     "--workdir", str(workdir), "--train-csv", str(train_csv), "--test-csv", str(test_csv),
                     "--out", str(out)], check=True)
     inference = json.loads(out.read_text())
@@ -237,14 +262,21 @@ def main() -> None:
     print(f"\n{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} cores; train {n_train} rows, "
           f"test {len(test_texts)} rows (film-disjoint); matmul peak "
           + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()) + "\n")
-    print("| side | precision | train samples/s | eval samples/s | train MFU | test accuracy | macro F1 | peak RSS MB "
-          "| peak GPU MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| side | seeds | precision | train samples/s | eval samples/s | train MFU | test accuracy | macro F1 "
+          "| peak RSS MB | peak GPU MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    spread = lambda r, key: f" ± {r[key + '_std']:.4f}" if len(r["seeds"]) > 1 else ""  # noqa: E731
     for side, r in results.items():
-        print(f"| {side} | {r['precision']} | {r['train_samples_per_second']:.1f} | {r['eval_samples_per_second']:.1f} | "
+        print(f"| {side} | {' '.join(map(str, r['seeds']))} | {r['precision']} | {r['train_samples_per_second']:.1f} | "
+              f"{r['eval_samples_per_second']:.1f} | "
               f"{mfu(r['train_samples_per_second'], train_tokens, n_train, 6, r['precision']):.1%} | "
-              f"{r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['peak_rss_mb']:.0f} | "
-              f"{'-' if r.get('peak_gpu_mb') is None else round(r['peak_gpu_mb'])} |")
+              f"{r['accuracy']:.4f}{spread(r, 'accuracy')} | {r['macro_f1']:.4f}{spread(r, 'macro_f1')} | "
+              f"{r['peak_rss_mb']:.0f} | {'-' if r.get('peak_gpu_mb') is None else round(r['peak_gpu_mb'])} |")
+    if len(args.seeds) > 1:
+        print("\nper seed (test accuracy / macro F1 / train samples/s):")
+        for side, rs in runs.items():
+            print(f"  {side}: " + "; ".join(f"seed {r['seed']}: {r['accuracy']:.4f} / {r['macro_f1']:.4f} / "
+                                           f"{r['train_samples_per_second']:.1f}" for r in rs))
     ts = results["tunesmith"]
     hf = {k: v for k, v in results.items() if k.startswith("hf_")}
     fastest = max(hf, key=lambda k: hf[k]["train_samples_per_second"])  # the Trainer's best setting, as measured
