@@ -1,14 +1,17 @@
 """Where a training step's time goes: tunesmith's loop pieces on minilm-l6 + Rotten Tomatoes.
 
-    .venv/bin/python bench/profile_step.py [--steps 20] [--precision fp32|bf16]
+    .venv/bin/python bench/profile_step.py [--steps 20] [--precision fp32|bf16] [--ab-first-token 3]
 
 Times each phase of the step (collate, forward, backward, clip, optimizer step) with wall clocks over
---steps length-grouped batches of 32, then prints the top operators from torch.profiler.
+--steps length-grouped batches of 32, then prints the top operators from torch.profiler. With
+--ab-first-token R, it then times the same steps with Hugging Face's whole last block and with
+tunesmith's first-token-only one (models.first_token_only), alternating, R rounds each.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import pandas as pd
@@ -17,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from tunesmith import catalog
 from tunesmith.config import load_config
-from tunesmith.models import parameter_groups
+from tunesmith.models import first_token_only, parameter_groups
 from tunesmith.tasks import text_classification as tc
 from tunesmith.train import FUSED_ADAMW_DEVICES, make_batches
 
@@ -26,6 +29,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--ab-first-token", type=int, default=0, metavar="ROUNDS",
+                        help="also time whole vs first-token-only last block, alternating, ROUNDS rounds")
     args = parser.parse_args()
 
     cfg = load_config({"data": {"dataset": "rotten_tomatoes", "validation_fraction": 0}})
@@ -77,6 +82,24 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
     emb = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
     print(f"embedding parameters: {emb:,} of {sum(p.numel() for p in model.parameters()):,}")
+
+    if args.ab_first_token:
+        last = model.base_model.encoder.layer[-1]
+        per_step = {"whole last block": [], "first token only": []}
+        for _ in range(args.ab_first_token):
+            for name, times in per_step.items():
+                if name == "whole last block":
+                    last.__dict__.pop("forward", None)  # back to the class's forward
+                else:
+                    assert first_token_only(model)
+                t = time.perf_counter()
+                for b in batches[3:]:
+                    step(b, False)
+                times.append((time.perf_counter() - t) / args.steps * 1000)
+        for name, times in per_step.items():
+            print(f"{name}: {statistics.median(times):.0f} ms/step (rounds: {', '.join(f'{x:.0f}' for x in times)})")
+        whole, first = (statistics.median(t) for t in per_step.values())
+        print(f"first token only: {whole / first:.2f}x the steps per second of the whole last block")
 
 
 if __name__ == "__main__":
