@@ -133,6 +133,8 @@ def first_token_only(model: torch.nn.Module) -> bool:
 def _first_token_block_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                                *args: Any, **kwargs: Any) -> torch.Tensor:
     """BertLayer.forward for the first position only: (batch, width, hidden) -> (batch, 1, hidden)."""
+    if attention_mask is not None and attention_mask.dim() != 4:  # a mask layout this was not written for
+        return type(self).forward(self, hidden_states, attention_mask, *args, **kwargs)
     attn = self.attention.self
     batch, width, _ = hidden_states.shape
     first = hidden_states[:, :1]
@@ -141,7 +143,7 @@ def _first_token_block_forward(self, hidden_states: torch.Tensor, attention_mask
     key = attn.key(hidden_states).view(batch, width, *heads).transpose(1, 2)
     value = attn.value(hidden_states).view(batch, width, *heads).transpose(1, 2)
     mask = attention_mask
-    if mask is not None:  # (batch, 1, width or 1, width): keep the first query's row
+    if mask is not None:  # (batch, 1, width or 1, width): the first query's row
         mask = mask[:, :, :1, :]
         if mask.dtype != torch.bool:
             mask = mask.to(query.dtype)
