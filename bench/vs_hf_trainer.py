@@ -219,7 +219,12 @@ def main() -> None:
     if args.side:
         return child(args)
 
-    workdir = Path(tempfile.mkdtemp(prefix="tunesmith-bench-"))
+    with tempfile.TemporaryDirectory(prefix="tunesmith-bench-") as tmp:  # ~350 MB per run: never left behind
+        compare(args, Path(tmp))
+
+
+def compare(args: argparse.Namespace, workdir: Path) -> None:
+    """Train every side on the same rows inside `workdir`, then print the table and the ratios."""
     train_csv, test_csv = prepare(workdir, args.train_rows)
     n_train = len(pd.read_csv(train_csv))
     test_texts = pd.read_csv(test_csv)["text"].tolist()
