@@ -16,6 +16,8 @@ only. Sides:
 Ratios are against whichever Trainer setting trained fastest in this run.
   tunesmith   tunesmith's defaults
 Then inference: HF pipeline("text-classification", batch_size=32) vs tunesmith predict on the test texts.
+Allocator: importing tunesmith sets THP_MEM_ALLOC_ENABLE=1 (huge-page-advised large CPU tensors); the
+Trainer and inference processes run with torch's default (0) unless you set the variable yourself.
 MFU = model FLOPs (6 x non-embedding params x real tokens for training, 2x for inference) per second,
 divided by the fp32 (or bf16) matmul throughput measured on this machine at the start.
 """
@@ -35,7 +37,14 @@ from pathlib import Path
 
 import pandas as pd
 
+# as the user left it, before any tunesmith import sets its default
+USER_THP = os.environ.get("THP_MEM_ALLOC_ENABLE")
 SAMPLE_SEED, MAX_LEN, BATCH, LR, WD, WARMUP = 0, 128, 32, 5e-5, 0.01, 0.1
+
+
+def torch_default_env() -> dict[str, str]:
+    """The environment for a process that is not tunesmith's: torch's own allocator setting."""
+    return os.environ | {"THP_MEM_ALLOC_ENABLE": USER_THP or "0"}
 
 
 def peak_rss_mb() -> float:
@@ -246,14 +255,15 @@ def compare(args: argparse.Namespace, workdir: Path) -> None:
             print(f"running {side}, seed {seed} ...", file=sys.stderr, flush=True)
             started = time.perf_counter()
             subprocess.run([sys.executable, __file__, "--side", side, "--seed", str(seed), "--workdir", str(workdir),
-                            "--train-csv", str(train_csv), "--test-csv", str(test_csv), "--out", str(out)], check=True)
+                            "--train-csv", str(train_csv), "--test-csv", str(test_csv), "--out", str(out)],
+                           check=True, env=None if side.startswith("tunesmith") else torch_default_env())
             runs.setdefault(side, []).append(json.loads(out.read_text()) | {"seed": seed,
                                                                             "wall_s": time.perf_counter() - started})
     results = {side: mean_over_seeds(r) for side, r in runs.items()}
     out = workdir / "inference.json"
     subprocess.run([sys.executable, __file__, "--side", "inference", "--run-dir", runs["tunesmith"][0]["run_dir"],
                     "--workdir", str(workdir), "--train-csv", str(train_csv), "--test-csv", str(test_csv),
-                    "--out", str(out)], check=True)
+                    "--out", str(out)], check=True, env=torch_default_env())
     inference = json.loads(out.read_text())
 
     def mfu(samples_per_s: float, tokens: int, n: int, factor: int, precision: str) -> float:
@@ -266,7 +276,9 @@ def compare(args: argparse.Namespace, workdir: Path) -> None:
         cpu = f"{torch.cuda.get_device_name()} (torch {torch.__version__}), host {cpu}"
     print(f"\n{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} cores; train {n_train} rows, "
           f"test {len(test_texts)} rows (film-disjoint); matmul peak "
-          + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()) + "\n")
+          + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
+          + f"; THP_MEM_ALLOC_ENABLE tunesmith {os.environ.get('THP_MEM_ALLOC_ENABLE')}, "
+            f"Trainer/inference {USER_THP or '0'}\n")
     print("| side | seeds | precision | train samples/s | eval samples/s | train MFU | test accuracy | macro F1 "
           "| peak RSS MB | peak GPU MB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
