@@ -15,7 +15,8 @@ only. Sides:
   (hf_best_pad16, with --hf-pad16: the same with its collator padding to multiples of 16)
 Ratios are against whichever Trainer setting trained fastest in this run.
   tunesmith   tunesmith's defaults
-Then inference: HF pipeline("text-classification", batch_size=32) vs tunesmith predict on the test texts.
+Then inference: HF pipeline("text-classification", batch_size=32) vs tunesmith predict on the test texts,
+3 alternating passes each in one process (medians).
 Allocator: importing tunesmith sets THP_MEM_ALLOC_ENABLE=1 (huge-page-advised large CPU tensors); the
 Trainer and inference processes run with torch's default (0) unless you set the variable yourself.
 MFU = model FLOPs (6 x non-embedding params x real tokens for training, 2x for inference) per second,
@@ -29,6 +30,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +42,7 @@ import pandas as pd
 # as the user left it, before any tunesmith import sets its default
 USER_THP = os.environ.get("THP_MEM_ALLOC_ENABLE")
 SAMPLE_SEED, MAX_LEN, BATCH, LR, WD, WARMUP = 0, 128, 32, 5e-5, 0.01, 0.1
+INFERENCE_ROUNDS = 3
 
 
 def torch_default_env() -> dict[str, str]:
@@ -162,28 +165,33 @@ def run_tunesmith(train_csv: Path, test_csv: Path, workdir: Path, seed: int, pre
             "run_dir": str(result.run_dir)}
 
 
-def run_inference(run_dir: Path, test_csv: Path) -> dict:
+def run_inference(run_dir: Path, test_csv: Path, rounds: int = INFERENCE_ROUNDS) -> dict:
+    """The pipeline and tunesmith's predict, each loaded once and warmed up, then timed over the whole
+    test file in alternating passes (so a change in the host's speed hits both); medians of the passes."""
     from transformers import pipeline
     texts = pd.read_csv(test_csv)["text"].tolist()
     import torch
     pipe = pipeline("text-classification", model=str(run_dir / "model"), batch_size=32,
                     device=0 if torch.cuda.is_available() else "cpu",
                     truncation=True, max_length=MAX_LEN)
-    pipe(texts[:64])
-    t = time.perf_counter()
-    pipe(texts)
-    hf = len(texts) / (time.perf_counter() - t)
     from tunesmith.inference import LoadedRun
     loaded = LoadedRun(run_dir)  # loaded once, like the pipeline: the timing is prediction only
 
     def predict_file():
         examples = loaded.task.read_examples(test_csv, loaded.data_cfg, loaded.labels, require_labels=False)
         return loaded.task.predictions_frame(examples, loaded.logits(examples), loaded.labels)
-    predict_file()  # warm-up
-    t = time.perf_counter()
+
+    pipe(texts[:64])  # warm-up
     predict_file()
-    ours = len(texts) / (time.perf_counter() - t)
-    return {"hf_pipeline_samples_per_second": hf, "tunesmith_predict_samples_per_second": ours}
+    hf, ours = [], []
+    for _ in range(rounds):
+        for times, run in ((hf, lambda: pipe(texts)), (ours, predict_file)):
+            t = time.perf_counter()
+            run()
+            times.append(len(texts) / (time.perf_counter() - t))
+    return {"hf_pipeline_samples_per_second": statistics.median(hf),
+            "tunesmith_predict_samples_per_second": statistics.median(ours),
+            "hf_pipeline_rounds": hf, "tunesmith_predict_rounds": ours}
 
 
 def mean_over_seeds(runs: list[dict]) -> dict:
@@ -311,7 +319,10 @@ def compare(args: argparse.Namespace, workdir: Path) -> None:
         print(f"peak GPU:    tunesmith / {fastest} = {ts['peak_gpu_mb'] / best['peak_gpu_mb']:.2f}x")
     print(f"inference:   HF pipeline {inference['hf_pipeline_samples_per_second']:.1f} samples/s, tunesmith predict "
           f"{inference['tunesmith_predict_samples_per_second']:.1f} samples/s = "
-          f"{inference['tunesmith_predict_samples_per_second'] / inference['hf_pipeline_samples_per_second']:.2f}x")
+          f"{inference['tunesmith_predict_samples_per_second'] / inference['hf_pipeline_samples_per_second']:.2f}x "
+          f"(medians of {len(inference['hf_pipeline_rounds'])} alternating passes; pipeline "
+          + "/".join(f"{x:.1f}" for x in inference["hf_pipeline_rounds"]) + ", predict "
+          + "/".join(f"{x:.1f}" for x in inference["tunesmith_predict_rounds"]) + ")")
 
 
 if __name__ == "__main__":
