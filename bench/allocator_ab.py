@@ -23,24 +23,12 @@ def child(steps: int) -> None:
     import resource
     import time
 
-    import pandas as pd
     import torch
+    from profile_step import minilm_training_setup  # bench/ is on sys.path: this script's folder
 
-    from tunesmith import catalog
-    from tunesmith.config import load_config
-    from tunesmith.models import parameter_groups
     from tunesmith.tasks import text_classification as tc
-    from tunesmith.train import FUSED_ADAMW_DEVICES, make_batches
 
-    torch.manual_seed(0)
-    cfg = load_config({"data": {"dataset": "rotten_tomatoes", "validation_fraction": 0}})
-    df = pd.read_csv(catalog.dataset_path("rotten_tomatoes") / "train.csv")
-    labels = tc.LabelSpace("single_label", sorted(set(df["label"])))
-    model, tok = tc.build_model(str(catalog.model_path("minilm-l6")), labels, cfg)
-    enc = tc.encode(tok, tc.load_splits(cfg).train, 128)
-    batches = make_batches(enc.lengths, 32, 0, True)[: steps + 3]
-    opt = torch.optim.AdamW(parameter_groups(model, 0.01), lr=5e-5, fused="cpu" in FUSED_ADAMW_DEVICES)
-    model.train()
+    model, tok, enc, batches, opt = minilm_training_setup(steps + 3)
 
     def step(b):
         loss = model(**tc.collate([enc.features[i] for i in b], tok.pad_token_id)).loss

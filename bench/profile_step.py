@@ -25,6 +25,21 @@ from tunesmith.tasks import text_classification as tc
 from tunesmith.train import FUSED_ADAMW_DEVICES, make_batches
 
 
+def minilm_training_setup(n_batches: int):
+    """minilm-l6 built as train.py builds it (in train mode), the Rotten Tomatoes train split encoded at
+    max_length 128, its first n_batches length-grouped batches of 32, and the AdamW train.py uses."""
+    torch.manual_seed(0)
+    cfg = load_config({"data": {"dataset": "rotten_tomatoes", "validation_fraction": 0}})
+    df = pd.read_csv(catalog.dataset_path("rotten_tomatoes") / "train.csv")
+    labels = tc.LabelSpace("single_label", sorted(set(df["label"])))
+    model, tok = tc.build_model(str(catalog.model_path("minilm-l6")), labels, cfg)
+    enc = tc.encode(tok, tc.load_splits(cfg).train, 128)
+    batches = make_batches(enc.lengths, 32, 0, True)[:n_batches]
+    opt = torch.optim.AdamW(parameter_groups(model, 0.01), lr=5e-5, fused="cpu" in FUSED_ADAMW_DEVICES)
+    model.train()
+    return model, tok, enc, batches, opt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
@@ -33,15 +48,7 @@ def main() -> None:
                         help="also time whole vs first-token-only last block, alternating, ROUNDS rounds")
     args = parser.parse_args()
 
-    cfg = load_config({"data": {"dataset": "rotten_tomatoes", "validation_fraction": 0}})
-    df = pd.read_csv(catalog.dataset_path("rotten_tomatoes") / "train.csv")
-    labels = tc.LabelSpace("single_label", sorted(set(df["label"])))
-    model, tok = tc.build_model(str(catalog.model_path("minilm-l6")), labels, cfg)
-    splits = tc.load_splits(cfg)
-    enc = tc.encode(tok, splits.train, 128)
-    batches = make_batches(enc.lengths, 32, 0, True)[: args.steps + 3]
-    opt = torch.optim.AdamW(parameter_groups(model, 0.01), lr=5e-5, fused="cpu" in FUSED_ADAMW_DEVICES)  # as train.py
-    model.train()
+    model, tok, enc, batches, opt = minilm_training_setup(args.steps + 3)
     phases = {k: 0.0 for k in ("collate", "forward", "backward", "clip", "optimizer")}
     ctx = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")  # noqa: E731
 

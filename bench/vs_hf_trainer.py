@@ -196,11 +196,10 @@ def run_inference(run_dir: Path, test_csv: Path, rounds: int = INFERENCE_ROUNDS)
 
 def mean_over_seeds(runs: list[dict]) -> dict:
     """One side's runs (one per seed) as one row: means, the accuracy's spread, the highest peak memory."""
-    import numpy as np
     row = dict(runs[0], seeds=[r["seed"] for r in runs])
     for key in ("train_samples_per_second", "eval_samples_per_second", "accuracy", "macro_f1"):
-        values = np.array([r[key] for r in runs], dtype=float)
-        row[key], row[key + "_std"] = float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        values = [float(r[key]) for r in runs]
+        row[key], row[key + "_std"] = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
     for key in ("peak_rss_mb", "peak_gpu_mb"):
         values = [r[key] for r in runs if r.get(key) is not None]
         row[key] = max(values) if values else None
