@@ -5,7 +5,9 @@
 Times each phase of the step (collate, forward, backward, clip, optimizer step) with wall clocks over
 --steps length-grouped batches of 32, then prints the top operators from torch.profiler. With
 --ab-first-token R, it then times the same steps with Hugging Face's whole last block and with
-tunesmith's first-token-only one (models.first_token_only), alternating, R rounds each.
+tunesmith's first-token-only one (models.first_token_only), R rounds over the same batches: each
+batch's step runs under both settings back to back, in alternating order, so the host's changes of
+speed (large on a shared machine) fall on both alike.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--ab-first-token", type=int, default=0, metavar="ROUNDS",
-                        help="also time whole vs first-token-only last block, alternating, ROUNDS rounds")
+                        help="also time whole vs first-token-only last block, step by step, ROUNDS rounds")
     args = parser.parse_args()
 
     model, tok, enc, batches, opt = minilm_training_setup(args.steps + 3)
@@ -91,22 +93,28 @@ def main() -> None:
     print(f"embedding parameters: {emb:,} of {sum(p.numel() for p in model.parameters()):,}")
 
     if args.ab_first_token:
+        # Every batch's step runs with both last blocks, one right after the other, in alternating
+        # order: the host's drifts in speed hit both alike.
         last = model.base_model.encoder.layer[-1]
-        per_step = {"whole last block": [], "first token only": []}
-        for _ in range(args.ab_first_token):
-            for name, times in per_step.items():
-                if name == "whole last block":
-                    last.__dict__.pop("forward", None)  # back to the class's forward
-                else:
-                    assert first_token_only(model)
-                t = time.perf_counter()
-                for b in batches[3:]:
+        settings = {"whole last block": lambda: last.__dict__.pop("forward", None),  # the class's forward
+                    "first token only": lambda: first_token_only(model)}
+        totals, ratios = dict.fromkeys(settings, 0.0), []
+        for r in range(args.ab_first_token):
+            for i, b in enumerate(batches[3:]):
+                took = {}
+                for name in list(settings)[::1 if (i + r) % 2 == 0 else -1]:
+                    settings[name]()
+                    t = time.perf_counter()
                     step(b, False)
-                times.append((time.perf_counter() - t) / args.steps * 1000)
-        for name, times in per_step.items():
-            print(f"{name}: {statistics.median(times):.0f} ms/step (rounds: {', '.join(f'{x:.0f}' for x in times)})")
-        whole, first = (statistics.median(t) for t in per_step.values())
-        print(f"first token only: {whole / first:.2f}x the steps per second of the whole last block")
+                    took[name] = time.perf_counter() - t
+                    totals[name] += took[name]
+                ratios.append(took["whole last block"] / took["first token only"])
+        n = args.ab_first_token * args.steps
+        whole, first = (totals[name] / n * 1000 for name in settings)
+        low, median, high = statistics.quantiles(ratios, n=4)
+        print(f"whole last block: {whole:.0f} ms/step; first token only: {first:.0f} ms/step ({n} steps each, "
+              f"interleaved)\nfirst token only: {whole / first:.2f}x the steps per second of the whole last "
+              f"block (per step: median {median:.2f}x, quartiles {low:.2f}-{high:.2f}x)")
 
 
 if __name__ == "__main__":
