@@ -208,3 +208,24 @@ def test_bad_search_settings(tiny_model_dir, tmp_path, capsys):
     code, line = run_cli(capsys, ["search", "--resume", tmp_path])
     assert code == 2 and "not a tunesmith search folder" in line
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_worker_starting_as_another_creates_the_folder_joins_the_search(tiny_model_dir, tmp_path, monkeypatch):
+    """Two workers starting together both find no search folder, then both create it: the second
+    mkdir used to fail with FileExistsError (a worker exited 1 under load in the full suite).
+    Here the other worker wins the race: the folder appears between the check and the mkdir."""
+    import pathlib
+
+    cfg = _config(tmp_path, tiny_model_dir, trials=1)
+    search_dir = tmp_path / "runs" / "s"
+    real_exists = pathlib.Path.exists
+
+    def exists_as_before_the_other_worker(self):
+        if self == search_dir and not real_exists(self):
+            search_dir.mkdir(parents=True)  # the other worker creates it just now
+            return False
+        return real_exists(self)
+
+    monkeypatch.setattr(pathlib.Path, "exists", exists_as_before_the_other_worker)
+    result = tunesmith.search(cfg)
+    assert [t["state"] for t in result.trials] == ["complete"]

@@ -205,12 +205,21 @@ def cross_validate(config: str | Path | dict | Config, overrides: dict[str, Any]
     return CVResult(cv_dir, fold_metrics, mean, std, pooled, test_metrics)
 
 
-def new_folder(path: Path) -> Path:
-    """Create `path` (and missing parents); returns the topmost folder created, to remove on failure."""
+def new_folder(path: Path, exist_ok: bool = False) -> Path | None:
+    """Create `path` (and missing parents); returns the topmost folder created, to remove on failure.
+
+    With exist_ok, a folder that exists already (made a moment ago by another worker of the same
+    search, say) is no error: None is returned, as nothing was created here.
+    """
     top = path
     while not top.parent.exists():
         top = top.parent
-    path.mkdir(parents=True)
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:
+        if not exist_ok:
+            raise
+        return None
     return top
 
 

@@ -117,7 +117,9 @@ def search(config: str | Path | dict | Config | None, overrides: dict[str, Any] 
         raise TunesmithError(f"{search_dir} holds a search of a different config; continue it with "
                              f"--resume {search_dir}, or set output.name for a new search")
 
-    created = new_folder(search_dir) if not search_dir.exists() else None
+    # no exists() check first: two workers starting together would both see no folder, and the
+    # second mkdir would fail (seen in the test suite under load)
+    created = new_folder(search_dir, exist_ok=True)
     if not saved_config.is_file() or resume is not None:
         write_text_atomic(saved_config, config_to_yaml(cfg))
     url = scfg.storage or f"sqlite:///{(search_dir / 'study.db').resolve()}"

@@ -75,6 +75,23 @@ def make_batches(lengths: list[int], batch_size: int, seed: int, group_by_length
     return batches
 
 
+def make_accelerator(precision: str) -> Accelerator:
+    """An Accelerator running this run's precision, whatever ran before in this process.
+
+    accelerate keeps one process-wide AcceleratorState whose mixed precision is fixed by the first
+    Accelerator and refuses a different one later (a notebook training fp32 then bf16, a search over
+    train.precision, cv after a run). Its mixed-precision part is cleared when the precision changes;
+    the PartialState under it (device, process group of a distributed launch) is kept as it is.
+    """
+    from accelerate.state import AcceleratorState
+
+    wanted = "bf16" if precision == "bf16" else "no"
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if current is not None and current != wanted:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=wanted)
+
+
 def new_run_dir(cfg: Config) -> Path:
     base = cfg.output.name or f"{cfg.data.dataset or Path(cfg.data.train or 'run').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     root = Path(cfg.output.dir)
@@ -156,7 +173,7 @@ def train(config: str | Path | dict | Config, overrides: dict[str, Any] | None =
                              "(data.validation or data.validation_fraction > 0)")
 
     precision = choose_precision(tcfg.precision, parameters=sum(p.numel() for p in model.parameters()))
-    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+    accelerator = make_accelerator(precision)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     multiple = pad_multiple(tcfg.pad_to_multiple_of, accelerator.device)
     collate = lambda feats: task.collate(feats, pad_id, multiple)  # noqa: E731
