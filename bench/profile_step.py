@@ -24,7 +24,7 @@ from tunesmith import catalog
 from tunesmith.config import load_config
 from tunesmith.models import first_token_only, parameter_groups
 from tunesmith.tasks import text_classification as tc
-from tunesmith.train import FUSED_ADAMW_DEVICES, make_batches
+from tunesmith.loop import FUSED_ADAMW_DEVICES, make_batches
 
 
 def minilm_training_setup(n_batches: int):

@@ -18,7 +18,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.imbalance import class_counts, class_weights, example_weights, focal_loss, make_loss
 from tunesmith.tasks import text_classification as txt
 from tunesmith.tasks import token_classification as tok
-from tunesmith.train import make_batches
+from tunesmith.loop import make_batches
 
 train_module = importlib.import_module("tunesmith.train")  # the module, not the function tunesmith.train
 

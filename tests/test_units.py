@@ -15,7 +15,7 @@ from conftest import tiny_config
 from tunesmith import catalog, inference
 from tunesmith.errors import TunesmithError
 from tunesmith.models import from_pretrained, resolve_model
-from tunesmith.train import make_batches
+from tunesmith.loop import make_batches
 
 
 def test_make_batches_cover_every_index_once_and_group_by_length():
@@ -150,7 +150,7 @@ def test_batch_widths_stay_within_the_buckets(tiny_model_dir, sentiment_csv, tmp
 
     import tunesmith
     from tunesmith.tasks import text_classification as tcls
-    from tunesmith.train import make_batches
+    from tunesmith.loop import make_batches
 
     assert inference.pad_multiple("auto", torch.device("cuda")) == 16
     assert inference.pad_multiple("auto", torch.device("cpu")) == 1 and inference.pad_multiple(8, torch.device("cpu")) == 8

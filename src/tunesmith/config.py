@@ -8,12 +8,13 @@ Every mistake is reported as one line naming the file, the key and, where known,
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from .errors import TunesmithError
 
@@ -88,11 +89,34 @@ class DataConfig(_Section):
         return self
 
 
+def parse_duration(value: Any) -> float | None:
+    """'90s', '20m', '1h', '1h30m', '1.5h' or a number of seconds -> seconds."""
+    if value is None or isinstance(value, bool):
+        return None if value is None else _bad_duration(value)
+    if isinstance(value, (int, float)):
+        return float(value) if value > 0 else _bad_duration(value)
+    text = str(value).strip().lower().replace(" ", "")
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return _bad_duration(value)
+    seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    return seconds if seconds > 0 else _bad_duration(value)
+
+
+def _bad_duration(value: Any) -> float:
+    raise ValueError("expected a duration such as 90s, 20m, 1h or 1h30m")
+
+
 class TrainConfig(_Section):
-    epochs: float = Field(1, gt=0, description="may be fractional, e.g. 0.5")
+    epochs: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="passes over the training data (may be fractional, e.g. 0.5); auto: enough "
+                            "optimizer steps to learn small data, about one pass over large data, evaluated "
+                            "several times with early stopping (see docs/defaults.md)")
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(128, ge=1)
-    lr: float = Field(5e-5, gt=0)
+    lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="peak learning rate; auto: the rate measured to work for the strategy "
+                            "(full, freeze, gradual_unfreeze 5e-5; lora 5e-4; linear_probe 2e-3)")
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, le=1)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
@@ -106,10 +130,22 @@ class TrainConfig(_Section):
     pad_to_multiple_of: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="round each batch's width up to a multiple of this; auto: 16 on a GPU (a few fixed "
                             "shapes that its kernels handle fast), 1 on a CPU (there every padded token costs time)")
-    eval_every_steps: int | None = Field(None, ge=1, description="evaluate every N steps; default: every epoch")
+    eval_every_steps: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        "auto", description="evaluate every N optimizer steps; null: at the end of every epoch; auto: every "
+                            "epoch when epochs is a number, else several times per run (evaluation kept to "
+                            "about a tenth of the training time)")
     metric: str = Field("auto", description="metric that picks the best checkpoint (auto: macro_f1 / r2)")
-    early_stopping_patience: int | None = Field(None, ge=1, description="evaluations without improvement")
+    early_stopping_patience: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        "auto", description="stop after this many evaluations without improvement; auto: 3 when epochs is "
+                            "auto (never in the first half of the plan), else off; null: off")
+    time_limit: Annotated[float, BeforeValidator(parse_duration)] | None = Field(
+        None, description="budget for the whole run, e.g. 20m or 1h: the plan is cut to what fits at the "
+                          "speed measured on the first steps, and training stops at the budget with the best "
+                          "model so far")
     checkpoint_every_steps: int = Field(200, ge=1, description="resumable checkpoint interval (optimizer steps)")
+    keep_checkpoints: bool = Field(
+        False, description="keep the resumable checkpoints (model + optimizer state) after a run finishes; "
+                           "model/ and the logs are always kept")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
 
 
@@ -148,6 +184,12 @@ class StrategyConfig(_Section):
     cache_features: Literal["auto", "off"] = Field(
         "auto", description="auto: when the bottom blocks are frozen, compute their outputs once and train the "
                             "top from the cache (same results, much faster epochs)")
+    @field_validator("cache_features", mode="before")
+    @classmethod
+    def _yaml_boolean(cls, value: Any) -> Any:
+        # YAML reads an unquoted `off` (as the docs write it) as false, and `on` as true
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
+
     cache_memory_mb: int = Field(
         2048, ge=0, description="cached features larger than this go to a memory-mapped file in the run folder")
 
@@ -373,7 +415,7 @@ def parse_override_value(text: str) -> Any:
 
 def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
     """Set dotted keys, e.g. {'train.lr': 3e-5}, in a nested dict (copying it)."""
-    out = _deep_copy(raw)
+    out = deep_copy(raw)
     for dotted, value in overrides.items():
         node = out
         parts = dotted.split(".")
@@ -430,9 +472,9 @@ def _describe_validation_error(exc: ValidationError, origin: str, yaml_text: str
     loc = list(err["loc"])
     key_error = bool(loc) and str(loc[-1]) == "[key]"  # the mapping key itself is wrong (search.space names config keys)
     loc = loc[:-1] if key_error else loc
-    # pydantic names the union member it tried ('swap', "literal['balanced']"); the YAML has no such key
+    # pydantic names the union member it tried ('constrained-float', "literal['auto']"): not config keys
     keys = [str(k) for i, k in enumerate(loc)
-            if not ("[" in str(k) or (i and isinstance(loc[i - 1], int) and k in AUGMENT_OPS))]
+            if not ("[" in str(k) or "-" in str(k) or (i and isinstance(loc[i - 1], int) and k in AUGMENT_OPS))]
     dotted = ".".join(keys)
     line = _yaml_line(yaml_text, keys) if yaml_text else None
     loc = f"{origin}, line {line}" if line else origin
@@ -508,5 +550,6 @@ def config_to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def _deep_copy(d: dict) -> dict:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+def deep_copy(d: dict) -> dict:
+    """A copy of nested dicts (the values themselves are shared)."""
+    return {k: deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold, KFold, ShuffleSplit, StratifiedGroupKFold, StratifiedKFold
 
+from . import inputs
 from .atomic import write_text_atomic
 from .config import Config, load_config
 from .errors import TunesmithError
@@ -35,7 +36,8 @@ from .evaluate import scalar_metrics
 from .inference import LoadedRun, write_frame_atomic
 from .tasks import TASKS
 from .tasks.text_classification import _validation_split, resolve_data_config
-from .train import _log, new_run_dir, train
+from .runlog import log
+from .train import new_run_dir, train
 
 CV_INFO = "cv.json"
 
@@ -86,7 +88,7 @@ def _train_fold(i: int, cfg: Config, base, held: np.ndarray, held_rows, inner_fr
     if inner_fraction:
         tr, va = _inner_split(cfg.task, fold_train, cfg, resolve_data_config(cfg.data))
         fold_train, validation = fold_train.subset(tr), fold_train.subset(va)
-    _log(f"fold {i}/{cfg.cv.folds}: {len(fold_train.texts)} train, "
+    log(f"fold {i}/{cfg.cv.folds}: {len(fold_train.texts)} train, "
          f"{len(validation.texts) if validation is not None else 0} validation, {len(held)} held out")
     splits = type(base)(fold_train, validation, held_rows, base.labels)
     fold_cfg = load_config(cfg, {"output.dir": str(cv_dir), "output.name": f"fold-{i}", "data.test": None})
@@ -114,6 +116,11 @@ def cross_validate(config: str | Path | dict | Config, overrides: dict[str, Any]
     `on_fold(fold, mean_so_far)` (hyperparameter search) sees the mean of train.metric after each
     fold and may return True to stop early; the result then covers the folds run so far.
     """
+    with inputs.in_memory_data(config, overrides) as (config, overrides):
+        return _cross_validate(config, overrides, folds, keep_models, cv_dir, on_fold)
+
+
+def _cross_validate(config, overrides, folds, keep_models, cv_dir, on_fold) -> CVResult:
     extra = dict(overrides or {})
     if folds is not None:
         extra["cv.folds"] = folds
@@ -127,22 +134,23 @@ def cross_validate(config: str | Path | dict | Config, overrides: dict[str, Any]
     # All training rows; a validation *file* (if any) picks checkpoints in every fold.
     base = task.load_splits(load_config(cfg, {"data.validation_fraction": 0.0}))
     rows = base.train
-    held_out = fold_indices(rows, base.labels.problem_type, k, cfg.train.seed, str(data.train))
+    held_out = fold_indices(rows, base.labels.problem_type, k, cfg.train.seed, inputs.shown(data.train))
     inner_fraction = base.validation is None and data.validation_fraction > 0
     metric = task.default_metric(base.labels) if cfg.train.metric == "auto" else cfg.train.metric
 
     if cv_dir is None:
-        stem = cfg.data.dataset or Path(cfg.data.train or "run").stem
+        stem = cfg.data.dataset or inputs.stem(cfg.data.train)
         name = cfg.output.name or f"{stem}-cv-{time.strftime('%Y%m%d-%H%M%S')}"
         cv_dir = new_run_dir(load_config(cfg, {"output.name": name}))
     cv_dir = Path(cv_dir)
     if cv_dir.exists():
         raise TunesmithError(f"{cv_dir}: already exists; choose another output.name")
     created = new_folder(cv_dir)
+    cfg = inputs.persist(cfg, cv_dir)  # in-memory data: one copy for every fold's config
     selection = "validation file" if base.validation is not None else \
         "validation part of each fold's training rows" if inner_fraction else "last step"
     grouped = getattr(rows, "groups", None) is not None
-    _log(f"cross-validation: {k} folds of {len(rows.texts)} examples ({'by group, ' if grouped else ''}"
+    log(f"cross-validation: {k} folds of {len(rows.texts)} examples ({'by group, ' if grouped else ''}"
          f"{'stratified' if base.labels.problem_type == 'single_label' else 'not stratified'}); "
          f"best checkpoint by validation {metric} on the {selection}; folder {cv_dir}")
 
@@ -160,9 +168,9 @@ def cross_validate(config: str | Path | dict | Config, overrides: dict[str, Any]
             frame.insert(0, "row", held + 1)  # 1-based position in the training data
             frames.append(frame)
             mean_so_far = float(np.mean([m[metric] for m in fold_metrics])) if metric in scores else float("nan")
-            _log(f"fold {i}/{k}: held-out {', '.join(f'{m} {v:.4f}' for m, v in scores.items())}")
+            log(f"fold {i}/{k}: held-out {', '.join(f'{m} {v:.4f}' for m, v in scores.items())}")
             if on_fold is not None and on_fold(i, mean_so_far):
-                _log(f"stopped after fold {i}/{k}")
+                log(f"stopped after fold {i}/{k}")
                 break
     except TunesmithError:
         if not fold_metrics:  # a bad setting surfaced in the first fold: leave nothing behind
@@ -192,7 +200,7 @@ def cross_validate(config: str | Path | dict | Config, overrides: dict[str, Any]
         logits = ensemble.logits(base.test)
         test_metrics = task.compute_metrics(logits, base.test.targets, base.labels)
         write_frame_atomic(task.predictions_frame(base.test, logits, base.labels), cv_dir / "test_predictions.csv")
-        _log(f"test ({len(base.test.texts)} examples), ensemble of {k} fold models: "
+        log(f"test ({len(base.test.texts)} examples), ensemble of {k} fold models: "
              + ", ".join(f"{m} {v:.4f}" for m, v in scalar_metrics(test_metrics).items()))
     summary = {"folds": k, "folds_run": len(fold_metrics), "metric": metric, "examples": len(rows.texts),
                "grouped": grouped, "stratified": base.labels.problem_type == "single_label",

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import inputs
 from .errors import TunesmithError
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq")
@@ -24,12 +25,15 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq")
 class Table:
     """A DataFrame plus where its rows came from, for error messages."""
     df: pd.DataFrame
-    path: Path
-    line_of_row: list[int] | None  # source line per row (text formats); None for Parquet
+    path: Path | str               # a file, or the name of in-memory data ("data.train (DataFrame)")
+    line_of_row: list[int] | None  # source line per row (text formats); None for Parquet and memory
+    row_names: list[str] | None = None  # in-memory data: how each row is named ("index 17", "item 3")
 
     def where(self, row: int, column: str | None = None) -> str:
         if self.line_of_row is not None:
             at = f"line {self.line_of_row[row]}"
+        elif self.row_names is not None:
+            at = self.row_names[row]
         else:
             at = f"row {row + 1}"
         col = f", column '{column}'" if column else ""
@@ -45,6 +49,9 @@ class Table:
 
 
 def read_table(path: str | Path) -> Table:
+    if inputs.is_token(path):  # a DataFrame, list or Dataset given to the Python API
+        frame, name, rows = inputs.lookup(str(path))
+        return Table(frame, name, None, rows)
     path = Path(path)
     if not path.exists():
         raise TunesmithError(f"{path}: file not found")

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import inputs
 from .atomic import recover_dir, replace_dir, temp_dir_beside, temp_file_beside
 from .config import Config, config_to_yaml, load_config
 from .errors import TunesmithError
@@ -218,28 +219,28 @@ def load_run(run: str | Path, precision: str = "auto"):
     return CVEnsemble(run, precision) if is_cv_dir(run) else LoadedRun(run, precision)
 
 
-def evaluate(run: str | Path, data: str | Path, precision: str = "auto", batch_size: int = 128) -> dict:
-    """Metrics of a trained model on a labelled file."""
+def evaluate(run: str | Path, data, precision: str = "auto", batch_size: int = 128) -> dict:
+    """Metrics of a trained model on labelled data: a file, a DataFrame, a list of dicts or a Dataset."""
     loaded = load_run(run, precision)
-    examples = loaded.task.read_examples(data, loaded.data_cfg, loaded.labels, require_labels=True)
+    with inputs.in_memory_input(data, "data", loaded.data_cfg.text_column) as source:
+        examples = loaded.task.read_examples(source, loaded.data_cfg, loaded.labels, require_labels=True)
     return loaded.task.compute_metrics(loaded.logits(examples, batch_size), examples.targets, loaded.labels)
 
 
-def predict(run: str | Path, input: str | Path | None = None, output: str | Path | None = None,
+def predict(run: str | Path, input=None, output: str | Path | None = None,
             precision: str = "auto", batch_size: int = 128, texts: list[str] | None = None) -> pd.DataFrame:
-    """Predictions for every row of a file (labels are optional there), or for raw `texts`:
-    label and per-class probabilities; for token classification, tags and entities."""
+    """Predictions for every row of `input` (a file, a DataFrame, a list of dicts or texts, or a Dataset;
+    labels are optional there), or for raw `texts`: label and per-class probabilities; for token
+    classification, tags and entities. Returns a DataFrame, also written to `output` when given."""
     if (input is None) == (texts is None):
-        raise TunesmithError("predict needs an input file or texts (one of them)")
+        raise TunesmithError("predict needs an input (a file, a DataFrame, a list) or texts (one of them)")
     loaded = load_run(run, precision)
-    if texts is not None:  # read like a one-column JSONL file, so texts are checked the same way
-        import tempfile
-        with tempfile.TemporaryDirectory() as tmp:
-            input = Path(tmp) / "texts.jsonl"
-            pd.DataFrame({loaded.data_cfg.text_column: list(texts)}).to_json(input, orient="records", lines=True)
-            examples = loaded.task.read_examples(input, loaded.data_cfg, loaded.labels, require_labels=False)
-    else:
-        examples = loaded.task.read_examples(input, loaded.data_cfg, loaded.labels, require_labels=False)
+    name = "input" if texts is None else "texts"
+    if isinstance(texts, str):
+        texts = [texts]
+    with inputs.in_memory_input(list(texts) if texts is not None else input, name,
+                                loaded.data_cfg.text_column) as source:
+        examples = loaded.task.read_examples(source, loaded.data_cfg, loaded.labels, require_labels=False)
     frame = loaded.task.predictions_frame(examples, loaded.logits(examples, batch_size), loaded.labels)
     if output is not None:
         write_frame_atomic(frame, Path(output))

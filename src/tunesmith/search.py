@@ -34,15 +34,18 @@ from typing import Any
 
 import yaml
 
+from . import inputs
 from .atomic import write_text_atomic
-from .config import Config, SearchParam, StrategyConfig, _deep_copy, apply_overrides, config_to_yaml, load_config
+from .config import Config, SearchParam, StrategyConfig, apply_overrides, deep_copy, config_to_yaml, load_config
 from .errors import TunesmithError
 from .cv import new_folder
 from .evaluate import LOWER_IS_BETTER
 from .inference import write_frame_atomic
 from .models import resolve_model
 from .tasks import TASKS
-from .train import _log, train
+from .runlog import log
+from .schedule import auto_steps, resolve_lr
+from .train import train
 
 # A worker writes a heartbeat this often; a RUNNING trial whose heartbeat is older than the grace
 # period belonged to a dead worker (on any machine) and is failed and retried by the next worker.
@@ -74,6 +77,13 @@ def search(config: str | Path | dict | Config | None, overrides: dict[str, Any] 
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own progress line per trial says it
+    with inputs.in_memory_data(config, overrides) as (config, overrides):
+        return _search(config, overrides, trials, storage, resume)
+
+
+def _search(config, overrides, trials, storage, resume) -> SearchResult:
+    import optuna
+
     extra = dict(overrides or {})
     if trials is not None:
         extra["search.trials"] = trials
@@ -87,20 +97,18 @@ def search(config: str | Path | dict | Config | None, overrides: dict[str, Any] 
         search_dir = Path(resume)
     else:
         cfg = load_config(config, extra)
-        stem = cfg.data.dataset or Path(cfg.data.train or "run").stem
+        stem = cfg.data.dataset or inputs.stem(cfg.data.train)
         search_dir = Path(cfg.output.dir) / (cfg.output.name or f"{stem}-search")
     scfg = cfg.search
     study_name = search_dir.name
     task = TASKS[cfg.task]
 
     # ---- every input check before anything is written
-    if not scfg.space:
-        raise TunesmithError("search.space is empty: declare at least one parameter, e.g. "
-                             "train.lr: {low: 1.0e-5, high: 1.0e-4, log: true}")
     base_raw = cfg.model_dump(mode="json")
     _check_space(base_raw, scfg.space)
     resolve_model(cfg.model.name)
     splits = task.load_splits(cfg)
+    space = scfg.space or default_space(cfg, len(splits.train.texts))
     if scfg.objective == "validation" and splits.validation is None:
         raise TunesmithError("search.objective 'validation' needs a validation split "
                              "(data.validation or data.validation_fraction > 0)")
@@ -109,17 +117,20 @@ def search(config: str | Path | dict | Config | None, overrides: dict[str, Any] 
         from .tasks.text_classification import resolve_data_config
         all_rows = task.load_splits(load_config(cfg, {"data.validation_fraction": 0.0})).train
         fold_indices(all_rows, splits.labels.problem_type, cfg.cv.folds, cfg.train.seed,
-                     str(resolve_data_config(cfg.data).train))
+                     inputs.shown(resolve_data_config(cfg.data).train))
     metric = task.default_metric(splits.labels) if cfg.train.metric == "auto" else cfg.train.metric
     saved_config = search_dir / "config.yaml"
     comparable = lambda c: {**c.model_dump(), "search": c.search.model_dump(exclude={"trials"})}  # noqa: E731
-    if saved_config.is_file() and comparable(load_config(saved_config)) != comparable(cfg):
+    in_folder = inputs.persist(cfg, search_dir, write=False)  # in-memory data: its copy in the search folder
+    if saved_config.is_file() and comparable(load_config(saved_config)) != comparable(in_folder):
         raise TunesmithError(f"{search_dir} holds a search of a different config; continue it with "
                              f"--resume {search_dir}, or set output.name for a new search")
 
     # no exists() check first: two workers starting together would both see no folder, and the
     # second mkdir would fail (seen in the test suite under load)
     created = new_folder(search_dir, exist_ok=True)
+    cfg = inputs.persist(cfg, search_dir)
+    base_raw = cfg.model_dump(mode="json")  # trials read the data from the search folder's copy
     if not saved_config.is_file() or resume is not None:
         write_text_atomic(saved_config, config_to_yaml(cfg))
     url = scfg.storage or f"sqlite:///{(search_dir / 'study.db').resolve()}"
@@ -136,10 +147,12 @@ def search(config: str | Path | dict | Config | None, overrides: dict[str, Any] 
 
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished))
-    _log(f"search {study_name}: {done} of {scfg.trials} trials finished; objective {scfg.objective} "
+    log(f"search {study_name}: {done} of {scfg.trials} trials finished; objective {scfg.objective} "
          f"{metric} ({study.direction.name.lower()}); storage {_shown_url(url)}")
 
-    objective = _objective(cfg, base_raw, search_dir, metric)
+    if not scfg.space:
+        log("search.space not given: the default space, " + "; ".join(f"{k} {_describe_param(p)}" for k, p in space.items()))
+    objective = _objective(cfg, base_raw, search_dir, metric, space)
     failures_in_a_row: list[str] = []
 
     def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -153,7 +166,7 @@ def search(config: str | Path | dict | Config | None, overrides: dict[str, Any] 
             best = f"; best: trial {study.best_trial.number} ({study.best_value:.4f})"
         except ValueError:
             best = ""
-        _log(f"trial {trial.number} {trial.state.name.lower()}{value} in {seconds:.0f}s "
+        log(f"trial {trial.number} {trial.state.name.lower()}{value} in {seconds:.0f}s "
              f"({n}/{scfg.trials} finished{best})")
         if trial.state == optuna.trial.TrialState.FAIL:
             failures_in_a_row.append(trial.user_attrs.get("error", "failed"))
@@ -183,7 +196,7 @@ def search(config: str | Path | dict | Config | None, overrides: dict[str, Any] 
     return result
 
 
-def _objective(cfg: Config, base_raw: dict, search_dir: Path, metric: str):
+def _objective(cfg: Config, base_raw: dict, search_dir: Path, metric: str, space: dict[str, SearchParam]):
     """One trial: sample, train (or cross-validate) in search_dir/trial-NNNN, return the metric."""
     import optuna
 
@@ -191,10 +204,10 @@ def _objective(cfg: Config, base_raw: dict, search_dir: Path, metric: str):
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
-        params = _suggest(trial, base_raw, scfg.space)
+        params = _suggest(trial, base_raw, space)
         trial_cfg = _trial_config(base_raw, params, {"output.dir": str(search_dir),
                                                      "output.name": f"trial-{trial.number:04d}"})
-        _log(f"trial {trial.number}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in params.items()))
+        log(f"trial {trial.number}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in params.items()))
         pruned: list[int] = []
 
         def report(step: int, value: float) -> bool:
@@ -231,6 +244,30 @@ def _objective(cfg: Config, base_raw: dict, search_dir: Path, metric: str):
 
 
 # ---------------------------------------------------------------- the space
+
+def default_space(cfg: Config, train_examples: int) -> dict[str, SearchParam]:
+    """The space searched when search.space is empty, like the Trainer's default Optuna space but
+    centred on what this run would do: the learning rate from a fifth to 4x the strategy's automatic
+    rate (log scale), passes over the data around the automatic plan's, batch size, warm-up and
+    weight decay."""
+    lr, _ = resolve_lr(cfg)
+    steps_per_epoch = math.ceil(train_examples / cfg.train.batch_size / cfg.train.grad_accum_steps)
+    auto_epochs = max(1, math.ceil(auto_steps(steps_per_epoch) / steps_per_epoch))
+    return {
+        "train.lr": SearchParam(low=lr / 5, high=lr * 4, log=True),
+        "train.epochs": SearchParam(type="int", low=max(1, auto_epochs // 2), high=max(2, 2 * auto_epochs)),
+        "train.batch_size": SearchParam(choices=[16, 32, 64]),
+        "train.warmup_ratio": SearchParam(low=0.0, high=0.2),
+        "train.weight_decay": SearchParam(low=0.0, high=0.1),
+    }
+
+
+def _describe_param(p: SearchParam) -> str:
+    if p.kind == "categorical":
+        return "{" + ", ".join(map(str, p.choices)) + "}"
+    return f"{_fmt(p.low if p.kind == 'float' else int(p.low))} to {_fmt(p.high if p.kind == 'float' else int(p.high))}" \
+        + (" (log)" if p.log else "")
+
 
 def _suggest(trial, base_raw: dict, space: dict[str, SearchParam]) -> dict[str, Any]:
     """Sample every parameter that applies: strategy settings that do not fit the sampled
@@ -275,7 +312,7 @@ def _applies(base_raw: dict, params: dict, key: str, value: Any) -> bool:
 def _trial_config(base_raw: dict, params: dict[str, Any], extra: dict[str, Any] | None = None) -> Config:
     """The base config with a trial's parameters. A sampled strategy.name starts from a strategy
     section where only the base settings that fit the new strategy are kept."""
-    raw = _deep_copy(base_raw)
+    raw = deep_copy(base_raw)
     raw.pop("search", None)  # a trial is a plain run
     if "strategy.name" in params:
         section = {"name": params["strategy.name"]}
@@ -367,7 +404,7 @@ def _requeue_dead_trials(study, store, study_name: str) -> None:
         trial_id = store.get_trial_id_from_study_id_trial_number(study_id, t.number)
         if store.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL):
             _retry()(study, store.get_trial(trial_id))
-            _log(f"trial {t.number} was cut off (worker {worker.get('pid')} is gone): marked failed, "
+            log(f"trial {t.number} was cut off (worker {worker.get('pid')} is gone): marked failed, "
                  "its parameters queued again")
 
 

@@ -115,11 +115,12 @@ class Plan:
         return self.cfg.name in ("freeze", "linear_probe") and frozen_embeddings and self.frozen_blocks > 0
 
 
-def apply_strategy(model: nn.Module, cfg: Config, steps_per_epoch: int) -> tuple[nn.Module, Plan]:
-    """Freeze (or wrap with LoRA) as the config says; returns the model to train and the plan."""
+def apply_strategy(model: nn.Module, cfg: Config, steps_per_epoch: int, lr: float) -> tuple[nn.Module, Plan]:
+    """Freeze (or wrap with LoRA) as the config says; returns the model to train and the plan.
+    `lr` is the peak learning rate of the head (train.lr, resolved when it is auto)."""
     scfg = cfg.strategy
     layout = find_layout(model)
-    plan = Plan(scfg, cfg.train.lr, cfg.train.weight_decay, layout)
+    plan = Plan(scfg, lr, cfg.train.weight_decay, layout)
     if scfg.name == "full" and scfg.layerwise_lr_decay == 1.0:
         return model, plan
     if layout is None:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .data import _decode_utf8, read_table, text_values
+from . import inputs
 from .errors import TunesmithError
 
 RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".pq")
@@ -42,12 +43,19 @@ class Sentences:
     texts: list[str] | None = None         # raw texts (predict on text): tokens come from split_words
     offsets: list[list[tuple[int, int]]] | None = None
     frame: pd.DataFrame | None = None      # the input's other columns, kept in predictions
+    row_names: list[str] | None = None     # in-memory data: each sentence's name in errors ("index 4")
+
+    def where(self, sentence: int, token: int) -> str:
+        """'train.conll, line 12' (the token's line), or 'data.train (DataFrame), index 4' in memory."""
+        if self.row_names is not None:
+            return f"{self.path}, {self.row_names[sentence]}"
+        return f"{self.path}, line {self.lines[sentence][token]}"
 
     def subset(self, idx: np.ndarray) -> "Sentences":
         pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
         frame = None if self.frame is None else self.frame.iloc[idx].reset_index(drop=True)
         return Sentences(self.path, pick(self.tokens), pick(self.tags), pick(self.lines), pick(self.texts),
-                         pick(self.offsets), frame)
+                         pick(self.offsets), frame, pick(self.row_names))
 
 
 def resolve_format(path: Path, fmt: str) -> str:
@@ -58,6 +66,8 @@ def resolve_format(path: Path, fmt: str) -> str:
 
 def read_sentences(path: str | Path, fmt: str, tokens_column: str, tags_column: str, text_column: str,
                    require_tags: bool) -> Sentences:
+    if inputs.is_token(path):  # in-memory records (tokens + tags lists, or texts): read like JSONL
+        return _read_records(path, tokens_column, tags_column, text_column, require_tags)
     path = Path(path)
     if not path.is_file():
         raise TunesmithError(f"{path}: file not found" if not path.exists() else f"{path}: is a folder, expected a file")
@@ -118,10 +128,12 @@ def _read_conll(path: Path, require_tags: bool) -> Sentences:
     return Sentences(path, tokens, tags if width > 1 else None, where)
 
 
-def _read_records(path: Path, tokens_column: str, tags_column: str, text_column: str,
+def _read_records(path: Path | str, tokens_column: str, tags_column: str, text_column: str,
                   require_tags: bool) -> Sentences:
-    """JSONL (or CSV/Parquet) rows: a list of tokens and a list of tags, or (predict only) raw text."""
+    """JSONL (or CSV/Parquet, or in-memory) rows: a list of tokens and a list of tags, or (predict only)
+    raw text."""
     table = read_table(path)
+    path = table.path
     df = table.df
     if tokens_column not in df.columns:
         if require_tags or text_column not in df.columns:
@@ -131,7 +143,7 @@ def _read_records(path: Path, tokens_column: str, tags_column: str, text_column:
         texts = text_values(table, text_column)
         split = [split_words(t) for t in texts]
         lines = [[table.line_of_row[i] if table.line_of_row else i + 1] * len(w) for i, (w, _) in enumerate(split)]
-        return Sentences(path, [w for w, _ in split], None, lines, texts, [o for _, o in split], df)
+        return Sentences(path, [w for w, _ in split], None, lines, texts, [o for _, o in split], df, table.row_names)
     has_tags = tags_column in df.columns
     if require_tags and not has_tags:
         raise TunesmithError(f"{path}: no '{tags_column}' column (columns: {', '.join(map(str, df.columns))})")
@@ -148,7 +160,7 @@ def _read_records(path: Path, tokens_column: str, tags_column: str, text_column:
             tags.append(row_tags)
         tokens.append(row_tokens)
         lines.append([table.line_of_row[i] if table.line_of_row else i + 1] * len(row_tokens))
-    return Sentences(path, tokens, tags if has_tags else None, lines, frame=df)
+    return Sentences(path, tokens, tags if has_tags else None, lines, frame=df, row_names=table.row_names)
 
 
 def _string_list(table, row: int, column: str, role: str) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.model_selection import GroupShuffleSplit, StratifiedShuffleSplit, ShuffleSplit
+from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit, StratifiedGroupKFold, StratifiedShuffleSplit
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from .. import catalog
@@ -51,7 +51,7 @@ class Examples:
         pick = lambda xs: [xs[i] for i in idx] if xs is not None else None  # noqa: E731
         df = self.table.df.iloc[idx].reset_index(drop=True)
         lines = pick(self.table.line_of_row)
-        return Examples(Table(df, self.table.path, lines), pick(self.texts), pick(self.pairs),
+        return Examples(Table(df, self.table.path, lines, pick(self.table.row_names)), pick(self.texts), pick(self.pairs),
                         None if self.targets is None else self.targets[idx], pick(self.groups),
                         self.label_names)
 
@@ -160,6 +160,8 @@ def _validation_split(examples: Examples, data: DataConfig, seed: int) -> tuple[
                              f"{frac:.0%} for validation; give data.validation or more rows")
     x = np.zeros(n)
     if examples.groups is not None and len(set(examples.groups)) > 1:
+        if data.problem_type == "single_label" and len(set(examples.groups)) >= max(2, round(1 / frac)):
+            return _stratified_group_holdout(examples, frac, seed)
         splitter = GroupShuffleSplit(n_splits=1, test_size=frac, random_state=seed)
         return next(splitter.split(x, groups=examples.groups))
     if data.problem_type == "single_label":
@@ -171,6 +173,27 @@ def _validation_split(examples: Examples, data: DataConfig, seed: int) -> tuple[
             except ValueError:
                 pass  # too few rows for every class in both parts: fall back to a plain split
     return next(ShuffleSplit(n_splits=1, test_size=frac, random_state=seed).split(x))
+
+
+def _stratified_group_holdout(examples: Examples, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Whole groups held out, with every class on both sides where the groups allow it.
+
+    A plain random choice of groups (GroupShuffleSplit) can hold out mostly one class: on 600 Rotten
+    Tomatoes rows grouped by film it gave a validation split that a model scored 0.21 on. Here the
+    groups are dealt into round(1 / frac) folds with class proportions kept (StratifiedGroupKFold),
+    and the fold that misses the fewest classes, then is closest to `frac` of the rows, is held out.
+    """
+    n = len(examples.texts)
+    folds = StratifiedGroupKFold(n_splits=max(2, round(1 / frac)), shuffle=True, random_state=seed)
+    classes = set(np.unique(examples.targets).tolist())
+    best, best_score = None, None
+    for train_idx, val_idx in folds.split(np.zeros(n), examples.targets, examples.groups):
+        missing = len(classes - set(examples.targets[val_idx].tolist())) + \
+            len(classes - set(examples.targets[train_idx].tolist()))
+        score = (missing, abs(len(val_idx) / n - frac))
+        if best_score is None or score < best_score:
+            best, best_score = (train_idx, val_idx), score
+    return best
 
 
 def map_words(examples: Examples, fn) -> Examples:
@@ -299,6 +322,22 @@ def collate(features: list[dict], pad_id: int, multiple: int = 1) -> dict[str, t
 
 def default_metric(labels: LabelSpace) -> str:
     return "r2" if labels.problem_type == "regression" else "macro_f1"
+
+
+def has_classes(labels: LabelSpace) -> bool:
+    return labels.problem_type != "regression"
+
+
+def degenerate_predictions(metrics: dict, labels: LabelSpace) -> str | None:
+    """How the predictions show that nothing was learned ("predicts only 'fresh'"), or None."""
+    if labels.problem_type == "single_label":
+        matrix = np.asarray(metrics["confusion_matrix"])  # rows: true class, columns: predicted class
+        predicted, present = matrix.sum(axis=0), matrix.sum(axis=1)
+        if (present > 0).sum() > 1 and (predicted > 0).sum() == 1:
+            return f"predicts only '{labels.names[int(predicted.argmax())]}'"
+    if labels.problem_type == "multi_label" and metrics["micro_recall"] == 0.0:
+        return "predicts no label"
+    return None
 
 
 def predict_targets(logits: np.ndarray, labels: LabelSpace) -> np.ndarray:

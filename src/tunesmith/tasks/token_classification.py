@@ -20,6 +20,7 @@ import torch
 from sklearn.model_selection import ShuffleSplit
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
+from .. import inputs
 from .. import tags as tagging
 from ..config import Config, DataConfig
 from ..errors import TunesmithError
@@ -85,12 +86,12 @@ def _bio_tags(sents: Sentences, data: DataConfig, scheme: str) -> list[list[str]
             try:
                 tagging.split_tag(tag)
             except ValueError as exc:
-                raise TunesmithError(f"{sents.path}, line {lines[j]}: {exc}") from None
+                raise TunesmithError(f"{sents.where(i, j)}: {exc}") from None
         spans, problems = tagging.to_spans(tags, scheme)
         if problems and not data.repair_tags:
             j, message = problems[0]
             more = sum(len(tagging.to_spans(t, scheme)[1]) for t in sents.tags[i:]) - 1
-            raise TunesmithError(f"{sents.path}, line {lines[j]}: {message}"
+            raise TunesmithError(f"{sents.where(i, j)}: {message}"
                                  + (f" (and {more} more)" if more > 0 else "")
                                  + "; fix the file or set data.repair_tags: true to read such tags as entity starts")
         out.append(tagging.from_spans(spans, len(tags), "BIO"))
@@ -114,10 +115,10 @@ def read_examples(path: str | Path, data: DataConfig, labels: LabelSpace | None,
     targets = None
     if labels is not None:
         index = {n: k for k, n in enumerate(labels.names)}
-        for tags, lines in zip(bio, sents.lines):
+        for i, tags in enumerate(bio):
             for j, tag in enumerate(tags):
                 if tag not in index:
-                    raise TunesmithError(f"{sents.path}, line {lines[j]}: entity type '{tag[2:]}' was not seen in "
+                    raise TunesmithError(f"{sents.where(i, j)}: entity type '{tag[2:]}' was not seen in "
                                          f"training (known: {', '.join(labels.types)})")
         targets = [np.asarray([index[t] for t in tags], dtype=np.int64) for tags in bio]
     return Examples(sents, bio, targets, data.label_all_subtokens, scheme)
@@ -128,7 +129,7 @@ def load_splits(cfg: Config) -> Splits:
     train_all = read_examples(data.train, data, None, require_labels=True)
     types = {t[2:] for tags in train_all.tags for t in tags if t != "O"}
     if not types:
-        raise TunesmithError(f"{data.train}: every tag is 'O'; token classification needs tagged entities")
+        raise TunesmithError(f"{inputs.shown(data.train)}: every tag is 'O'; token classification needs tagged entities")
     labels = LabelSpace(NAME, tagging.bio_names(types), train_all.scheme)
     index = {n: k for k, n in enumerate(labels.names)}
     train_all.targets = [np.asarray([index[t] for t in tags], dtype=np.int64) for tags in train_all.tags]
@@ -137,7 +138,7 @@ def load_splits(cfg: Config) -> Splits:
     elif data.validation_fraction > 0:
         n, frac = len(train_all.texts), data.validation_fraction
         if round(n * frac) < 1 or n - round(n * frac) < 2:
-            raise TunesmithError(f"{data.train}: {n} sentences are too few to hold out {frac:.0%} for "
+            raise TunesmithError(f"{inputs.shown(data.train)}: {n} sentences are too few to hold out {frac:.0%} for "
                                  "validation; give data.validation or more sentences")
         split = ShuffleSplit(n_splits=1, test_size=frac, random_state=cfg.train.seed)
         train_idx, val_idx = next(split.split(np.zeros(n)))
@@ -356,6 +357,16 @@ def collate(features: list[dict], pad_id: int, multiple: int = 1) -> dict[str, t
 
 def default_metric(labels: LabelSpace) -> str:
     return "f1"
+
+
+def has_classes(labels: LabelSpace) -> bool:
+    return True
+
+
+def degenerate_predictions(metrics: dict, labels: LabelSpace) -> str | None:
+    """'finds no entity' when not one gold entity of the validation split is found."""
+    support = sum(c["support"] for c in metrics.get("per_class", {}).values())
+    return "finds no entity (entity F1 0)" if support and metrics["f1"] == 0.0 else None
 
 
 def _word_log_probs(logits, n_words: int, num_tags: int) -> np.ndarray:

@@ -1,0 +1,145 @@
+"""How long to train and how fast: the plan in optimizer steps, when to evaluate and stop early, the
+learning rate of a strategy, the learning-rate schedule, and fitting the plan into a time budget.
+
+The numbers behind the automatic choices are measured (docs/defaults.md has the table):
+- small data needs a minimum number of optimizer steps, not a number of epochs: at 1 epoch, 1,080
+  Rotten Tomatoes reviews (34 steps) gave a majority-class model, while the same rows trained for
+  AUTO_MIN_STEPS steps learned; on large data one pass already gives more steps than that;
+- the rate that works depends on how many weights learn (AUTO_LR).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import Config
+
+AUTO_MIN_STEPS = 300        # optimizer steps planned at least with epochs: auto
+AUTO_MAX_EPOCHS = 40        # ... but no more passes than this over tiny data (early stopping ends most sooner)
+AUTO_PATIENCE = 3           # evaluations without improvement before stopping (epochs: auto)
+AUTO_MAX_EVALS = 10         # evaluations per run at most (epochs: auto) ...
+AUTO_MIN_EVALS = 3          # ... and at least, when the validation split is large
+EVAL_TIME_SHARE = 0.1       # evaluation may cost about this share of the training time
+EVAL_COST_PER_EXAMPLE = 1 / 3   # evaluating an example costs about a third of training on it (forward only)
+
+# Peak learning rate per strategy when train.lr is auto. Full fine-tuning of a pretrained encoder moves
+# every weight and needs a small step; a freshly initialised head on frozen features (linear_probe) or
+# low-rank adapters (lora) start from zero-ish weights and need a much larger one.
+AUTO_LR = {"full": 5e-5, "freeze": 5e-5, "gradual_unfreeze": 5e-5, "lora": 5e-4, "linear_probe": 2e-3}
+
+
+@dataclass
+class TrainingPlan:
+    """The run in optimizer steps. total_steps may shrink during training to fit a time budget."""
+    steps_per_epoch: int
+    total_steps: int            # where the learning-rate schedule ends (a time budget may move it)
+    planned_steps: int          # the plan before any time budget
+    warmup_steps: int
+    eval_every: int | None      # steps between evaluations; None: at the end of every epoch
+    patience: int | None        # evaluations without improvement before stopping; None: never
+    patience_from_step: int     # early stopping is not considered before this step
+    lr: float
+    reason: str                 # why this plan, for the run log
+    lr_reason: str
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+
+def resolve_lr(cfg: Config) -> tuple[float, str]:
+    """train.lr, or for auto the rate measured to work for the strategy, and why."""
+    if cfg.train.lr != "auto":
+        return float(cfg.train.lr), "train.lr"
+    lr = AUTO_LR[cfg.strategy.name]
+    return lr, f"auto for strategy {cfg.strategy.name}"
+
+
+def make_plan(cfg: Config, train_features: int, validation_examples: int) -> TrainingPlan:
+    """Steps, evaluations and early stopping for `train_features` training inputs (windows of long
+    texts count one each) and a validation split of `validation_examples`."""
+    tcfg = cfg.train
+    batches = math.ceil(train_features / tcfg.batch_size)
+    steps_per_epoch = max(1, math.ceil(batches / tcfg.grad_accum_steps))
+    auto = tcfg.epochs == "auto"
+    if tcfg.max_steps:
+        total, reason = tcfg.max_steps, f"train.max_steps {tcfg.max_steps}"
+    elif auto:
+        total = auto_steps(steps_per_epoch)
+        epochs = total / steps_per_epoch
+        shown = f"{epochs:.0f}" if epochs >= 2 else f"{epochs:.2g}"
+        reason = (f"{train_features} training inputs, {steps_per_epoch} step(s) per epoch: {shown} epoch(s) "
+                  f"planned (epochs auto: at least {AUTO_MIN_STEPS} steps, at most {AUTO_MAX_EPOCHS} epochs)")
+    else:
+        total = max(1, math.ceil(tcfg.epochs * steps_per_epoch))
+        reason = f"train.epochs {tcfg.epochs:g}"
+    eval_every = _eval_every(tcfg.eval_every_steps, auto, total, steps_per_epoch * tcfg.batch_size,
+                             validation_examples, tcfg.batch_size)
+    patience = tcfg.early_stopping_patience
+    if patience == "auto":
+        patience = AUTO_PATIENCE if auto and validation_examples else None
+    if patience:
+        reason += f", early stopping patience {patience}" + (" after half the plan" if auto else "")
+    lr, lr_reason = resolve_lr(cfg)
+    return TrainingPlan(steps_per_epoch, total, total, round(tcfg.warmup_ratio * total), eval_every, patience,
+                        total // 2 if auto else 0, lr, reason, lr_reason)
+
+
+def auto_steps(steps_per_epoch: int) -> int:
+    """epochs: auto in steps: at least AUTO_MIN_STEPS, whole passes where they fit, at most AUTO_MAX_EPOCHS."""
+    if steps_per_epoch >= AUTO_MIN_STEPS:
+        return steps_per_epoch  # one pass already gives enough steps
+    return min(AUTO_MIN_STEPS, AUTO_MAX_EPOCHS * steps_per_epoch)
+
+
+def _eval_every(setting, auto: bool, total: int, epoch_examples: int, validation_examples: int,
+                batch_size: int) -> int | None:
+    if setting is None or (setting == "auto" and not auto):
+        return None  # every epoch
+    if setting != "auto":
+        return int(setting)
+    # as many evaluations as cost about EVAL_TIME_SHARE of the training, within [MIN, MAX]:
+    # n x validation x cost per example <= share x trained examples
+    trained = total * batch_size
+    affordable = EVAL_TIME_SHARE * trained / max(1.0, validation_examples * EVAL_COST_PER_EXAMPLE)
+    evals = max(AUTO_MIN_EVALS, min(AUTO_MAX_EVALS, int(affordable)))
+    return max(1, math.ceil(total / evals))
+
+
+def lr_factor(plan: TrainingPlan, kind: str):
+    """The schedule as a function of the step, reading plan.total_steps at every call (a time budget
+    may shorten the plan): linear or cosine decay to 0 after warm-up, or constant after warm-up."""
+    def factor(step: int) -> float:
+        warmup = plan.warmup_steps
+        if step < warmup:
+            return step / max(1, warmup)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, plan.total_steps - warmup)
+        if kind == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+        return max(0.0, 1.0 - progress)
+    return factor
+
+
+@dataclass
+class Budget:
+    """train.time_limit: seconds for the whole run, across resumes."""
+    limit: float
+    spent_before: float   # seconds used by earlier sessions of this run (resume)
+
+    def steps_that_fit(self, elapsed: float, seconds_per_step: float, reserve: float) -> int:
+        """Optimizer steps that still fit: what is left less the final reserve (last evaluation, test
+        split, saving), at the measured seconds per step (its share of evaluations included)."""
+        left = self.limit - self.spent_before - elapsed - reserve
+        return max(0, int(left / max(seconds_per_step, 1e-9)))
+
+    def over(self, elapsed: float, reserve: float) -> bool:
+        return self.spent_before + elapsed + reserve >= self.limit
+
+
+def describe_seconds(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 60:.1f}m" if seconds >= 120 else f"{seconds:.0f}s"

@@ -1,0 +1,243 @@
+"""Defaults that learn: the automatic plan, early stopping to the best model, the time budget, the
+warnings when a run cannot learn, the default search space, in-memory data, and what a finished run keeps."""
+
+import json
+import random
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+import tunesmith
+from conftest import TUNESMITH, sentiment_rows, tiny_config
+from tunesmith.config import load_config
+from tunesmith.schedule import AUTO_MAX_EPOCHS, AUTO_MIN_STEPS, make_plan
+
+
+def _cfg(**train):
+    return load_config({"data": {"train": "x.csv"}, "train": train})
+
+
+# ---------------------------------------------------------------- the plan
+
+def test_auto_plan_gives_small_data_enough_steps_and_large_data_one_pass():
+    small = make_plan(_cfg(), train_features=270, validation_examples=30)  # 9 steps per epoch
+    assert small.total_steps == AUTO_MIN_STEPS and small.epochs == 34
+    assert small.patience == 3 and small.patience_from_step == AUTO_MIN_STEPS // 2
+    assert small.eval_every == 30  # 10 evaluations: a validation pass of 30 costs little
+    assert "270 training inputs, 9 step(s) per epoch: 33 epoch(s) planned" in small.reason
+    tiny = make_plan(_cfg(), train_features=40, validation_examples=5)    # 2 steps per epoch
+    assert tiny.total_steps == 2 * AUTO_MAX_EPOCHS
+    large = make_plan(_cfg(), train_features=8962, validation_examples=1017)  # 281 steps per epoch
+    assert large.total_steps == AUTO_MIN_STEPS and large.epochs == 2
+    huge = make_plan(_cfg(), train_features=32_000, validation_examples=3000)  # 1,000 steps per epoch
+    assert huge.total_steps == 1000 and huge.epochs == 1
+    assert huge.eval_every == 334  # evaluation is costly here: the minimum of 3 evaluations
+    explicit = make_plan(_cfg(epochs=2), train_features=270, validation_examples=30)
+    assert (explicit.total_steps, explicit.eval_every, explicit.patience) == (18, None, None)
+    assert make_plan(_cfg(max_steps=7), 270, 30).total_steps == 7
+
+
+def test_auto_learning_rate_follows_the_strategy():
+    for strategy, lr in (("full", 5e-5), ("lora", 5e-4), ("linear_probe", 2e-3)):
+        cfg = load_config({"data": {"train": "x.csv"}, "strategy": {"name": strategy}})
+        plan = make_plan(cfg, 100, 10)
+        assert plan.lr == lr and plan.lr_reason == f"auto for strategy {strategy}"
+    assert make_plan(_cfg(lr=3e-5), 100, 10).lr == 3e-5
+
+
+def test_config_values_as_the_docs_write_them():
+    cfg = load_config({"data": {"train": "x.csv"}, "train": {"time_limit": "1h30m"},
+                       "strategy": {"name": "freeze", "freeze_layers": 2, "cache_features": False}})
+    assert cfg.train.time_limit == 5400 and cfg.strategy.cache_features == "off"
+    from tunesmith.errors import TunesmithError
+    with pytest.raises(TunesmithError, match="train.time_limit: expected a duration such as 90s, 20m"):
+        load_config({"data": {"train": "x.csv"}, "train": {"time_limit": "soon"}})
+
+
+def test_auto_epochs_train_small_data_and_stop_early(tiny_model_dir, sentiment_csv, tmp_path, capsys):
+    train, test = sentiment_csv
+    cfg = tiny_config(tiny_model_dir, train, test, tmp_path / "runs", epochs="auto")
+    result = tunesmith.train(cfg)
+    err = capsys.readouterr().err
+    assert "plan: 300 optimizer steps (320 training inputs, 20 step(s) per epoch: 15 epoch(s) planned" in err
+    summary = json.loads((result.run_dir / "metrics.json").read_text())
+    assert summary["plan"]["stopped"] == "early stopping" and summary["train"]["steps"] < 300
+    assert result.metrics["accuracy"] > 0.9
+    assert not (result.run_dir / "checkpoints").exists()  # a finished run keeps model/ and logs only
+    assert "warning" not in err
+
+
+def _noisy_rows(n, seed, noise):
+    rows, rng = sentiment_rows(n, seed=seed), random.Random(seed)
+    for r in rows:
+        if rng.random() < noise:
+            r["label"] = "pos" if r["label"] == "neg" else "neg"
+    return rows
+
+
+def test_early_stopping_restores_the_best_model(tiny_model_dir, tmp_path):
+    pd.DataFrame(_noisy_rows(300, 1, 0.3)).to_csv(tmp_path / "train.csv", index=False)  # overfits: val loss rises
+    pd.DataFrame(sentiment_rows(60, seed=3)).to_csv(tmp_path / "val.csv", index=False)
+    cfg = tiny_config(tiny_model_dir, tmp_path / "train.csv", None, tmp_path / "runs", lr=0.01, epochs=30,
+                      eval_every_steps=5, early_stopping_patience=3, metric="loss", keep_checkpoints=True)
+    cfg["data"]["validation"] = str(tmp_path / "val.csv")
+    result = tunesmith.train(cfg)
+    log = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["validation"]["loss"] for r in log if r["type"] == "eval"}
+    summary = json.loads((result.run_dir / "metrics.json").read_text())
+    best, last = summary["best_step"], max(evals)
+    assert summary["plan"]["stopped"] == "early stopping" and best < last and evals[best] < evals[last]
+    assert (result.run_dir / "checkpoints").is_dir()  # train.keep_checkpoints
+    # the saved model is the best step's: its validation loss, recomputed from predictions, is that step's
+    preds = tunesmith.predict(result.run_dir, tmp_path / "val.csv", precision="fp32")
+    p_true = np.where(preds["label"] == "pos", preds["prob_pos"], preds["prob_neg"])
+    assert -np.log(p_true).mean() == pytest.approx(evals[best], abs=1e-4)
+
+
+# ---------------------------------------------------------------- the time budget
+
+def test_time_limit_stops_within_a_tenth_of_the_budget(tiny_model_dir, sentiment_csv, tmp_path, capsys):
+    train, test = sentiment_csv
+    cfg = tiny_config(tiny_model_dir, train, test, tmp_path / "runs", max_steps=1_000_000, time_limit="12s")
+    started = time.perf_counter()
+    result = tunesmith.train(cfg)
+    seconds = time.perf_counter() - started
+    assert 0.9 * 12 <= seconds <= 1.1 * 12, seconds
+    summary = json.loads((result.run_dir / "metrics.json").read_text())
+    assert summary["train"]["steps"] < 1_000_000 and summary["plan"]["total_steps"] == summary["train"]["steps"]
+    assert "time limit 12s:" in capsys.readouterr().err and result.metrics["accuracy"] > 0.9
+
+
+def test_time_limit_counts_across_a_resume(tiny_model_dir, sentiment_csv, tmp_path, cli_env):
+    train, test = sentiment_csv
+    cfg = tiny_config(tiny_model_dir, train, test, tmp_path / "runs", max_steps=1_000_000, time_limit="20s",
+                      checkpoint_every_steps=10)
+    cfg["output"]["name"] = "budget"
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "runs" / "budget"
+    proc = subprocess.Popen(TUNESMITH + ["train", str(tmp_path / "cfg.yaml")], env=cli_env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(run.glob("checkpoints/step-*/state.json")):
+        time.sleep(0.2)
+    time.sleep(2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((run / "checkpoints" / latest / "state.json").read_text())
+    spent = state["extra"]["wall_seconds"]
+    assert 0 < spent < 20
+    started = time.perf_counter()
+    tunesmith.train(None, resume=run)
+    seconds = time.perf_counter() - started
+    assert abs(seconds - (20 - spent)) <= 2.0, (seconds, spent)  # the rest of the budget, within a tenth of it
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["train"]["steps"] > state["step"] and summary["plan"]["stopped"] in ("time limit", "plan")
+
+
+# ---------------------------------------------------------------- saying when a run cannot learn
+
+def test_warnings_when_a_run_cannot_learn(tiny_model_dir, tmp_path, capsys):
+    rows = sentiment_rows(200, seed=1)
+    pd.DataFrame(rows).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame(rows[:12:2]).to_csv(tmp_path / "val.csv", index=False)  # 6 rows, all 'pos'
+    cfg = tiny_config(tiny_model_dir, tmp_path / "train.csv", None, tmp_path / "runs", epochs=1, lr=1e-7)
+    cfg["data"]["validation"] = str(tmp_path / "val.csv")
+    tunesmith.train(cfg)
+    err = capsys.readouterr().err
+    assert "warning: train.epochs 1 gives 13 optimizer steps for 200 training inputs" in err
+    assert "warning: the validation split has only 6 examples" in err
+    assert "warning: no validation example of 'neg'" in err
+
+    pd.DataFrame(rows[:60]).to_csv(tmp_path / "val.csv", index=False)
+    tunesmith.train(tiny_config(tiny_model_dir, tmp_path / "train.csv", None, tmp_path / "runs", epochs=1,
+                                lr=1e-9, warmup_ratio=0.0) | {"data": {"train": str(tmp_path / "train.csv"),
+                                                                     "validation": str(tmp_path / "val.csv")}})
+    err = capsys.readouterr().err
+    assert "warning: the best model predicts only '" in err and "on the validation split: it learned nothing" in err
+    assert "validation split has only" not in err and "no validation example" not in err
+
+
+def test_grouped_validation_keeps_every_class(tmp_path):
+    from tunesmith.tasks.text_classification import load_splits
+    rng = random.Random(0)
+    rows = []
+    for g in range(60):  # groups of one class each, of very different sizes
+        label = "pos" if g % 4 else "neg"
+        rows += [{"text": f"text {g} {i}", "label": label, "film": f"f{g}"} for i in range(rng.randint(1, 25))]
+    pd.DataFrame(rows).to_csv(tmp_path / "train.csv", index=False)
+    for seed in range(8):
+        splits = load_splits(load_config({"data": {"train": str(tmp_path / "train.csv"), "group_column": "film"},
+                                          "train": {"seed": seed}}))
+        assert set(splits.validation.targets) == {0, 1}, seed
+        assert not set(splits.validation.groups) & set(splits.train.groups)
+
+
+def test_default_search_space(tiny_model_dir, sentiment_csv, tmp_path, capsys):
+    train, _ = sentiment_csv
+    cfg = tiny_config(tiny_model_dir, train, None, tmp_path / "runs")
+    cfg["search"] = {"trials": 2, "startup_trials": 2}
+    result = tunesmith.search(cfg)
+    assert "search.space not given: the default space, train.lr" in capsys.readouterr().err
+    for trial in result.trials:
+        assert set(trial["params"]) == {"train.lr", "train.epochs", "train.batch_size", "train.warmup_ratio",
+                                        "train.weight_decay"}
+        assert 2e-3 / 5 <= trial["params"]["train.lr"] <= 2e-3 * 4  # around the config's own rate
+    assert result.best_config is not None
+
+
+# ---------------------------------------------------------------- in-memory data
+
+@pytest.mark.parametrize("kind", ["DataFrame", "list", "Dataset"])
+def test_in_memory_data_through_train_evaluate_predict(tiny_model_dir, tmp_path, kind):
+    train_rows, test_rows = sentiment_rows(300, seed=1), sentiment_rows(80, seed=2)
+    as_kind = {"DataFrame": pd.DataFrame, "list": list,
+               "Dataset": lambda rows: __import__("datasets").Dataset.from_list(rows)}[kind]
+    cfg = tiny_config(tiny_model_dir, "unused.csv", None, tmp_path / "runs")
+    cfg["data"] = {"train": as_kind(train_rows), "test": as_kind(test_rows)}
+    result = tunesmith.train(cfg)
+    assert result.metrics["accuracy"] > 0.9
+    saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())["data"]
+    assert saved["train"].startswith(str(result.run_dir / "data" / "train-"))  # a copy the folder owns
+    assert len(pd.read_json(saved["train"], lines=True)) == 300
+    assert tunesmith.evaluate(result.run_dir, as_kind(test_rows))["accuracy"] == pytest.approx(result.metrics["accuracy"])
+    frame = tunesmith.predict(result.run_dir, as_kind(test_rows))
+    assert len(frame) == 80 and (frame["predicted_label"] == frame["label"]).mean() > 0.9
+    texts = tunesmith.predict(result.run_dir, ["a great and wonderful film", "boring awful acting"])
+    assert texts["predicted_label"].tolist() == ["pos", "neg"]
+
+
+def test_in_memory_data_through_cv_and_search(tiny_model_dir, tmp_path):
+    frame = pd.DataFrame(sentiment_rows(120, seed=1))
+    cfg = tiny_config(tiny_model_dir, "unused.csv", None, tmp_path / "runs", epochs=2)
+    cfg["data"] = {"train": frame}
+    cv = tunesmith.cv(cfg, folds=2)
+    assert len(cv.folds) == 2 and list((cv.cv_dir / "data").glob("train-*.jsonl"))
+    cfg["search"] = {"trials": 1, "space": {"train.lr": {"low": 1e-3, "high": 3e-3, "log": True}}}
+    cfg["output"]["name"] = "s"
+    first = tunesmith.search(cfg)
+    again = tunesmith.search(cfg, trials=2)  # the same data again: the same search, continued
+    assert [t["state"] for t in again.trials] == ["complete", "complete"] and first.search_dir == again.search_dir
+
+
+def test_bad_in_memory_data_names_the_argument_and_row(tiny_model_dir, tmp_path):
+    frame = pd.DataFrame(sentiment_rows(50, seed=1), index=range(100, 150))
+    frame.loc[117, "text"] = "   "
+    cfg = tiny_config(tiny_model_dir, "unused.csv", None, tmp_path / "runs")
+    cfg["data"] = {"train": frame}
+    with pytest.raises(tunesmith.TunesmithError, match=r"^data.train \(DataFrame\), index 117, column 'text': empty text$"):
+        tunesmith.train(cfg)
+    rows = sentiment_rows(50, seed=1)
+    rows[3] = {"text": "fine", "label": None}
+    cfg["data"] = {"train": rows}
+    with pytest.raises(tunesmith.TunesmithError, match=r"^data.train \(list\), item 3, column 'label': missing label$"):
+        tunesmith.train(cfg)
+    cfg["data"] = {"train": [1, 2, 3]}
+    with pytest.raises(tunesmith.TunesmithError, match=r"data.train, item 0: expected a dict of column values"):
+        tunesmith.train(cfg)
+    assert not (tmp_path / "runs").exists()  # nothing half-written
