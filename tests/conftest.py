@@ -82,3 +82,14 @@ def cli_env(tmp_path) -> dict:
 
 
 TUNESMITH = [sys.executable, "-m", "tunesmith.cli"]
+
+
+def encode_cfg(max_length: int, stride: int | None = None, task: str = "text_classification"):
+    """A config whose model reads max_length tokens (and chunks long texts with `stride`), for a task's
+    encode(); built unvalidated so tests may use lengths below the config's minimum."""
+    from tunesmith.config import load_config
+
+    cfg = load_config({"task": task, "data": {"train": "x"}})
+    model = {"max_length": max_length} if stride is None else {"max_length": max_length, "long_text": "chunk",
+                                                               "stride": stride}
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update=model)})

@@ -200,7 +200,7 @@ def test_training_with_augmentation_turns_the_feature_cache_off(tiny_model_dir, 
     cfg["augment"] = [{"op": "swap", "p": 0.5}]
     result = tunesmith.train(cfg)
     err = capsys.readouterr().err
-    assert "feature cache off: augmentation changes the training texts every epoch" in err
+    assert "feature cache off: augmentation changes the training inputs every epoch" in err
     summary = json.loads((result.run_dir / "metrics.json").read_text())
     assert summary["strategy"]["feature_cache"] is None
     assert summary["augment"] == [{"p": 0.5, "op": "swap", "n": 1}]
@@ -243,7 +243,9 @@ def test_preview_prints_original_and_augmented_pairs(tiny_model_dir, tmp_path, c
 @pytest.mark.parametrize("extra,expected", [
     ({"augment": [{"op": "swap", "p": 1.5}]}, "line 18: augment.0.p: Input should be less than or equal to 1"),
     ({"augment": [{"op": "shuffle", "p": 0.5}]}, "line 17: augment.0: 'op' must be one of swap, delete, insert, "
-                                                 "synonym, contextual (got 'shuffle')"),
+                                                 "synonym, contextual, random_resized_crop, flip, rotate, randaugment, "
+                                                 "trivialaugment, mixup, cutmix (got 'shuffle')"),
+    ({"augment": [{"op": "flip"}]}, "augment: 'flip' is for images, not task text_classification"),
     ({"augment": [{"op": "delete", "p": 0.5, "n": 2}]}, "line 19: unknown key 'augment.0.n'"),
     ({"imbalance": {"method": "class_weights", "weights": {"neg": -1}}},
      "line 18: imbalance.weights: weight of class 'neg' must be > 0 (got -1.0)"),

@@ -11,7 +11,10 @@ import yaml
 import tunesmith
 from conftest import sentiment_rows, tiny_config
 from tunesmith.cli import main
-from tunesmith.cv import ensemble_logits, fold_indices
+from tunesmith.cv import fold_indices
+from tunesmith.inference import ensemble_logits
+from tunesmith.tasks import text_classification
+from tunesmith.tasks.classes import LabelSpace
 from tunesmith.errors import TunesmithError
 
 
@@ -92,15 +95,19 @@ def test_python_cv_stratified_without_groups_keeps_no_models(tiny_model_dir, tmp
 class _Rows:
     def __init__(self, targets, groups=None, names=()):
         self.targets, self.groups, self.label_names = np.asarray(targets), groups, list(names)
-        self.texts = ["x"] * len(targets)
+
+    def __len__(self):
+        return len(self.targets)
 
 
 def test_fold_indices_for_other_problem_types():
     multi_hot = np.eye(3)[np.arange(30) % 3]
-    folds = fold_indices(_Rows(multi_hot), "multi_label", 5, 0, "f.csv")
+    folds = fold_indices(text_classification, _Rows(multi_hot), LabelSpace("multi_label", ["a", "b", "c"]), 5, 0,
+                         "f.csv")
     assert sorted(np.concatenate(folds).tolist()) == list(range(30)) and all(len(f) == 6 for f in folds)
     groups = [f"g{i % 7}" for i in range(30)]
-    folds = fold_indices(_Rows(np.linspace(0, 1, 30), groups), "regression", 3, 0, "f.csv")
+    folds = fold_indices(text_classification, _Rows(np.linspace(0, 1, 30), groups), LabelSpace("regression"), 3, 0,
+                         "f.csv")
     for held in folds:
         inside = {groups[i] for i in held}
         outside = {groups[i] for i in range(30) if i not in set(held.tolist())}

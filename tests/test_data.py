@@ -3,14 +3,20 @@ import json
 import pandas as pd
 import pytest
 
-from tunesmith.config import DataConfig
+from tunesmith.config import Config, load_config
 from tunesmith.data import read_table, sort_labels, text_values
 from tunesmith.errors import TunesmithError
-from tunesmith.tasks.text_classification import LabelSpace, label_space, read_examples
+from tunesmith.tasks.classes import LabelSpace
+from tunesmith.tasks.classes import label_space as classes_label_space
+from tunesmith.tasks.text_classification import read_examples
 
 
-def data_cfg(**kw) -> DataConfig:
-    return DataConfig(train="x.csv", **kw)
+def data_cfg(**kw) -> Config:
+    return load_config({"data": {"train": "x.csv", **kw}})
+
+
+def label_space(examples, cfg: Config) -> LabelSpace:
+    return classes_label_space(examples.label_names, cfg.data, str(examples.table.path))
 
 
 def test_csv_tsv_jsonl_parquet_read_the_same(tmp_path):

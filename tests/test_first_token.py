@@ -103,6 +103,6 @@ def test_training_and_the_saved_model_use_the_first_token_block(tiny_model_dir, 
     loaded = LoadedRun(result.run_dir)
     assert getattr(loaded.model.base_model.encoder.layer[-1], "first_token_only", False)
     plain = AutoModelForSequenceClassification.from_pretrained(result.run_dir / "model").eval()
-    batch = loaded.tokenizer(["a great film", "dull and boring acting , really"], padding=True, return_tensors="pt")
+    batch = loaded.processor(["a great film", "dull and boring acting , really"], padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(**batch).logits, plain(**batch).logits, rtol=0, atol=1e-5)

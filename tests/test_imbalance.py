@@ -20,7 +20,7 @@ from tunesmith.tasks import text_classification as txt
 from tunesmith.tasks import token_classification as tok
 from tunesmith.loop import make_batches
 
-train_module = importlib.import_module("tunesmith.train")  # the module, not the function tunesmith.train
+train_module = importlib.import_module("tunesmith.loop")  # where the training loop saves checkpoints
 
 
 def cfg_with(imbalance: dict, task: str = "text_classification", **data):
@@ -34,29 +34,29 @@ NER = tok.LabelSpace(tok.NAME, tagging.bio_names(["LOC", "PER"]))  # O, B-LOC, I
 
 def test_balanced_weights_single_label_hand_computed():
     targets = np.array([0] * 10 + [1] * 90)
-    w = class_weights(cfg_with({"method": "class_weights"}), targets, SINGLE)
+    w = class_weights(txt, cfg_with({"method": "class_weights"}), targets, SINGLE)
     # n / (classes x n_c): 100 / (2 x 10) = 5, 100 / (2 x 90) = 0.5556
     assert w == pytest.approx([5.0, 100 / 180])
-    assert class_counts(targets, SINGLE) == {"neg": 10, "pos": 90}
+    assert class_counts(txt, targets, SINGLE) == {"neg": 10, "pos": 90}
 
 
 def test_balanced_pos_weight_multi_label_hand_computed():
     targets = np.array([[1, 0, 1], [0, 0, 1], [0, 1, 1], [0, 0, 1]], dtype=np.float32)
-    w = class_weights(cfg_with({"method": "class_weights"}, problem_type="multi_label"), targets, MULTI)
+    w = class_weights(txt, cfg_with({"method": "class_weights"}, problem_type="multi_label"), targets, MULTI)
     assert w == pytest.approx([3 / 1, 3 / 1, 0 / 4])  # negatives / positives per class
-    assert class_counts(targets, MULTI) == {"a": 1, "b": 1, "c": 4}
+    assert class_counts(txt, targets, MULTI) == {"a": 1, "b": 1, "c": 4}
 
 
 def test_hand_weights_by_class_and_by_entity_type():
-    w = class_weights(cfg_with({"method": "class_weights", "weights": {"neg": 4}}), np.array([0, 1]), SINGLE)
+    w = class_weights(txt, cfg_with({"method": "class_weights", "weights": {"neg": 4}}), np.array([0, 1]), SINGLE)
     assert w.tolist() == [4.0, 1.0]
     cfg = cfg_with({"method": "class_weights", "weights": {"PER": 3, "O": 0.5}}, task="token_classification")
-    w = class_weights(cfg, [np.array([0, 3, 0])], NER)
+    w = class_weights(tok, cfg, [np.array([0, 3, 0])], NER)
     assert dict(zip(NER.names, w.tolist())) == {"O": 0.5, "B-LOC": 1.0, "I-LOC": 1.0, "B-PER": 3.0, "I-PER": 3.0}
     with pytest.raises(TunesmithError, match=r"imbalance.weights: unknown class 'neutral' \(classes: neg, pos\)"):
-        class_weights(cfg_with({"method": "class_weights", "weights": {"neutral": 2}}), np.array([0, 1]), SINGLE)
+        class_weights(txt, cfg_with({"method": "class_weights", "weights": {"neutral": 2}}), np.array([0, 1]), SINGLE)
     with pytest.raises(TunesmithError, match="unknown class 'ORG' \\(classes: LOC, PER, O\\)"):
-        class_weights(cfg_with({"method": "class_weights", "weights": {"ORG": 2}}, task="token_classification"),
+        class_weights(tok, cfg_with({"method": "class_weights", "weights": {"ORG": 2}}, task="token_classification"),
                       [np.array([0])], NER)
 
 
@@ -110,8 +110,8 @@ def test_focal_is_cross_entropy_at_gamma_0_and_matches_the_formula():
 
 def test_oversampled_epoch_is_balanced_and_reproducible():
     targets = np.array([0] * 100 + [1] * 900)
-    weights = class_weights(cfg_with({"method": "oversample"}), targets, SINGLE)
-    sample = example_weights(targets, SINGLE, weights)
+    weights = class_weights(txt, cfg_with({"method": "oversample"}), targets, SINGLE)
+    sample = example_weights(txt, targets, SINGLE, weights)
     lengths = list(np.random.default_rng(0).integers(5, 60, size=1000))
     batches = make_batches(lengths, 32, seed=3, group_by_length=True, sample_weights=sample)
     drawn = np.concatenate(batches)
@@ -125,7 +125,7 @@ def test_oversampled_epoch_is_balanced_and_reproducible():
     assert spread < 15
     # NER: a sentence weighs as its rarest tag
     ner_w = np.array([0.1, 5, 5, 1, 1])
-    assert example_weights([np.array([0, 0]), np.array([0, 1, 2]), np.array([3])], NER, ner_w).tolist() == [0.1, 5, 1]
+    assert example_weights(tok, [np.array([0, 0]), np.array([0, 1, 2]), np.array([3])], NER, ner_w).tolist() == [0.1, 5, 1]
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 import tunesmith
-from conftest import NEGATIVE, NEUTRAL, POSITIVE, TUNESMITH, tiny_config
+from conftest import NEGATIVE, NEUTRAL, POSITIVE, TUNESMITH, encode_cfg, tiny_config
+from tunesmith.data import Table
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.tasks import text_classification as tcls
@@ -50,9 +51,9 @@ def test_windows_share_stride_tokens_and_cover_the_text(tiny_model_dir):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = end_signal_rows(3, 5) + [{"text": "good film", "label": "pos"}]
-    table = tcls.Table(pd.DataFrame(rows), Path("x.csv"), list(range(2, 6)))
+    table = Table(pd.DataFrame(rows), Path("x.csv"), list(range(2, 6)))
     examples = tcls.Examples(table, [r["text"] for r in rows], None, np.asarray([1, 0, 1, 1]))
-    enc = tcls.encode(tokenizer, examples, max_length=16, stride=4)
+    enc = tcls.encode(tokenizer, examples, encode_cfg(16, 4))
     full = tokenizer([r["text"] for r in rows])["input_ids"]
     assert enc.num_examples == 4 and enc.truncated == 3
     for doc in range(4):
@@ -65,7 +66,7 @@ def test_windows_share_stride_tokens_and_cover_the_text(tiny_model_dir):
             body += w["input_ids"][5:-1]
         assert body == full[doc][1:-1]  # nothing lost, nothing repeated once the overlaps are removed
     # without chunking the same texts are cut to one input each and counted
-    cut = tcls.encode(tokenizer, examples, max_length=16)
+    cut = tcls.encode(tokenizer, examples, encode_cfg(16))
     assert (len(cut.features), cut.truncated, cut.doc_index) == (4, 3, None)
 
 

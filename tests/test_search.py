@@ -178,7 +178,6 @@ def run_cli(capsys, args):
     ({"train.batch_size": {"type": "int", "low": 0, "high": 8}},
      "search.space.train.batch_size: 0 does not make a valid config (train.batch_size: Input should be greater"),
     ({"output.dir": {"choices": ["a"]}}, "search.space.output.dir: 'output.dir' cannot be searched"),
-    ({}, "search.space is empty"),
 ])
 def test_bad_search_space(space, expected, tiny_model_dir, tmp_path, capsys):
     cfg = _config(tmp_path, tiny_model_dir)

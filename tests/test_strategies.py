@@ -33,7 +33,7 @@ def data(tmp_path_factory):
 
 
 def _config(tiny_model_dir, data, tmp_path, strategy: dict, validation: bool = False, **train) -> dict:
-    train = {"batch_size": 8, "lr": 1e-2, "checkpoint_every_steps": 1, **train}
+    train = {"batch_size": 8, "lr": 1e-2, "checkpoint_every_steps": 1, "keep_checkpoints": True, **train}
     cfg = tiny_config(tiny_model_dir, data / "train.csv", data / "test.csv", tmp_path / "runs", **train)
     cfg["data"]["validation_fraction"] = 0.2 if validation else 0.0
     cfg["strategy"] = strategy
@@ -108,7 +108,7 @@ def _built(tiny_model_dir, data, tmp_path, strategy: dict, steps_per_epoch: int 
     cfg = load_config(_config(tiny_model_dir, data, tmp_path, strategy))
     labels = task.LabelSpace("single_label", ["neg", "pos"])
     model, tokenizer = task.build_model(str(tiny_model_dir), labels, cfg)
-    model, plan = apply_strategy(model, cfg, steps_per_epoch)
+    model, plan = apply_strategy(model, cfg, steps_per_epoch, cfg.train.lr)
     return model, plan
 
 
@@ -252,12 +252,21 @@ def _tiny_models():
     return {name: AutoModelForSequenceClassification.from_config(c) for name, c in configs.items()}
 
 
+def _pad(features: list[dict]) -> dict[str, torch.Tensor]:
+    """input_ids padded with 1 to the longest, and the attention mask (the text tasks' collate, minus labels)."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.ones((len(features), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, f in enumerate(features):
+        ids[i, :len(f["input_ids"])], mask[i, :len(f["input_ids"])] = torch.tensor(f["input_ids"]), 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 @pytest.mark.parametrize("arch", ["bert", "roberta", "mpnet", "distilbert"])
 def test_replayed_features_match_the_frozen_blocks(arch, tmp_path):
     """Blocks and head are found for each architecture, and the cache replays the frozen blocks exactly."""
     from tunesmith.config import StrategyConfig
     from tunesmith.strategies import Plan
-    from tunesmith.tasks.text_classification import collate
 
     model = _tiny_models()[arch].eval()
     layout = find_layout(model)
@@ -267,21 +276,22 @@ def test_replayed_features_match_the_frozen_blocks(arch, tmp_path):
     rng = np.random.default_rng(0)
     lengths = [int(n) for n in rng.integers(3, 20, size=12)]
     features = [{"input_ids": [2, *rng.integers(5, 60, size=n - 2).tolist(), 3]} for n in lengths]
+    blocks = [layout.module(b[0]) for b in layout.blocks]
     for frozen in (1, 3):
         plan = Plan(StrategyConfig(name="linear_probe"), 1e-3, 0.0, layout, frozen_blocks=frozen)
-        cache = build_feature_cache(plan, model, features, lengths, lambda f: collate(f, 1), 5,
+        cache = build_feature_cache(plan, model, features, lengths, _pad, 5,
                                     torch.device("cpu"), "fp32", tmp_path)
         batch_ids = [0, 4, 7, 11]
-        batch = collate([features[i] for i in batch_ids], 1)
+        batch = _pad([features[i] for i in batch_ids])
         with torch.no_grad():
             direct = model(**batch).logits
-            with cache.replay(batch_ids):
+            with cache.replay(batch_ids, batch):
                 replayed = model(**batch).logits
         assert torch.allclose(direct, replayed, atol=1e-5), (arch, frozen)
-        assert len(layout.blocks) == 3  # the blocks are back after the replay
+        assert [layout.module(b[0]) for b in layout.blocks] == blocks  # the blocks are back after the replay
     if first_token_only(model):  # bert, roberta: a frozen last block computes the first token alone
         plan = Plan(StrategyConfig(name="linear_probe"), 1e-3, 0.0, layout, frozen_blocks=3)
-        cache = build_feature_cache(plan, model, features, lengths, lambda f: collate(f, 1), 5,
+        cache = build_feature_cache(plan, model, features, lengths, _pad, 5,
                                     torch.device("cpu"), "fp32", tmp_path)
         assert cache.store.shape[0] == len(features)  # one row per example, not one per token
         with torch.no_grad(), cache.replay(batch_ids):

@@ -14,13 +14,14 @@ import pytest
 import torch
 
 import tunesmith
-from conftest import TUNESMITH, save_tiny_bert
+from conftest import TUNESMITH, encode_cfg, save_tiny_bert
 from tunesmith import tags as tagging
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.imbalance import make_loss, setup
-from tunesmith.inference import LoadedRun, example_logits, predict_logits
+from tunesmith.inference import LoadedRun, example_outputs, predict_outputs
 from tunesmith.tasks import token_classification as tc
+from tunesmith.tasks.base import Splits
 from tunesmith.token_data import split_words
 
 PEOPLE = ["alice", "bob", "carol", "dave"]
@@ -93,7 +94,16 @@ def trained(ner_model_dir, ner_files, tmp_path_factory):
 
 
 def data_cfg(**kw):
-    return load_config({"task": "token_classification", "data": {"train": "x", **kw}}).data
+    """A token-classification config with these token_classification options."""
+    return load_config({"task": "token_classification", "data": {"train": "x"}, "token_classification": kw})
+
+
+def enc_cfg(max_length: int, stride: int | None = None):
+    return encode_cfg(max_length, stride, "token_classification")
+
+
+def collate_of(tokenizer):
+    return tc.make_collate(tokenizer, 1)
 
 
 # ---------------------------------------------------------------- tag schemes
@@ -221,7 +231,7 @@ def test_alignment_on_tricky_tokens(tokenizer):
     names = tagging.bio_names(["LOC", "PER"])
     ids = np.asarray([names.index(t) for t in tags])
     sents = tc.Sentences(Path("x"), [words], [tags], [[1] * len(words)])
-    enc = tc.encode(tokenizer, tc.Examples(sents, [tags], [ids]), max_length=64)
+    enc = tc.encode(tokenizer, tc.Examples(sents, [tags], [ids]), enc_cfg(64))
     feat = enc.features[0]
     pieces = tokenizer.convert_ids_to_tokens(feat["input_ids"])
     # the URL is 9 sub-tokens, 'unbelievably' 3; the lone variation selector (no sub-token) becomes [UNK]
@@ -231,7 +241,7 @@ def test_alignment_on_tricky_tokens(tokenizer):
     labelled = {p: v for p, v in enumerate(feat["labels"]) if v != tc.IGNORE}
     assert labelled == dict(zip(feat["output_positions"], ids.tolist()))
     # every sub-token labelled: the continuation of a B- word is I- of its type
-    enc_all = tc.encode(tokenizer, tc.Examples(sents, [tags], [ids], label_all_subtokens=True), max_length=64)
+    enc_all = tc.encode(tokenizer, tc.Examples(sents, [tags], [ids], label_all_subtokens=True), enc_cfg(64))
     got = [names[v] if v != tc.IGNORE else None for v in enc_all.features[0]["labels"]]
     assert got == [None, "B-PER", "B-LOC"] + ["I-LOC"] * 8 + ["O", "O", "B-PER", "I-PER", "I-PER", "O", "B-LOC", None]
 
@@ -243,7 +253,7 @@ def test_words_past_max_length_are_kept_or_counted(tokenizer):
     ids = np.asarray([names.index(t) for t in tags])
     sents = tc.Sentences(Path("x"), [words], [tags], [[1] * 5])
     # [CLS] alice met un ##believ ##ably bob today [SEP] is 9; with 6, 'unbelievably' is cut after 'un'
-    enc = tc.encode(tokenizer, tc.Examples(sents, [tags], [ids]), max_length=6)
+    enc = tc.encode(tokenizer, tc.Examples(sents, [tags], [ids]), enc_cfg(6))
     feat = enc.features[0]
     assert tokenizer.convert_ids_to_tokens(feat["input_ids"]) == ["[CLS]", "alice", "met", "un", "##believ", "[SEP]"]
     assert feat["output_positions"] == [1, 2, 3]  # the cut word keeps its first sub-token
@@ -269,8 +279,8 @@ def test_windows_cover_every_word_once_with_the_most_context(tokenizer):
     words, tags, names = _long_sentence(60)
     ids = np.asarray([names.index(t) for t in tags])
     sents = tc.Sentences(Path("x"), [words], [tags], [[1] * len(words)])
-    full = tc.encode(tokenizer, tc.Examples(sents, [tags], [ids]), max_length=512).features[0]
-    enc = tc.encode(tokenizer, tc.Examples(sents, [tags], [ids]), max_length=16, stride=6)
+    full = tc.encode(tokenizer, tc.Examples(sents, [tags], [ids]), enc_cfg(512)).features[0]
+    enc = tc.encode(tokenizer, tc.Examples(sents, [tags], [ids]), enc_cfg(16, 6))
     assert enc.truncated == 1 and enc.doc_index == [0] * len(enc.features) and len(enc.features) > 5
     body = full["input_ids"][1:-1]
     step, start = 16 - 2 - 6, 0
@@ -306,18 +316,18 @@ def test_stitched_windows_give_the_unchunked_prediction(tokenizer):
     short_words, short_tags, _ = _long_sentence(6, seed=4)
     sents = tc.Sentences(Path("x"), [words, short_words], [tags, short_tags], [[1] * 50, [1] * 6])
     examples = tc.Examples(sents, None, None)
-    collate = lambda f: tc.collate(f, 0)  # noqa: E731
-    unchunked = tc.encode(tokenizer, examples, max_length=512)
-    chunked = tc.encode(tokenizer, examples, max_length=12, stride=4)
+    collate = collate_of(tokenizer)
+    unchunked = tc.encode(tokenizer, examples, enc_cfg(512))
+    chunked = tc.encode(tokenizer, examples, enc_cfg(12, 4))
     assert chunked.truncated == 1 and len(chunked.features) > 4
-    want, _ = example_logits(model, tc, unchunked, collate, 8, torch.device("cpu"), "fp32")
-    got, _ = example_logits(model, tc, chunked, collate, 8, torch.device("cpu"), "fp32")
+    want, _ = example_outputs(model, tc, unchunked, collate, 8, torch.device("cpu"), "fp32")
+    got, _ = example_outputs(model, tc, chunked, collate, 8, torch.device("cpu"), "fp32")
     assert [g.shape for g in got] == [(50, 5), (6, 5)]
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=1e-5)
     # a sentence that fits in one window is encoded exactly as without chunking
     one = tc.encode(tokenizer, tc.Examples(tc.Sentences(Path("x"), [short_words], None, [[1] * 6]), None, None),
-                    max_length=64, stride=4)
+                    enc_cfg(64, 4))
     assert one.features[0]["input_ids"] == unchunked.features[1]["input_ids"]
     assert one.features[0]["output_positions"] == unchunked.features[1]["output_positions"]
 
@@ -341,7 +351,7 @@ def test_chunked_ner_trains_and_scores_whole_sentences(ner_model_dir, tmp_path):
     assert summary["data"]["train_windows"] > 3 * summary["data"]["train"]
     assert result.metrics["f1"] > 0.8, result.metrics
     loaded = LoadedRun(result.run_dir, "fp32")
-    examples = tc.read_examples(test, loaded.data_cfg, loaded.labels)
+    examples = tc.read_examples(test, loaded.cfg, loaded.labels)
     assert tc.compute_metrics(loaded.logits(examples), examples.targets, loaded.labels)["f1"] == \
         pytest.approx(result.metrics["f1"], abs=1e-6)
     loaded.cfg = load_config(loaded.cfg, {"model.long_text": "truncate"})  # the same model, first window only
@@ -354,13 +364,13 @@ def test_chunked_ner_trains_and_scores_whole_sentences(ner_model_dir, tmp_path):
     assert abs(found - gold) <= 0.2 * gold  # entities found all along the sentences, not only at the start
 
 
-def test_predict_logits_reads_the_word_positions(ner_model_dir, tokenizer):
+def test_predict_outputs_reads_the_word_positions(ner_model_dir, tokenizer):
     from transformers import AutoModelForTokenClassification
     model = AutoModelForTokenClassification.from_pretrained(ner_model_dir, num_labels=3).eval()
     features = [{"input_ids": tokenizer(["alice", "unbelievably"], is_split_into_words=True)["input_ids"],
                  "output_positions": [1, 2]},
                 {"input_ids": tokenizer(["bob"], is_split_into_words=True)["input_ids"], "output_positions": [1]}]
-    logits, _ = predict_logits(model, features, [6, 3], lambda f: tc.collate(f, 0), 8, torch.device("cpu"), "fp32")
+    logits, _ = predict_outputs(model, tc, features, [6, 3], collate_of(tokenizer), 8, torch.device("cpu"), "fp32")
     with torch.no_grad():
         alone = model(input_ids=torch.tensor([features[0]["input_ids"]])).logits[0].numpy()
     assert [x.shape for x in logits] == [(2, 3), (1, 3)]
@@ -382,14 +392,14 @@ def test_entity_metrics_match_a_hand_count():
 
 
 def test_o_tag_weight_weights_the_loss(ner_model_dir, ner_files, tokenizer):
-    cfg = load_config(ner_config(ner_model_dir, *ner_files, "runs"), {"data.o_tag_weight": 0.25})
+    cfg = load_config(ner_config(ner_model_dir, *ner_files, "runs"), {"token_classification.o_tag_weight": 0.25})
     labels = tc.LabelSpace(tc.NAME, tagging.bio_names(["LOC", "PER"]))
     model, _ = tc.build_model(str(ner_model_dir), labels, cfg)
-    batch = tc.collate([{"input_ids": [2, 5, 6, 3], "labels": [-100, 0, 3, -100]}], 0)
+    batch = collate_of(tokenizer)([{"input_ids": [2, 5, 6, 3], "labels": [-100, 0, 3, -100]}])
     model.eval()
     targets = batch.pop("labels")
-    splits = tc.Splits(tc.Examples(None, [["O", "B-PER"]], [np.asarray([0, 3])]), None, None, labels)
-    balance = setup(cfg, splits, labels)
+    splits = Splits(tc.Examples(None, [["O", "B-PER"]], [np.asarray([0, 3])]), None, None, labels)
+    balance = setup(tc, cfg, splits, labels)
     assert balance.summary["loss_weights"]["O"] == 0.25 and balance.summary["loss_weights"]["B-PER"] == 1.0
     logits = model(**batch).logits
     ce = torch.nn.functional.cross_entropy(logits[0, 1:3], torch.tensor([0, 3]), reduction="none")

@@ -110,7 +110,7 @@ def test_text_pairs_and_early_stopping(tiny_model_dir, tmp_path):
     pd.DataFrame(rows).to_csv(tmp_path / "p.csv", index=False)
     cfg = tiny_config(tiny_model_dir, tmp_path / "p.csv", None, tmp_path / "runs", epochs=20, lr=1e-6,
                       early_stopping_patience=2, eval_every_steps=2, metric="accuracy")
-    cfg["data"]["text_pair_column"] = "second"
+    cfg["text_classification"] = {"text_pair_column": "second"}
     result = tunesmith.train(cfg)
     log = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps_per_epoch = 10  # 160 training rows / batch 16

@@ -111,7 +111,7 @@ def test_train_help_lists_every_config_key_with_its_default():
     from tunesmith.config import Config
 
     text = config_help()
-    assert "train.lr = 5e-05" in text and "model.name = 'minilm-l6'" in text
+    assert "train.lr = 'auto'" in text and "model.name = 'minilm-l6'" in text
     for section in ("model", "data", "train", "output"):
         for key in Config.model_fields[section].annotation.model_fields:
             assert f"{section}.{key} = " in text
@@ -134,8 +134,10 @@ def test_inference_batches_by_length_so_padding_stays_small():
         def forward(self, x):
             return type("Out", (), {"logits": torch.zeros(len(x), 2)})()
 
-    logits, _ = inference.predict_logits(Model(), features, lengths, collate, 64, torch.device("cpu"), "fp32")
-    assert logits.shape == (500, 2)
+    from tunesmith.tasks import text_classification
+    outputs, _ = inference.predict_outputs(Model(), text_classification, features, lengths, collate, 64,
+                                           torch.device("cpu"), "fp32")
+    assert len(outputs) == 500 and all(o.shape == (2,) for o in outputs)
     padded = sum(n * w for n, w in widths)
     unsorted = sum(len(lengths[i:i + 64]) * max(lengths[i:i + 64]) for i in range(0, 500, 64))
     # 500 lengths spread over 2..99 in batches of 64: sorted batches span ~13 lengths, so ~12% padding,
@@ -156,15 +158,16 @@ def test_batch_widths_stay_within_the_buckets(tiny_model_dir, sentiment_csv, tmp
     assert inference.pad_multiple("auto", torch.device("cpu")) == 1 and inference.pad_multiple(8, torch.device("cpu")) == 8
     rng = np.random.default_rng(0)
     features = [{"input_ids": [5] * int(n), "labels": 0} for n in rng.integers(3, 129, size=700)]
-    widths = {tcls.collate([features[i] for i in batch], 0, 16)["input_ids"].shape[1]
+    from tunesmith.tasks.text import pad_batch
+    widths = {pad_batch([features[i] for i in batch], 0, 16)["input_ids"].shape[1]
               for batch in make_batches([len(f["input_ids"]) for f in features], 32, 0, True)}
     assert widths <= {16, 32, 48, 64, 80, 96, 112, 128} and len(widths) <= 8
-    batch = tcls.collate(features[:3], 0, 16)
+    batch = pad_batch(features[:3], 0, 16)
     assert batch["attention_mask"].sum() == sum(len(f["input_ids"]) for f in features[:3])
     result = tunesmith.train(tiny_config(tiny_model_dir, *sentiment_csv, tmp_path / "a", epochs=1))
     loaded = inference.LoadedRun(result.run_dir, "fp32")
     loaded.cfg = tunesmith.load_config(loaded.cfg, {"train.pad_to_multiple_of": 16})
-    examples = tcls.read_examples(sentiment_csv[1], loaded.data_cfg, loaded.labels)
+    examples = tcls.read_examples(sentiment_csv[1], loaded.cfg, loaded.labels)
     np.testing.assert_allclose(loaded.logits(examples), inference.LoadedRun(result.run_dir, "fp32").logits(examples),
                                atol=1e-5)
 

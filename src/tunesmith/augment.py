@@ -9,7 +9,9 @@ only touch words tagged O, and insert only where no entity is split (never befor
 
 from __future__ import annotations
 
+import json
 import re
+from functools import lru_cache
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -185,6 +187,19 @@ class MaskedLM:
                     if core[0].isupper():
                         new = new[0].upper() + new[1:]
                     words[e][i] = head + new + tail
+
+
+@lru_cache(maxsize=4)
+def _cached(ops_json: str, seed: int) -> Augmenter:
+    from pydantic import TypeAdapter
+
+    from .config import AugmentOp
+    return Augmenter(TypeAdapter(list[AugmentOp]).validate_python(json.loads(ops_json)), seed)
+
+
+def augmenter_for(ops: Sequence, seed: int) -> Augmenter:
+    """The Augmenter of these operations, built once (WordNet and a masked LM load slowly)."""
+    return _cached(json.dumps([op.model_dump() for op in ops], sort_keys=True), seed)
 
 
 def preview_lines(task, examples, augmenter: Augmenter, n: int, epoch: int = 0) -> list[str]:

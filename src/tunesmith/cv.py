@@ -26,20 +26,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import GroupKFold, KFold, ShuffleSplit, StratifiedGroupKFold, StratifiedKFold
 
 from . import inputs
 from .atomic import write_text_atomic
 from .config import Config, load_config
 from .errors import TunesmithError
 from .evaluate import scalar_metrics
-from .inference import LoadedRun, write_frame_atomic
+from .inference import CV_INFO, CVEnsemble, write_frame_atomic
 from .tasks import TASKS
-from .tasks.text_classification import _validation_split, resolve_data_config
 from .runlog import log
+from .tasks.base import Splits, resolve_data_config, split_train
+from .tasks.base import fold_indices as base_fold_indices
 from .train import new_run_dir, train
 
-CV_INFO = "cv.json"
 
 
 @dataclass
@@ -52,60 +51,30 @@ class CVResult:
     test_metrics: dict | None   # the fold models' ensemble on the test split (keep_models only)
 
 
-def fold_indices(examples, problem_type: str, folds: int, seed: int, source: str) -> list[np.ndarray]:
-    """The held-out row indices of each fold; checks that every fold can hold out something sensible."""
-    n = len(examples.texts)
-    if folds > n:
-        raise TunesmithError(f"{source}: {folds} folds need at least {folds} examples (found {n})")
-    groups = getattr(examples, "groups", None)  # token classification has none
-    stratify = problem_type == "single_label"
-    if stratify:
-        names = examples.label_names
-        counts = np.bincount(examples.targets, minlength=len(names))
-        low = int(np.argmin(counts))
-        if counts[low] < folds:
-            raise TunesmithError(f"{source}: class '{names[low]}' has only {counts[low]} example(s), too few for "
-                                 f"{folds} folds (each fold holds out some of every class); use at most "
-                                 f"{counts[low]} folds, or add examples")
-    if groups is not None:
-        n_groups = len(set(groups))
-        if n_groups < folds:
-            raise TunesmithError(f"{source}: only {n_groups} distinct groups in the group column, too few for "
-                                 f"{folds} folds (a group never sits on both sides)")
-        splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=seed) if stratify else \
-            GroupKFold(folds, shuffle=True, random_state=seed)
-    else:
-        splitter = StratifiedKFold(folds, shuffle=True, random_state=seed) if stratify else \
-            KFold(folds, shuffle=True, random_state=seed)
-    y = examples.targets if stratify else None
-    return [held for _, held in splitter.split(np.zeros(n), y, groups)]
+def fold_indices(task, examples, labels, folds: int, seed: int, source: str) -> list[np.ndarray]:
+    """The held-out example indices of each fold: stratified where the task can stratify, by group when
+    the data has groups; checks that every fold can hold out something sensible."""
+    return base_fold_indices(len(examples), folds, seed, task.stratify_by(examples, labels),
+                             getattr(labels, "names", []), examples.groups, source)
 
 
-def _train_fold(i: int, cfg: Config, base, held: np.ndarray, held_rows, inner_fraction: bool, cv_dir: Path):
+def _train_fold(i: int, cfg: Config, task, base: Splits, held: np.ndarray, held_rows, inner_fraction: bool,
+                cv_dir: Path):
     """Train on every row outside fold i (less its validation part) and test on fold i."""
     rows = base.train
-    fold_train, validation = rows.subset(np.setdiff1d(np.arange(len(rows.texts)), held)), base.validation
-    if inner_fraction:
-        tr, va = _inner_split(cfg.task, fold_train, cfg, resolve_data_config(cfg.data))
-        fold_train, validation = fold_train.subset(tr), fold_train.subset(va)
-    log(f"fold {i}/{cfg.cv.folds}: {len(fold_train.texts)} train, "
-         f"{len(validation.texts) if validation is not None else 0} validation, {len(held)} held out")
-    splits = type(base)(fold_train, validation, held_rows, base.labels)
+    fold_train, validation = rows.subset(np.setdiff1d(np.arange(len(rows)), held)), base.validation
+    if inner_fraction:  # validation out of the fold's training part, split the way train() would split it
+        fold_train, validation = split_train(fold_train, task.stratify_by(fold_train, base.labels), cfg,
+                                             f"fold {i}")
+    log(f"fold {i}/{cfg.cv.folds}: {len(fold_train)} train, "
+        f"{len(validation) if validation is not None else 0} validation, {len(held)} held out")
+    splits = Splits(fold_train, validation, held_rows, base.labels)
     fold_cfg = load_config(cfg, {"output.dir": str(cv_dir), "output.name": f"fold-{i}", "data.test": None})
     result = train(fold_cfg, splits=splits)
     shutil.rmtree(result.run_dir / "checkpoints", ignore_errors=True)  # the fold is done: no resume needed
     if not cfg.cv.keep_models:
         shutil.rmtree(result.run_dir / "model", ignore_errors=True)
     return result
-
-
-def _inner_split(task_name: str, examples, cfg: Config, data) -> tuple[np.ndarray, np.ndarray]:
-    """Validation rows out of a fold's training part, split the way `train` would split them."""
-    if task_name == "text_classification":
-        return _validation_split(examples, data, cfg.train.seed)  # by group, else stratified
-    n = len(examples.texts)
-    return next(ShuffleSplit(n_splits=1, test_size=data.validation_fraction,
-                             random_state=cfg.train.seed).split(np.zeros(n)))
 
 
 def cross_validate(config: str | Path | dict | Config, overrides: dict[str, Any] | None = None, *,
@@ -134,10 +103,46 @@ def _cross_validate(config, overrides, folds, keep_models, cv_dir, on_fold) -> C
     # All training rows; a validation *file* (if any) picks checkpoints in every fold.
     base = task.load_splits(load_config(cfg, {"data.validation_fraction": 0.0}))
     rows = base.train
-    held_out = fold_indices(rows, base.labels.problem_type, k, cfg.train.seed, inputs.shown(data.train))
+    held_out = fold_indices(task, rows, base.labels, k, cfg.train.seed, inputs.shown(data.train))
     inner_fraction = base.validation is None and data.validation_fraction > 0
     metric = task.default_metric(base.labels) if cfg.train.metric == "auto" else cfg.train.metric
 
+    cv_dir = _new_cv_dir(cfg, cv_dir)
+    created = new_folder(cv_dir)
+    cfg = inputs.persist(cfg, cv_dir)  # in-memory data: one copy for every fold's config
+    selection = "validation file" if base.validation is not None else \
+        "validation part of each fold's training rows" if inner_fraction else "last step"
+    stratified = task.stratify_by(rows, base.labels) is not None
+    log(f"cross-validation: {k} folds of {len(rows)} examples ({'by group, ' if rows.groups is not None else ''}"
+        f"{'stratified' if stratified else 'not stratified'}); "
+        f"best checkpoint by validation {metric} on the {selection}; folder {cv_dir}")
+    fold_metrics, outputs, frames = _run_folds(cfg, task, base, held_out, inner_fraction, cv_dir, metric, on_fold,
+                                               created)
+
+    # ---- summary
+    keys = [m for m in fold_metrics[0] if all(m in f for f in fold_metrics)]
+    mean = {m: float(np.mean([f[m] for f in fold_metrics])) for m in keys}
+    std = {m: float(np.std([f[m] for f in fold_metrics], ddof=1)) if len(fold_metrics) > 1 else float("nan")
+           for m in keys}
+    done = np.sort(np.concatenate(held_out[:len(fold_metrics)]))
+    oof = pd.concat(frames, ignore_index=True).sort_values("row", kind="stable").reset_index(drop=True)
+    oof_path = cv_dir / ("oof_predictions.jsonl" if _has_lists(oof) else "oof_predictions.csv")
+    write_frame_atomic(oof, oof_path)
+    pooled = task.compute_metrics([outputs[r] for r in done], rows.subset(done).targets, base.labels)
+    test_metrics = None
+    if cfg.cv.keep_models and base.test is not None and len(fold_metrics) == k:
+        test_metrics = _score_ensemble(task, base, cv_dir, k)
+    summary = {"folds": k, "folds_run": len(fold_metrics), "metric": metric, "examples": len(rows),
+               "grouped": rows.groups is not None, "stratified": stratified, "checkpoint_selection": selection,
+               "std": "sample standard deviation across folds (ddof=1)",
+               "per_fold": fold_metrics, "mean": mean, "std_dev": std, "pooled_out_of_fold": pooled,
+               "keep_models": cfg.cv.keep_models, "test_ensemble": test_metrics,
+               "predictions": oof_path.name}
+    write_text_atomic(cv_dir / CV_INFO, json.dumps(summary, indent=1))
+    return CVResult(cv_dir, fold_metrics, mean, std, pooled, test_metrics)
+
+
+def _new_cv_dir(cfg: Config, cv_dir: str | Path | None) -> Path:
     if cv_dir is None:
         stem = cfg.data.dataset or inputs.stem(cfg.data.train)
         name = cfg.output.name or f"{stem}-cv-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -145,72 +150,55 @@ def _cross_validate(config, overrides, folds, keep_models, cv_dir, on_fold) -> C
     cv_dir = Path(cv_dir)
     if cv_dir.exists():
         raise TunesmithError(f"{cv_dir}: already exists; choose another output.name")
-    created = new_folder(cv_dir)
-    cfg = inputs.persist(cfg, cv_dir)  # in-memory data: one copy for every fold's config
-    selection = "validation file" if base.validation is not None else \
-        "validation part of each fold's training rows" if inner_fraction else "last step"
-    grouped = getattr(rows, "groups", None) is not None
-    log(f"cross-validation: {k} folds of {len(rows.texts)} examples ({'by group, ' if grouped else ''}"
-         f"{'stratified' if base.labels.problem_type == 'single_label' else 'not stratified'}); "
-         f"best checkpoint by validation {metric} on the {selection}; folder {cv_dir}")
+    return cv_dir
 
-    fold_metrics, fold_logits, frames = [], [None] * len(rows.texts), []
-    try:
-        for i, held in enumerate(held_out, start=1):
-            held_rows = rows.subset(held)
-            result = _train_fold(i, cfg, base, held, held_rows, inner_fraction, cv_dir)
-            scores = scalar_metrics(result.metrics)
-            fold_metrics.append(scores)
-            for j, row in enumerate(held):
-                fold_logits[row] = result.test_logits[j]
-            frame = task.predictions_frame(held_rows, result.test_logits, base.labels)
-            frame.insert(0, "fold", i)
-            frame.insert(0, "row", held + 1)  # 1-based position in the training data
-            frames.append(frame)
-            mean_so_far = float(np.mean([m[metric] for m in fold_metrics])) if metric in scores else float("nan")
-            log(f"fold {i}/{k}: held-out {', '.join(f'{m} {v:.4f}' for m, v in scores.items())}")
-            if on_fold is not None and on_fold(i, mean_so_far):
-                log(f"stopped after fold {i}/{k}")
-                break
-    except TunesmithError:
-        if not fold_metrics:  # a bad setting surfaced in the first fold: leave nothing behind
-            shutil.rmtree(created, ignore_errors=True)
-        raise
 
-    # ---- summary
-    keys = [m for m in fold_metrics[0] if all(m in f for f in fold_metrics)]
-    mean = {m: float(np.mean([f[m] for f in fold_metrics])) for m in keys}
-    std = {m: float(np.std([f[m] for f in fold_metrics], ddof=1)) if len(fold_metrics) > 1 else float("nan")
-           for m in keys}
-    done = np.concatenate(held_out[:len(fold_metrics)])
-    done.sort()
-    oof = pd.concat(frames, ignore_index=True).sort_values("row", kind="stable").reset_index(drop=True)
-    per_token = isinstance(result.test_logits, list)  # NER: lists of tags per row do not fit a CSV
-    oof_path = cv_dir / ("oof_predictions.jsonl" if per_token else "oof_predictions.csv")
-    write_frame_atomic(oof, oof_path)
-    pooled_logits = [fold_logits[r] for r in done]
-    pooled_targets = [rows.targets[r] for r in done]
-    if not per_token:  # one row of logits per example: back to one array
-        pooled_logits, pooled_targets = np.stack(pooled_logits), rows.targets[done]
-    pooled = task.compute_metrics(pooled_logits, pooled_targets, base.labels)
+def _run_folds(cfg: Config, task, base: Splits, held_out: list[np.ndarray], inner_fraction: bool, cv_dir: Path,
+               metric: str, on_fold, created: Path) -> tuple[list[dict], list, list[pd.DataFrame]]:
+    """Train and score every fold; returns each fold's metrics, every row's out-of-fold output, and the
+    prediction frames."""
+    rows, k = base.train, len(held_out)
+    fold_metrics: list[dict] = []
+    outputs: list = [None] * len(rows)
+    frames: list[pd.DataFrame] = []
+    for i, held in enumerate(held_out, start=1):
+        held_rows = rows.subset(held)
+        try:
+            result = _train_fold(i, cfg, task, base, held, held_rows, inner_fraction, cv_dir)
+        except TunesmithError:
+            if not fold_metrics:  # a bad setting surfaced in the first fold: leave nothing behind
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+        scores = scalar_metrics(result.metrics)
+        fold_metrics.append(scores)
+        for j, row in enumerate(held):
+            outputs[row] = result.test_logits[j]
+        frame = task.predictions_frame(held_rows, result.test_logits, base.labels)
+        frame.insert(0, "fold", i)
+        frame.insert(0, "row", held + 1)  # 1-based position in the training data
+        frames.append(frame)
+        mean_so_far = float(np.mean([m[metric] for m in fold_metrics])) if metric in scores else float("nan")
+        log(f"fold {i}/{k}: held-out {', '.join(f'{m} {v:.4f}' for m, v in scores.items())}")
+        if on_fold is not None and on_fold(i, mean_so_far):
+            log(f"stopped after fold {i}/{k}")
+            break
+    return fold_metrics, outputs, frames
 
-    test_metrics = None
-    if cfg.cv.keep_models and base.test is not None and len(fold_metrics) == k:
-        ensemble = CVEnsemble(cv_dir, fold_dirs=[cv_dir / f"fold-{i}" for i in range(1, k + 1)])
-        logits = ensemble.logits(base.test)
-        test_metrics = task.compute_metrics(logits, base.test.targets, base.labels)
-        write_frame_atomic(task.predictions_frame(base.test, logits, base.labels), cv_dir / "test_predictions.csv")
-        log(f"test ({len(base.test.texts)} examples), ensemble of {k} fold models: "
-             + ", ".join(f"{m} {v:.4f}" for m, v in scalar_metrics(test_metrics).items()))
-    summary = {"folds": k, "folds_run": len(fold_metrics), "metric": metric, "examples": len(rows.texts),
-               "grouped": grouped, "stratified": base.labels.problem_type == "single_label",
-               "checkpoint_selection": selection,
-               "std": "sample standard deviation across folds (ddof=1)",
-               "per_fold": fold_metrics, "mean": mean, "std_dev": std, "pooled_out_of_fold": pooled,
-               "keep_models": cfg.cv.keep_models, "test_ensemble": test_metrics,
-               "predictions": oof_path.name}
-    write_text_atomic(cv_dir / CV_INFO, json.dumps(summary, indent=1))
-    return CVResult(cv_dir, fold_metrics, mean, std, pooled, test_metrics)
+
+def _score_ensemble(task, base: Splits, cv_dir: Path, k: int) -> dict:
+    """The fold models' ensemble on the test split (cv.keep_models)."""
+    ensemble = CVEnsemble(cv_dir, fold_dirs=[cv_dir / f"fold-{i}" for i in range(1, k + 1)])
+    logits = ensemble.logits(base.test)
+    metrics = task.compute_metrics(logits, base.test.targets, base.labels)
+    write_frame_atomic(task.predictions_frame(base.test, logits, base.labels), cv_dir / "test_predictions.csv")
+    log(f"test ({len(base.test)} examples), ensemble of {k} fold models: "
+        + ", ".join(f"{m} {v:.4f}" for m, v in scalar_metrics(metrics).items()))
+    return metrics
+
+
+def _has_lists(frame: pd.DataFrame) -> bool:
+    """Columns holding lists or dicts (tags per word, entities) do not fit a CSV: JSONL then."""
+    return any(isinstance(v, (list, dict, np.ndarray)) for c in frame.columns for v in frame[c].head(5))
 
 
 def new_folder(path: Path, exist_ok: bool = False) -> Path | None:
@@ -249,46 +237,3 @@ def format_cv_table(result: CVResult) -> str:
         lines.append("test, ensemble of the fold models: " + ", ".join(
             f"{m} {v:.4f}" for m, v in scalar_metrics(result.test_metrics).items()))
     return "\n".join(lines)
-
-
-def ensemble_logits(outputs: list, problem_type: str):
-    """Average the fold models' probabilities, returned as logits that give back those probabilities.
-
-    Softmax of log(p) is p again (p sums to 1), and sigmoid(log(p / (1 - p))) is p: so the tasks'
-    predictions_frame and metrics read the ensemble exactly as they read one model.
-    """
-    if isinstance(outputs[0], list):  # token classification: one (positions, tags) array per example
-        return [ensemble_logits([o[i] for o in outputs], problem_type) for i in range(len(outputs[0]))]
-    stacked = np.stack(outputs).astype(np.float64)
-    if problem_type == "regression":
-        return stacked.mean(axis=0).astype(np.float32)
-    if problem_type == "multi_label":
-        p = np.clip((1 / (1 + np.exp(-stacked))).mean(axis=0), 1e-7, 1 - 1e-7)
-        return np.log(p / (1 - p)).astype(np.float32)
-    shifted = np.exp(stacked - stacked.max(axis=-1, keepdims=True))
-    p = (shifted / shifted.sum(axis=-1, keepdims=True)).mean(axis=0)
-    return np.log(np.clip(p, 1e-12, None)).astype(np.float32)
-
-
-class CVEnsemble:
-    """The fold models of a cv folder (cv.keep_models), predicting together like one LoadedRun."""
-
-    def __init__(self, cv_dir: str | Path, precision: str = "auto", fold_dirs: list[Path] | None = None):
-        cv_dir = Path(cv_dir)
-        if fold_dirs is None:
-            info = json.loads((cv_dir / CV_INFO).read_text())
-            fold_dirs = [cv_dir / f"fold-{i}" for i in range(1, info["folds_run"] + 1)]
-        missing = [d.name for d in fold_dirs if not (d / "model").is_dir()]
-        if missing:
-            raise TunesmithError(f"{cv_dir}: cross-validation folder without fold models ({', '.join(missing)}); "
-                                 "run tunesmith cv with --keep-models to predict with the fold ensemble")
-        self.members = [LoadedRun(d, precision) for d in fold_dirs]
-        first = self.members[0]
-        self.task, self.labels, self.cfg, self.data_cfg = first.task, first.labels, first.cfg, first.data_cfg
-
-    def logits(self, examples, batch_size: int = 128):
-        return ensemble_logits([m.logits(examples, batch_size) for m in self.members], self.labels.problem_type)
-
-
-def is_cv_dir(path: str | Path) -> bool:
-    return (Path(path) / CV_INFO).is_file()

@@ -2,18 +2,29 @@
 train only the top from the cache.
 
 Valid because frozen modules run in eval mode (strategies.set_train_mode): no dropout, no moving
-statistics, and no data augmentation exists, so the bottom's output for an example is the same in
-every epoch. The cache holds the output of the last frozen block for each example's real tokens
-(float32, `tokens x hidden`; the first token alone when that block computes nothing else, see
-models.first_token_only), in memory or, above `strategy.cache_memory_mb`, in a memory-mapped
-file in the run folder. Replaying a batch swaps the frozen blocks for one module that returns the
-cached hidden states; everything above runs as usual, so the loss, the gradients and the random
-numbers the top consumes (its dropout) are those of the uncached run.
+BatchNorm statistics, and the training loop builds a cache only when no augmentation changes the
+inputs between epochs, so the bottom's output for an example is the same in every epoch.
+
+What is kept is the output of the last frozen block (layouts.py: a transformer block, a CNN stage;
+with linear_probe, the last block, i.e. what enters the head):
+- text (the batch has input_ids): one row per real token, `tokens x hidden` (the first token alone
+  when that block computes nothing else, see models.first_token_only);
+- images: the whole output per example, `C x H x W` for a CNN stage, `tokens x width` for a ViT block.
+It is float32, in memory up to `strategy.cache_memory_mb`, above that in a memory-mapped file in the
+run folder, and not built at all when that file would take more than half the free disk (the cache
+is then falsy, says why in `reason`, and its replay changes nothing).
+
+Replaying a batch swaps the frozen blocks' modules for stand-ins (layouts.Layout.swap): the last
+returns the cached output, the others return their input untouched. The embeddings still run (they
+are cheap: a stem convolution, a lookup), everything above runs as usual, so the loss, the
+gradients and the random numbers the top consumes (its dropout) are those of the uncached run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import inspect
+import shutil
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .runlog import log
 from .strategies import Plan
 
 
@@ -29,7 +41,7 @@ class _Stop(Exception):
 
 
 class _Replay(nn.Module):
-    """Stands in for the frozen blocks: returns the cached output, shaped as the last block returns it."""
+    """Stands in for the last frozen module: returns the cached output, shaped as that module returns it."""
 
     def __init__(self, hidden: torch.Tensor, as_tuple: bool):
         super().__init__()
@@ -39,15 +51,35 @@ class _Replay(nn.Module):
         return (self.hidden,) if self.as_tuple else self.hidden
 
 
+class _Skip(nn.Module):
+    """Stands in for a frozen module below the last one: passes its input on (the replay ignores it)."""
+
+    def __init__(self, as_tuple: bool):
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, *args, **kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        return (x,) if self.as_tuple else x
+
+
 class FeatureCache:
-    def __init__(self, plan: Plan, model: nn.Module, store: np.ndarray, offsets: np.ndarray, as_tuple: bool,
-                 device: torch.device, file: Path | None):
-        self.plan, self.model, self.store, self.offsets = plan, model, store, offsets
-        self.as_tuple, self.device, self.file = as_tuple, device, file
-        self.nbytes = int(store.nbytes)
+    """Outputs of the frozen bottom, `offsets[i]:offsets[i + 1]` the rows of example i. Falsy (and
+    replaying nothing) when the cache was not built; `reason` then says why."""
+
+    def __init__(self, plan: Plan, store: np.ndarray | None, offsets: np.ndarray | None, per_token: bool,
+                 as_tuple: bool, device: torch.device, file: Path | None, reason: str = ""):
+        self.plan, self.store, self.offsets, self.per_token = plan, store, offsets, per_token
+        self.as_tuple, self.device, self.file, self.reason = as_tuple, device, file, reason
+        self.nbytes = 0 if store is None else int(store.nbytes)
+
+    def __bool__(self) -> bool:
+        return self.store is not None
 
     def hidden(self, indices: list[int], width: int | None = None) -> torch.Tensor:
-        """Cached hidden states of these examples, zero-padded to `width` (the batch's, as collated)."""
+        """Cached outputs of these examples; text is zero-padded to `width` (the batch's, as collated)."""
+        if not self.per_token:
+            return torch.from_numpy(np.ascontiguousarray(self.store[np.asarray(indices)])).to(self.device)
         lengths = [int(self.offsets[i + 1] - self.offsets[i]) for i in indices]
         out = np.zeros((len(indices), width or max(lengths), self.store.shape[1]), dtype=np.float32)
         for row, (i, n) in enumerate(zip(indices, lengths)):
@@ -55,20 +87,26 @@ class FeatureCache:
         return torch.from_numpy(out).to(self.device)
 
     @contextmanager
-    def replay(self, indices: list[int], width: int | None = None) -> Iterator[None]:
-        """Inside, a forward pass over these examples skips the frozen blocks and reads the cache.
+    def replay(self, indices: list[int], batch: Mapping[str, torch.Tensor] | None = None) -> Iterator[None]:
+        """Inside, a forward pass over these examples (collated as `batch`) skips the frozen blocks
+        and reads the cache.
 
-        Padded positions hold zeros instead of what the blocks would compute there; the attention
-        mask hides them from every real token, so the outputs at real tokens are unchanged.
+        Text: padded positions hold zeros instead of what the blocks would compute there; the
+        attention mask hides them from every real token, so the outputs at real tokens are unchanged.
         """
-        layout = self.plan.layout
-        blocks = layout.blocks
-        replay = _Replay(self.hidden(indices, width), self.as_tuple)
-        setattr(layout.blocks_owner, layout.blocks_attr, nn.ModuleList([replay, *blocks[self.plan.frozen_blocks:]]))
+        if not self:
+            yield
+            return
+        width = batch["input_ids"].shape[1] if batch is not None and "input_ids" in batch else None
+        layout, k = self.plan.layout, self.plan.frozen_blocks
+        paths = [path for block in layout.blocks[:k] for path in block]
+        stand_ins = [_Skip(self.as_tuple) for _ in paths[:-1]] + [_Replay(self.hidden(indices, width), self.as_tuple)]
+        originals = [layout.swap(path, module) for path, module in zip(paths, stand_ins)]
         try:
             yield
         finally:
-            setattr(layout.blocks_owner, layout.blocks_attr, blocks)
+            for path, module in zip(paths, originals):
+                layout.swap(path, module)
 
     def close(self) -> None:
         self.store = None  # closes the memory map
@@ -76,12 +114,19 @@ class FeatureCache:
             self.file.unlink(missing_ok=True)
 
 
+def run_model(model: nn.Module, batch: Mapping[str, torch.Tensor]):
+    """Hugging Face models take the batch as keywords; timm and torchvision models take the image tensor."""
+    if "pixel_values" in batch and "pixel_values" not in inspect.signature(model.forward).parameters:
+        return model(batch["pixel_values"])
+    return model(**batch)
+
+
 @torch.inference_mode()
 def build_feature_cache(plan: Plan, model: nn.Module, features: list[dict], lengths: list[int],
                         collate: Callable[[list[dict]], dict], batch_size: int, device: torch.device,
                         precision: str, folder: Path) -> FeatureCache:
     """Run the frozen bottom over every example once (batched by length) and keep its output."""
-    last_frozen = plan.layout.blocks[plan.frozen_blocks - 1]
+    last_frozen = plan.layout.module(plan.layout.blocks[plan.frozen_blocks - 1][-1])
     captured: dict = {}
 
     def capture(module, args, output):
@@ -89,10 +134,7 @@ def build_feature_cache(plan: Plan, model: nn.Module, features: list[dict], leng
         captured["hidden"] = output[0] if isinstance(output, tuple) else output
         raise _Stop
 
-    # rows kept per example: its tokens, or only the first when that is all the block computes
-    kept = [1] * len(lengths) if getattr(last_frozen, "first_token_only", False) else lengths
-    offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
-    store, file = None, None
+    store, file, offsets, kept, per_token = None, None, None, None, False
     order = np.argsort(lengths, kind="stable")
     was_training = model.training
     model.eval()
@@ -104,23 +146,47 @@ def build_feature_cache(plan: Plan, model: nn.Module, features: list[dict], leng
                 batch = collate([features[i] for i in idx])
                 batch.pop("labels", None)
                 try:
-                    model(**{k: v.to(device) for k, v in batch.items()})
+                    run_model(model, {k: v.to(device) for k, v in batch.items()})
                 except _Stop:
                     pass
                 hidden = captured["hidden"].float().cpu().numpy()
                 if store is None:
-                    store, file = _allocate((int(offsets[-1]), hidden.shape[-1]),
-                                            plan.cfg.cache_memory_mb * 2**20, folder)
+                    per_token = "input_ids" in batch and hidden.ndim == 3
+                    kept = _rows_kept(per_token, last_frozen, lengths)
+                    offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
+                    row_shape = hidden.shape[2:] if per_token else hidden.shape[1:]
+                    store, file, reason = _allocate((int(offsets[-1]), *row_shape),
+                                                    plan.cfg.cache_memory_mb * 2**20, folder)
+                    if store is None:
+                        log(f"feature cache off: {reason}")
+                        return FeatureCache(plan, None, None, per_token, False, device, None, reason)
+                rows = hidden if per_token else hidden[:, None]  # images: one row per example
                 for row, i in enumerate(idx):
-                    store[offsets[i]:offsets[i + 1]] = hidden[row, :kept[i]]
+                    store[offsets[i]:offsets[i + 1]] = rows[row, :kept[i]]
     finally:
         handle.remove()
         model.train(was_training)
-    return FeatureCache(plan, model, store, offsets, captured["as_tuple"], device, file)
+    return FeatureCache(plan, store, offsets, per_token, captured["as_tuple"], device, file)
 
 
-def _allocate(shape: tuple[int, int], memory_limit: int, folder: Path) -> tuple[np.ndarray, Path | None]:
-    if shape[0] * shape[1] * 4 <= memory_limit:
-        return np.empty(shape, dtype=np.float32), None
+def _rows_kept(per_token: bool, last_frozen: nn.Module, lengths: list[int]) -> list[int]:
+    """Rows kept per example: its tokens, or only the first when that is all the block computes;
+    one (the whole output) for an image."""
+    if per_token and not getattr(last_frozen, "first_token_only", False):
+        return list(lengths)
+    return [1] * len(lengths)
+
+
+def _allocate(shape: tuple[int, ...], memory_limit: int, folder: Path) -> tuple[np.ndarray | None, Path | None, str]:
+    """In memory up to memory_limit bytes; else a memory-mapped file, up to half the free disk
+    (the rest is left for checkpoints); else nothing, and why."""
+    nbytes = int(np.prod(shape)) * 4
+    if nbytes <= memory_limit:
+        return np.empty(shape, dtype=np.float32), None, ""
+    free = shutil.disk_usage(folder).free
+    if nbytes > free // 2:
+        return None, None, (f"the frozen blocks' outputs would take {nbytes / 2**20:,.0f} MiB, more than "
+                            f"strategy.cache_memory_mb ({memory_limit / 2**20:,.0f}) and half the free disk "
+                            f"in {folder} ({free / 2**21:,.0f} MiB); the frozen blocks run every step")
     file = folder / "feature_cache.f32"
-    return np.memmap(file, dtype=np.float32, mode="w+", shape=shape), file
+    return np.memmap(file, dtype=np.float32, mode="w+", shape=shape), file, ""

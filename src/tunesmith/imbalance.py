@@ -1,8 +1,9 @@
 """Class imbalance: how many examples each class has, the class weights, the loss that uses them,
 and the per-example weights of the oversampling sampler.
 
-One place for every task. Targets come as the tasks hold them: class ids (single-label), multi-hot
-rows (multi-label) or one array of tag ids per sentence (token classification, BIO tags).
+One place for every task: the task says which class ids each training example holds
+(task.example_classes), which ids a class name means (task.class_ids), and any loss weights of its own
+(task.extra_loss_weights).
 """
 
 from __future__ import annotations
@@ -16,34 +17,29 @@ import torch.nn.functional as F
 
 from .config import Config
 from .errors import TunesmithError
-from .tasks.token_classification import IGNORE  # label positions the loss skips (sub-tokens, padding)
+from .tasks.base import IGNORE  # label positions the loss skips (sub-tokens, padding)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def class_counts(targets, labels) -> dict[str, int]:
-    """Examples per class (multi-label: rows holding the class; token classification: words per tag)."""
-    if targets is None or labels.problem_type == "regression":
+def class_counts(task, targets, labels) -> dict[str, int]:
+    """Occurrences of each class (single-label: examples; multi-label: rows holding the class; token
+    classification: words per tag), as the task's example_classes count them."""
+    if targets is None or not task.has_classes(labels):
         return {}
-    k = len(labels.names)
-    if labels.problem_type == "multi_label":
-        counts = np.asarray(targets).sum(axis=0)
-    elif labels.problem_type == "single_label":
-        counts = np.bincount(np.asarray(targets), minlength=k)
-    else:  # one array of tag ids per sentence
-        counts = np.bincount(np.concatenate([np.asarray(t, dtype=np.int64) for t in targets] or [np.zeros(0, int)]),
-                             minlength=k)
+    held = task.example_classes(targets, labels)
+    counts = np.bincount(np.concatenate(held or [np.zeros(0, np.int64)]).astype(np.int64), minlength=len(labels.names))
     return {name: int(c) for name, c in zip(labels.names, counts)}
 
 
-def class_weights(cfg: Config, train_targets, labels) -> np.ndarray:
+def class_weights(task, cfg: Config, train_targets, labels) -> np.ndarray:
     """One weight per output class, from imbalance.weights.
 
     'balanced' (scikit-learn's rule): w_c = n / (classes x n_c), so every class carries the same total
     weight; e.g. 900 / 100 examples -> 0.556 / 5.0. Multi-label: pos_weight_c = negatives_c / positives_c,
     so a class's positives weigh as much as its negatives. A class absent from train gets weight 1.
     """
-    counts = np.asarray(list(class_counts(train_targets, labels).values()), dtype=np.float64)
+    counts = np.asarray(list(class_counts(task, train_targets, labels).values()), dtype=np.float64)
     spec = cfg.imbalance.weights
     if spec == "balanced":
         present = counts > 0
@@ -55,7 +51,7 @@ def class_weights(cfg: Config, train_targets, labels) -> np.ndarray:
     else:
         weights = np.ones(len(labels.names))
         for name, value in spec.items():
-            hits = _classes_named(name, labels)
+            hits = task.class_ids(name, labels)
             if not hits:
                 known = labels.types + ["O"] if hasattr(labels, "types") else labels.names
                 raise TunesmithError(f"imbalance.weights: unknown class '{name}' (classes: {', '.join(known)})")
@@ -63,26 +59,12 @@ def class_weights(cfg: Config, train_targets, labels) -> np.ndarray:
     return weights.astype(np.float32)
 
 
-def _classes_named(name: str, labels) -> list[int]:
-    """Output ids a hand-given weight applies to: the class itself, or for NER an entity type's B- and I- tags."""
-    if name in labels.names:
-        return [labels.names.index(name)]
-    return [i for i, n in enumerate(labels.names) if n[:2] in ("B-", "I-") and n[2:] == name]
-
-
-def example_weights(train_targets, labels, weights: np.ndarray) -> np.ndarray:
-    """How likely the oversampler draws each training example.
-
-    Single-label: its class's weight (with 'balanced' weights every class is drawn equally often).
-    Multi-label and NER: the largest weight among its labels / tags, so an example holding a rare class is
-    drawn as often as that class asks (a multi-label row without labels weighs 1).
-    """
-    if labels.problem_type == "single_label":
-        return weights[np.asarray(train_targets)].astype(np.float64)
-    if labels.problem_type == "multi_label":
-        rows = np.asarray(train_targets) > 0
-        return np.asarray([weights[r].max() if r.any() else 1.0 for r in rows], dtype=np.float64)
-    return np.asarray([weights[np.asarray(t)].max() if len(t) else 1.0 for t in train_targets], dtype=np.float64)
+def example_weights(task, train_targets, labels, weights: np.ndarray) -> np.ndarray:
+    """How likely the oversampler draws each training example: the largest weight among its classes
+    (single-label: its class's, so with 'balanced' weights every class is drawn equally often; an
+    example holding a rare class is drawn as often as that class asks; one without any weighs 1)."""
+    held = task.example_classes(train_targets, labels)
+    return np.asarray([weights[c].max() if len(c) else 1.0 for c in held], dtype=np.float64)
 
 
 def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float, multi_label: bool,
@@ -134,26 +116,27 @@ class Balance:
     summary: dict
 
 
-def setup(cfg: Config, splits, labels) -> Balance:
+def setup(task, cfg: Config, splits, labels) -> Balance:
     method = cfg.imbalance.method
-    distribution = {name: class_counts(part.targets, labels) for name, part in
+    distribution = {name: class_counts(task, part.targets, labels) for name, part in
                     (("train", splits.train), ("validation", splits.validation), ("test", splits.test))
                     if part is not None and part.targets is not None}
     summary: dict = {"method": method, "distribution": distribution}
-    if labels.problem_type == "regression":
+    if not task.has_classes(labels):
         return Balance(None, None, summary)
-    weights = class_weights(cfg, splits.train.targets, labels) if method in ("class_weights", "oversample") else None
-    # the loss weighs classes only with class_weights; data.o_tag_weight (NER) weighs O with any method
+    weights = class_weights(task, cfg, splits.train.targets, labels) if method in ("class_weights", "oversample") \
+        else None
+    # the loss weighs classes only with class_weights; a task's own weights (NER's o_tag_weight) apply always
     loss_weights = weights if method == "class_weights" else None
-    if cfg.task == "token_classification" and cfg.data.o_tag_weight != 1.0:
-        loss_weights = np.ones(len(labels.names), np.float32) if loss_weights is None else loss_weights.copy()
-        loss_weights[labels.names.index("O")] *= cfg.data.o_tag_weight
+    extra = task.extra_loss_weights(cfg, labels)
+    if extra is not None:
+        loss_weights = extra if loss_weights is None else loss_weights * extra
         summary["loss_weights"] = {n: round(float(w), 4) for n, w in zip(labels.names, loss_weights)}
     if weights is not None:
         summary["weights"] = {n: round(float(w), 4) for n, w in zip(labels.names, weights)}
     if method == "focal":
         summary["gamma"] = cfg.imbalance.gamma
-    sample_weights = example_weights(splits.train.targets, labels, weights) if method == "oversample" else None
+    sample_weights = example_weights(task, splits.train.targets, labels, weights) if method == "oversample" else None
     return Balance(make_loss(cfg, loss_weights, labels), sample_weights, summary)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,7 @@ from . import inputs
 from .atomic import recover_dir, replace_dir, temp_dir_beside, temp_file_beside
 from .config import Config, config_to_yaml, load_config
 from .errors import TunesmithError
+from .models import resolve_model
 from .strategies import load_adapter, save_weights
 from .tasks import TASKS
 
@@ -72,72 +74,46 @@ def pad_multiple(setting: int | str, device: torch.device) -> int:
 
 
 @torch.inference_mode()
-def predict_logits(model: torch.nn.Module, features: list[dict], lengths: list[int],
-                   collate: Callable[[list[dict]], dict], batch_size: int, device: torch.device,
-                   precision: str, with_loss: bool = False) -> tuple[np.ndarray | list[np.ndarray], float | None]:
-    """Logits for every example, in input order. Batches are formed by length so padding is minimal.
-
-    Token-level models give a list with one (positions, classes) array per example: the positions in
-    the feature's `output_positions` (e.g. the first sub-token of each word), else all its tokens.
-    """
+def predict_outputs(model: torch.nn.Module, task, features: list[dict], lengths: list[int],
+                    collate: Callable[[list[dict]], dict], batch_size: int, device: torch.device,
+                    precision: str, with_loss: bool = False) -> tuple[list, float | None]:
+    """The model's output for every input, in input order (what one output is, the task says: a row of
+    logits, or a (words, tags) array). Batches are formed by length so padding is minimal."""
     order = np.argsort(lengths, kind="stable")
-    chunks, per_example, loss_sum = [], {}, 0.0
+    outputs: list = [None] * len(features)
+    loss_sum = 0.0
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch = collate([features[i] for i in idx])
             if not with_loss:
                 batch.pop("labels", None)
-            out = model(**{k: v.to(device) for k, v in batch.items()})
+            logits, loss = task.forward(model, {k: v.to(device) for k, v in batch.items()})
             if with_loss:
-                loss_sum += out.loss.float().item() * len(idx)
-            logits = out.logits.float().cpu().numpy()
-            if logits.ndim == 3:  # one row per token: keep each example's own positions, without padding
-                for row, i in enumerate(idx):
-                    positions = features[i].get("output_positions", range(len(features[i]["input_ids"])))
-                    per_example[i] = logits[row, list(positions)]
-            else:
-                chunks.append(logits)
-    if per_example:
-        return [per_example[i] for i in range(len(features))], (loss_sum / len(order) if with_loss else None)
-    logits = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
-    restored = np.empty_like(logits)
-    restored[order] = logits
-    return restored, (loss_sum / max(1, len(order)) if with_loss else None)
+                loss_sum += loss.float().item() * len(idx)
+            for i, out in zip(idx, task.split_outputs(logits.float().cpu().numpy(), [features[i] for i in idx])):
+                outputs[i] = out
+    return outputs, (loss_sum / max(1, len(order)) if with_loss else None)
 
 
-def example_logits(model: torch.nn.Module, task, enc, collate: Callable[[list[dict]], dict], batch_size: int,
-                   device: torch.device, precision: str, aggregation: str = "mean",
-                   with_loss: bool = False) -> tuple[np.ndarray | list[np.ndarray], float | None]:
-    """predict_logits per example: a chunked document's windows are combined into one prediction,
+def example_outputs(model: torch.nn.Module, task, enc, collate: Callable[[list[dict]], dict], batch_size: int,
+                    device: torch.device, precision: str, aggregation: str = "mean",
+                    with_loss: bool = False) -> tuple[Any, float | None]:
+    """predict_outputs per example: a chunked document's windows are combined into one prediction,
     so metrics count documents, not windows (the loss is the mean over windows)."""
-    logits, loss = predict_logits(model, enc.features, enc.lengths, collate, batch_size, device, precision, with_loss)
-    return task.merge_windows(logits, enc, aggregation), loss
+    outputs, loss = predict_outputs(model, task, enc.features, enc.lengths, collate, batch_size, device, precision,
+                                    with_loss)
+    return task.merge_windows(outputs, enc, aggregation), loss
 
 
-def describe_long_texts(enc, max_length: int, stride: int | None) -> str:
-    """How texts longer than max_length were handled, for the run log (nothing is lost silently)."""
-    if not enc.truncated:
-        return f"none longer than {max_length} tokens"
-    if stride is not None:
-        windows = len(enc.features) - (enc.num_examples - enc.truncated)
-        return (f"{enc.truncated} longer than {max_length} tokens, split into {windows} overlapping windows "
-                f"(stride {stride})")
-    dropped = getattr(enc, "dropped_words", 0)
-    return (f"{enc.truncated} longer than {max_length} tokens, truncated"
-            + (f" ({dropped} words past the limit predicted O)" if dropped else "")
-            + "; model.long_text: chunk keeps all of them")
-
-
-def save_model_dir(target: Path, model: torch.nn.Module, tokenizer, cfg: Config, labels) -> None:
-    """A plain Hugging Face folder (safetensors) plus tunesmith.json, swapped in atomically."""
+def save_model_dir(target: Path, model: torch.nn.Module, processor, cfg: Config, labels, task) -> None:
+    """The model's own folder format (a plain Hugging Face or timm folder, safetensors), its processor
+    (tokenizer, image settings), tunesmith.json and the config, swapped in atomically."""
     tmp = temp_dir_beside(target)
     try:
         save_weights(model, tmp, cfg)
-        tokenizer.save_pretrained(tmp)
-        info = {"task": cfg.task, "labels": asdict(labels), "max_length": cfg.model.max_length,
-                "data": cfg.data.model_dump(include={"text_column", "text_pair_column", "label_column",
-                                                     "problem_type", "label_separator"})}
+        task.save_processor(processor, tmp)
+        info = {"task": cfg.task, "labels": asdict(labels)}
         (tmp / RUN_INFO).write_text(json.dumps(info, indent=1))
         (tmp / "tunesmith_config.yaml").write_text(config_to_yaml(cfg))
         replace_dir(tmp, target)
@@ -146,17 +122,18 @@ def save_model_dir(target: Path, model: torch.nn.Module, tokenizer, cfg: Config,
         raise
 
 
-def load_model_dir(model_dir: Path, task, labels, cfg: Config) -> torch.nn.Module:
-    """The model saved in model/: a plain Hugging Face folder, or a LoRA adapter (+ head) on its base."""
+def load_model_dir(model_dir: Path, task, labels, cfg: Config) -> tuple[torch.nn.Module, Any]:
+    """(model, processor) saved in model/: a plain folder, or a LoRA adapter (+ head) on its base."""
     adapter = model_dir / "adapter_config.json"
     if adapter.is_file():
-        base_source = json.loads(adapter.read_text())["base_model_name_or_path"]
+        # a Hugging Face adapter names its base; other models' adapters do not: the run's own model then
+        base_source = json.loads(adapter.read_text()).get("base_model_name_or_path") or resolve_model(cfg.model.name)
         if Path(base_source).is_absolute() and not Path(base_source).is_dir():
             raise TunesmithError(f"{model_dir}: the adapter's base model {base_source} is not there any more "
                                  "(train with strategy.lora.save: merged for a self-contained folder)")
-        base, _ = task.build_model(base_source, labels, cfg)
-        return load_adapter(model_dir, base)
-    return task.load_model(model_dir)
+        base, processor = task.build_model(base_source, labels, cfg)
+        return load_adapter(model_dir, base), processor
+    return task.load_model(model_dir, cfg)
 
 
 def write_frame_atomic(df: pd.DataFrame, path: Path) -> None:
@@ -186,44 +163,82 @@ class LoadedRun:
             raise TunesmithError(f"{run}: not a tunesmith run folder (no model/{RUN_INFO})")
         info = json.loads(info_path.read_text())
         self.task = TASKS[info["task"]]
-        self.labels = self.task.LabelSpace(**info["labels"])
-        self.cfg = load_config(model_dir / "tunesmith_config.yaml")
-        self.data_cfg = self.cfg.data.model_copy(update=info["data"])
-        self.max_length = info["max_length"]
-        from transformers import AutoTokenizer
+        self.labels = self.task.labels_from_dict(info["labels"])
+        self.cfg = load_config(model_dir / "tunesmith_config.yaml", saved=True)
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = load_model_dir(model_dir, self.task, self.labels, self.cfg)
+        self.model, self.processor = load_model_dir(model_dir, self.task, self.labels, self.cfg)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         self.precision = choose_precision(precision, self.device, sum(p.numel() for p in self.model.parameters()))
 
-    def logits(self, examples, batch_size: int = 128) -> np.ndarray:
-        stride = self.cfg.model.chunk_stride
-        enc = self.task.encode(self.tokenizer, examples, self.max_length, stride)
+    def logits(self, examples, batch_size: int = 128):
+        enc = self.task.encode(self.processor, examples, self.cfg)
         if enc.truncated:
-            print(f"tunesmith: {describe_long_texts(enc, self.max_length, stride)}", file=sys.stderr)
-        pad_id = self.tokenizer.pad_token_id or 0
-        multiple = pad_multiple(self.cfg.train.pad_to_multiple_of, self.device)
-        logits, _ = example_logits(self.model, self.task, enc, lambda f: self.task.collate(f, pad_id, multiple),
-                                   batch_size,
-                                   self.device, self.precision, self.cfg.model.chunk_aggregation)
-        return logits
+            print(f"tunesmith: {self.task.describe_inputs(enc, self.cfg)}", file=sys.stderr)
+        collate = self.task.make_collate(self.processor, pad_multiple(self.cfg.train.pad_to_multiple_of, self.device))
+        outputs, _ = example_outputs(self.model, self.task, enc, collate, batch_size, self.device, self.precision,
+                                     self.cfg.model.chunk_aggregation)
+        return outputs
+
+
+CV_INFO = "cv.json"  # the summary of a cross-validation folder (cv.py writes it)
+
+
+def ensemble_logits(outputs: list, problem_type: str):
+    """Average the fold models' probabilities, returned as logits that give back those probabilities.
+
+    Softmax of log(p) is p again (p sums to 1), and sigmoid(log(p / (1 - p))) is p: so the tasks'
+    predictions_frame and metrics read the ensemble exactly as they read one model.
+    """
+    if isinstance(outputs[0], list):  # token classification: one (positions, tags) array per example
+        return [ensemble_logits([o[i] for o in outputs], problem_type) for i in range(len(outputs[0]))]
+    stacked = np.stack(outputs).astype(np.float64)
+    if problem_type == "regression":
+        return stacked.mean(axis=0).astype(np.float32)
+    if problem_type == "multi_label":
+        p = np.clip((1 / (1 + np.exp(-stacked))).mean(axis=0), 1e-7, 1 - 1e-7)
+        return np.log(p / (1 - p)).astype(np.float32)
+    shifted = np.exp(stacked - stacked.max(axis=-1, keepdims=True))
+    p = (shifted / shifted.sum(axis=-1, keepdims=True)).mean(axis=0)
+    return np.log(np.clip(p, 1e-12, None)).astype(np.float32)
+
+
+class CVEnsemble:
+    """The fold models of a cv folder (cv.keep_models), predicting together like one LoadedRun."""
+
+    def __init__(self, cv_dir: str | Path, precision: str = "auto", fold_dirs: list[Path] | None = None):
+        cv_dir = Path(cv_dir)
+        if fold_dirs is None:
+            info = json.loads((cv_dir / CV_INFO).read_text())
+            fold_dirs = [cv_dir / f"fold-{i}" for i in range(1, info["folds_run"] + 1)]
+        missing = [d.name for d in fold_dirs if not (d / "model").is_dir()]
+        if missing:
+            raise TunesmithError(f"{cv_dir}: cross-validation folder without fold models ({', '.join(missing)}); "
+                                 "run tunesmith cv with --keep-models to predict with the fold ensemble")
+        self.members = [LoadedRun(d, precision) for d in fold_dirs]
+        first = self.members[0]
+        self.task, self.labels, self.cfg = first.task, first.labels, first.cfg
+
+    def logits(self, examples, batch_size: int = 128):
+        return ensemble_logits([m.logits(examples, batch_size) for m in self.members], self.labels.problem_type)
+
+
+def is_cv_dir(path: str | Path) -> bool:
+    return (Path(path) / CV_INFO).is_file()
 
 
 def load_run(run: str | Path, precision: str = "auto"):
     """A run folder, or a cross-validation folder whose fold models predict as one ensemble."""
-    from .cv import CVEnsemble, is_cv_dir  # cv imports train, which imports this module
     return CVEnsemble(run, precision) if is_cv_dir(run) else LoadedRun(run, precision)
 
 
 def evaluate(run: str | Path, data, precision: str = "auto", batch_size: int = 128) -> dict:
     """Metrics of a trained model on labelled data: a file, a DataFrame, a list of dicts or a Dataset."""
     loaded = load_run(run, precision)
-    with inputs.in_memory_input(data, "data", loaded.data_cfg.text_column) as source:
-        examples = loaded.task.read_examples(source, loaded.data_cfg, loaded.labels, require_labels=True)
+    with inputs.in_memory_input(data, "data", loaded.cfg.data.text_column) as source:
+        examples = loaded.task.read_examples(source, loaded.cfg, loaded.labels, require_labels=True)
     return loaded.task.compute_metrics(loaded.logits(examples, batch_size), examples.targets, loaded.labels)
 
 
@@ -239,8 +254,8 @@ def predict(run: str | Path, input=None, output: str | Path | None = None,
     if isinstance(texts, str):
         texts = [texts]
     with inputs.in_memory_input(list(texts) if texts is not None else input, name,
-                                loaded.data_cfg.text_column) as source:
-        examples = loaded.task.read_examples(source, loaded.data_cfg, loaded.labels, require_labels=False)
+                                loaded.cfg.data.text_column) as source:
+        examples = loaded.task.read_examples(source, loaded.cfg, loaded.labels, require_labels=False)
     frame = loaded.task.predictions_frame(examples, loaded.logits(examples, batch_size), loaded.labels)
     if output is not None:
         write_frame_atomic(frame, Path(output))

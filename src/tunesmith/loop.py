@@ -12,7 +12,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, read_sta
 from .errors import TunesmithError
 from .evaluate import is_improvement, scalar_metrics
 from .features import build_feature_cache
-from .inference import example_logits, pad_multiple, save_model_dir
+from .inference import example_outputs, pad_multiple, save_model_dir
 from .models import count_parameters
 from .runlog import append_jsonl, count, log, truncate_jsonl
 from .schedule import Budget, describe_seconds, lr_factor
@@ -92,14 +93,72 @@ def make_accelerator(precision: str) -> Accelerator:
     return Accelerator(mixed_precision=wanted)
 
 
+@dataclass
+class _Loop:
+    """What the loop's steps share (the functions below read and update it; callbacks never see it)."""
+    run: Any
+    accelerator: Accelerator
+    model: torch.nn.Module          # as accelerate prepared it
+    unwrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    collate: Callable[[list[dict]], dict]
+    state: TrainState
+    budget: Budget | None
+    cache: Any
+    cache_seconds: float
+    progress: Any = None
+    clock: float = 0.0              # perf_counter() minus the training seconds so far (evaluations excluded)
+    stopped: str = "plan"
+    eval_seconds: float | None = None   # one validation pass, once measured
+    save_seconds: float = 1.0           # one model save (a guess until measured)
+    pending_loss: list = field(default_factory=list)   # read in bulk: reading a GPU number every step stalls it
+    paced: deque = field(default_factory=lambda: deque(maxlen=BUDGET_PACE_STEPS))  # (step, training seconds)
+
+    @property
+    def metrics_log(self) -> Path:
+        return self.run.run_dir / "metrics.jsonl"
+
+    def wall(self) -> float:  # seconds since train() began, this session
+        return time.perf_counter() - self.run.started
+
+    def train_seconds(self) -> float:
+        return time.perf_counter() - self.clock
+
+
 def fit(run, on_evaluate: Callable[[int, dict], bool] | None = None) -> FitOutcome:
     """Train run.model as run.plan says (run: train.Setup); returns the trained state."""
-    cfg, task, plan, tcfg = run.cfg, run.task, run.plan, run.cfg.train
+    lp = _start(run)
+    set_train_mode(lp.model)
+    lp.progress = tqdm(total=run.plan.total_steps, initial=lp.state.step, desc="training", unit="step",
+                       disable=None, file=sys.stderr, dynamic_ncols=True)
+    lp.clock = time.perf_counter() - lp.state.train_seconds
+    stop = lp.state.step >= run.plan.total_steps or _out_of_time(lp)
+    try:
+        while not stop and lp.state.epoch < run.plan.epochs:
+            stop = _train_epoch(lp, on_evaluate)
+    except KeyboardInterrupt:
+        lp.progress.close()
+        raise TunesmithError(f"interrupted; continue with: tunesmith train {run.run_dir}/config.yaml "
+                             f"--resume {run.run_dir}") from None
+    lp.progress.close()
+    if lp.cache is not None:
+        lp.cache.close()
+    seconds = lp.train_seconds() + lp.cache_seconds
+    cache_summary = None if lp.cache is None else {
+        "seconds": round(lp.cache_seconds, 2), "mib": round(lp.cache.nbytes / 2**20, 1),
+        "memory_mapped": lp.cache.file is not None, "frozen_blocks": run.strategy.frozen_blocks}
+    return FitOutcome(lp.state, lp.unwrapped, lp.collate, describe_groups(lp.optimizer),
+                      count_parameters(lp.model)[0], seconds, lp.state.samples_seen / seconds if seconds > 0 else 0.0,
+                      lp.state.extra.get("epoch_seconds", []), cache_summary, lp.stopped)
+
+
+def _start(run) -> _Loop:
+    """Accelerator, optimizer, schedule, the checkpoint to resume, the feature cache, the time budget."""
+    cfg, plan, tcfg = run.cfg, run.plan, run.cfg.train
     accelerator = make_accelerator(run.precision)
     device = accelerator.device
-    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
-    multiple = pad_multiple(tcfg.pad_to_multiple_of, device)
-    collate = lambda feats: task.collate(feats, pad_id, multiple)  # noqa: E731
+    collate = run.task.make_collate(run.processor, pad_multiple(tcfg.pad_to_multiple_of, device))
     # fused AdamW: one pass over the weights per step. Measured on MiniLM (22.7M parameters) on a 2-core
     # CPU: 23 ms per step vs 118 ms for the default foreach implementation, same weights to 6e-8
     optimizer = torch.optim.AdamW(optimizer_groups(run.model, run.strategy), lr=plan.lr,
@@ -107,19 +166,7 @@ def fit(run, on_evaluate: Callable[[int, dict], bool] | None = None) -> FitOutco
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(plan, tcfg.scheduler))
     model, optimizer = accelerator.prepare(run.model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    metrics_log = run.run_dir / "metrics.jsonl"
-
-    state = TrainState()
-    if run.resuming:
-        ckpt = latest_checkpoint(run.run_dir)
-        if ckpt is None:
-            raise TunesmithError(f"{run.run_dir}: no checkpoint to resume from")
-        for layer in unfreeze_due(run.strategy, read_state(ckpt).step):  # the optimizer groups the checkpoint has
-            unfreeze(run.strategy, unwrapped, optimizer, scheduler, layer)
-        state = load_checkpoint(ckpt, unwrapped, optimizer, scheduler)
-        plan.total_steps = state.extra.get("total_steps", plan.total_steps)  # a time budget may have cut it
-        truncate_jsonl(metrics_log, state.step)
-        log(f"resumed from {ckpt} (step {state.step}/{plan.total_steps})")
+    state = _resume(run, unwrapped, optimizer, scheduler) if run.resuming else TrainState()
     trainable, total = count_parameters(model)
     log(f"model {cfg.model.name}: {count(total)} parameters, {count(trainable)} trainable; "
         f"precision {run.precision}; device {device}")
@@ -127,232 +174,261 @@ def fit(run, on_evaluate: Callable[[int, dict], bool] | None = None) -> FitOutco
     log(f"strategy {cfg.strategy.name}; learning rate per layer: "
         + ", ".join(f"{g['name']} {g['lr']:.3g}" for g in groups))
     if not run.resuming:
-        append_jsonl(metrics_log, {"type": "setup", "step": 0, "strategy": cfg.strategy.name, "param_groups": groups,
-                                   "trainable_parameters": trainable, "total_parameters": total,
-                                   "plan": {"total_steps": plan.total_steps, "reason": plan.reason,
-                                            "lr": plan.lr, "lr_reason": plan.lr_reason}})
+        append_jsonl(run.run_dir / "metrics.jsonl", {
+            "type": "setup", "step": 0, "strategy": cfg.strategy.name, "param_groups": groups,
+            "trainable_parameters": trainable, "total_parameters": total,
+            "plan": {"total_steps": plan.total_steps, "reason": plan.reason, "lr": plan.lr, "lr_reason": plan.lr_reason}})
     cache, cache_seconds = _feature_cache(run, unwrapped, collate, device)
     budget = None
     if tcfg.time_limit:
         budget = Budget(tcfg.time_limit, state.extra.get("wall_seconds", 0.0))
         log(f"time limit {describe_seconds(tcfg.time_limit)}"
             + (f" ({describe_seconds(budget.spent_before)} used before this resume)" if budget.spent_before else ""))
+    return _Loop(run, accelerator, model, unwrapped, optimizer, scheduler, collate, state, budget, cache, cache_seconds)
 
-    def wall() -> float:  # this session's seconds since train() began
-        return time.perf_counter() - run.started
 
-    eval_cost: dict[str, Any] = {"seconds": None}  # one validation pass and one model save, once measured
+def _resume(run, model: torch.nn.Module, optimizer, scheduler) -> TrainState:
+    ckpt = latest_checkpoint(run.run_dir)
+    if ckpt is None:
+        raise TunesmithError(f"{run.run_dir}: no checkpoint to resume from")
+    for layer in unfreeze_due(run.strategy, read_state(ckpt).step):  # the optimizer groups the checkpoint has
+        unfreeze(run.strategy, model, optimizer, scheduler, layer)
+    state = load_checkpoint(ckpt, model, optimizer, scheduler)
+    run.plan.total_steps = state.extra.get("total_steps", run.plan.total_steps)  # a time budget may have cut it
+    truncate_jsonl(run.run_dir / "metrics.jsonl", state.step)
+    log(f"resumed from {ckpt} (step {state.step}/{run.plan.total_steps})")
+    return state
 
-    def evaluate_now(epoch_float: float, running_loss: list[float]) -> bool:
-        """Validate, log, keep the best model; returns True when early stopping or the callback says stop."""
-        record: dict[str, Any] = {"type": "eval", "step": state.step, "epoch": round(epoch_float, 4),
-                                  "lr": scheduler.get_last_lr()[0]}
-        if running_loss:
-            record["train_loss"] = float(np.mean(running_loss))
-            running_loss.clear()
-        if run.val_enc is None:
-            append_jsonl(metrics_log, record)
-            return False
-        eval_started = time.perf_counter()
-        logits, loss = example_logits(model, task, run.val_enc, collate, tcfg.eval_batch_size, device,
-                                      run.precision, cfg.model.chunk_aggregation, with_loss=True)
-        full = task.compute_metrics(logits, run.splits.validation.targets, run.labels)
-        eval_cost["seconds"] = time.perf_counter() - eval_started
-        scores = scalar_metrics(full)
-        scores["loss"] = loss
-        record["validation"] = scores
-        append_jsonl(metrics_log, record)
-        value = scores[run.metric]
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k in (run.metric, "loss", "accuracy"))
-        if is_improvement(run.metric, value, state.best_metric):
-            state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
-            state.extra["best_validation_metrics"], state.extra["best_validation_step"] = full, state.step
-            save_started = time.perf_counter()
-            save_model_dir(run.run_dir / "model", unwrapped, run.tokenizer, cfg, run.labels)
-            eval_cost["save"] = time.perf_counter() - save_started
-            log(f"step {state.step}: validation {shown} (best so far, saved)")
-        else:
-            if state.step >= plan.patience_from_step:  # patience counts only once stopping is allowed
-                state.evals_without_improvement += 1
-            log(f"step {state.step}: validation {shown}")
-        if on_evaluate is not None and on_evaluate(state.step, scores):
-            stopped[0] = "callback"
-            return True
-        if plan.patience is not None and state.evals_without_improvement >= plan.patience:
-            log(f"step {state.step}: no improvement of validation {run.metric} in {plan.patience} evaluations: "
-                f"early stopping (best: step {state.best_step}, {run.metric} {state.best_metric:.4f})")
-            stopped[0] = "early stopping"
-            return True
-        return False
 
-    def reserve() -> float:
-        """Seconds the end of the run needs after training: the test evaluation and saving."""
-        per_example = (eval_cost["seconds"] / max(1, len(run.val_enc.features))) if eval_cost["seconds"] and run.val_enc \
-            else None
-        if per_example is None:  # no evaluation yet: a forward pass costs about a third of a training step
-            per_example = pace() / tcfg.batch_size / 3
-        test = run.splits.test
-        n_test = len(test.texts) if test is not None else 0
-        n_val = len(run.val_enc.features) if run.val_enc is not None else 0
-        # the last validation, the test split, and saving the model (once measured; a second before)
-        return eval_cost.get("save", 1.0) + FINISH_SECONDS + per_example * (n_test + n_val)
-
-    def pace() -> float:
-        """Seconds per optimizer step over the latest steps of this session (evaluations excluded)."""
-        if len(paced) < 2:
-            return 0.0
-        (first_step, first_time), (last_step, last_time) = paced[0], paced[-1]
-        return (last_time - first_time) / max(1, last_step - first_step)
-
-    def fit_the_budget(note: str) -> None:
-        """Fit the plan to what is left of the time budget at the speed measured in this session:
-        evaluations and checkpoints included, never beyond the original plan."""
-        if budget is None or len(paced) < 2:
-            return
-        per_step = pace()  # training + checkpoints
-        if run.val_enc is not None:  # plus a share of each evaluation
-            eval_seconds = eval_cost["seconds"]
-            if eval_seconds is None:  # not measured yet: a forward pass costs about a third of a step
-                eval_seconds = per_step * len(run.val_enc.features) / tcfg.batch_size / 3
-            per_step += eval_seconds / (plan.eval_every or plan.steps_per_epoch)
-        fits = state.step + budget.steps_that_fit(wall(), per_step, reserve())
-        new_total = min(plan.planned_steps, max(state.step + 1, fits))
-        if new_total == plan.total_steps:
-            return
-        old, plan.total_steps = plan.total_steps, new_total
-        plan.patience_from_step = min(plan.patience_from_step, plan.total_steps // 2)
-        state.extra["total_steps"] = plan.total_steps
-        progress.total = plan.total_steps
-        if abs(new_total - old) >= 0.05 * old:  # the first cut, and any large change
-            log(f"time limit {describe_seconds(budget.limit)}: {plan.total_steps} of the {plan.planned_steps} planned "
-                f"steps fit ({per_step:.2f}s per step {note}); the learning-rate schedule ends there")
-
-    # ---- the loop
-    set_train_mode(model)
-    epoch_seconds: list[float] = state.extra.setdefault("epoch_seconds", [])
-    running_loss: list[float] = state.extra.pop("running_loss", [])
-    pending_loss: list[torch.Tensor] = []  # read in bulk: reading a GPU number every step would stall the GPU
-    stopped = ["plan"]
-
-    def read_losses() -> list[float]:
-        if pending_loss:
-            running_loss.extend(torch.stack(pending_loss).float().tolist())
-            pending_loss.clear()
-        return running_loss
-
+def _train_epoch(lp: _Loop, on_evaluate) -> bool:
+    """The rest of the current epoch (from a resumed position too); returns True when training must stop."""
+    run, state, tcfg = lp.run, lp.state, lp.run.cfg.train
     train_enc = run.train_enc
-    started = time.perf_counter() - state.train_seconds
-    paced: deque[tuple[int, float]] = deque(maxlen=BUDGET_PACE_STEPS)  # (step, training seconds) of this session
-    stop = state.step >= plan.total_steps or (budget is not None and budget.over(wall(), reserve()))
-    progress = tqdm(total=plan.total_steps, initial=state.step, desc="training", unit="step",
-                    disable=None, file=sys.stderr, dynamic_ncols=True)
-    try:
-        while not stop and state.epoch < plan.epochs:
-            if run.augmenter is not None:  # this epoch's copy, seeded by (seed, epoch, example): a resume redoes it
-                train_enc = task.encode(run.tokenizer, run.augmenter.apply(task, run.splits.train, state.epoch),
-                                        run.max_len, run.stride)
-            weights = run.balance.sample_weights
-            if weights is not None and train_enc.doc_index is not None:  # chunked: a window weighs as its text
-                weights = weights[np.asarray(train_enc.doc_index)]
-            batches = make_batches(train_enc.lengths, tcfg.batch_size, tcfg.seed + state.epoch,
-                                   tcfg.group_by_length, weights)
-            for batch_index in range(state.batch_in_epoch, len(batches)):
-                batch = collate([train_enc.features[i] for i in batches[batch_index]])
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with cache.replay(batches[batch_index], batch["input_ids"].shape[1]) if cache else nullcontext():
-                    if run.balance.loss is None:
-                        loss = model(**batch).loss
-                    else:  # weighted or focal loss, from the logits (validation keeps the model's plain loss)
-                        targets = batch.pop("labels")
-                        loss = run.balance.loss(model(**batch).logits, targets)
-                accelerator.backward(loss / tcfg.grad_accum_steps)
-                pending_loss.append(loss.detach())
-                state.batch_in_epoch = batch_index + 1
-                state.samples_seen += len(batches[batch_index])
-                last_of_epoch = state.batch_in_epoch == len(batches)
-                if state.batch_in_epoch % tcfg.grad_accum_steps and not last_of_epoch:
-                    continue
-                if tcfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                if budget is not None:
-                    paced.append((state.step, time.perf_counter() - started))
-                    if len(paced) > 2 and state.step % BUDGET_EVERY_STEPS == 0:
-                        fit_the_budget("over the latest steps")
-                progress.update(1)
-                if state.step % 10 == 0:
-                    progress.set_postfix(loss=f"{read_losses()[-1]:.4f}", refresh=False)
-                if progress.disable and state.step % max(1, plan.total_steps // 20) == 0:  # a log file, not a terminal
-                    elapsed = time.perf_counter() - started
-                    log(f"step {state.step}/{plan.total_steps}, loss {np.mean(read_losses()[-20:]):.4f}, "
-                        f"{state.samples_seen / max(elapsed, 1e-9):.1f} samples/s")
-                for layer in unfreeze_due(run.strategy, state.step):
-                    lr = unfreeze(run.strategy, unwrapped, optimizer, scheduler, layer)
-                    set_train_mode(model)
-                    now_trainable = count_parameters(model)[0]
-                    append_jsonl(metrics_log, {"type": "unfreeze", "step": state.step, "layer": layer, "lr": lr,
-                                               "trainable_parameters": now_trainable})
-                    log(f"step {state.step}: unfroze {layer} (lr {lr:.3g}); {count(now_trainable)} trainable")
-                if last_of_epoch:  # epoch time counts training only, like train_seconds
-                    now = time.perf_counter() - started
-                    epoch_seconds.append(round(now - state.extra.get("epoch_start", 0.0), 3))
-                    state.extra["epoch_start"] = now
-                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                epoch_float = state.epoch + state.batch_in_epoch / len(batches)
-                out_of_time = budget is not None and budget.over(wall(), reserve())
-                if out_of_time:
-                    stopped[0] = "time limit"
-                    log(f"step {state.step}: time limit {describe_seconds(budget.limit)} reached; "
-                        "finishing with the best model so far")
-                done = state.step >= plan.total_steps or out_of_time
-                eval_due = (state.step % plan.eval_every == 0) if plan.eval_every else last_of_epoch
-                if eval_due or done:
-                    state.train_seconds = time.perf_counter() - started
-                    model.eval()
-                    stop = evaluate_now(epoch_float, read_losses())
-                    set_train_mode(model)
-                    started = time.perf_counter() - state.train_seconds
-                    if not done:
-                        fit_the_budget("after an evaluation")
-                stop = stop or done
-                if stop or last_of_epoch or state.step % tcfg.checkpoint_every_steps == 0:
-                    state.train_seconds = time.perf_counter() - started
-                    state.extra["running_loss"] = read_losses()
-                    state.extra["total_steps"] = plan.total_steps
-                    state.extra["wall_seconds"] = (budget.spent_before if budget else 0.0) + wall()
-                    save_checkpoint(run.run_dir, unwrapped, optimizer, scheduler, state)
-                if stop or last_of_epoch:
-                    break
-    except KeyboardInterrupt:
-        progress.close()
-        raise TunesmithError(f"interrupted; continue with: tunesmith train {run.run_dir}/config.yaml "
-                             f"--resume {run.run_dir}") from None
-    progress.close()
-    if cache is not None:
-        cache.close()
-    train_seconds = time.perf_counter() - started + cache_seconds
-    cache_summary = None if cache is None else {
-        "seconds": round(cache_seconds, 2), "mib": round(cache.nbytes / 2**20, 1),
-        "memory_mapped": cache.file is not None, "frozen_blocks": run.strategy.frozen_blocks}
-    return FitOutcome(state, unwrapped, collate, describe_groups(optimizer), count_parameters(model)[0],
-                      train_seconds, state.samples_seen / train_seconds if train_seconds > 0 else 0.0,
-                      epoch_seconds, cache_summary, stopped[0])
+    if run.cfg.augment:  # this epoch's copy, seeded by (seed, epoch, example): a resume redoes it
+        train_enc = run.task.encode(run.processor, run.splits.train, run.cfg, train=True, epoch=state.epoch)
+    weights = run.balance.sample_weights
+    if weights is not None and train_enc.doc_index is not None:  # chunked: a window weighs as its text
+        weights = weights[np.asarray(train_enc.doc_index)]
+    batches = make_batches(train_enc.lengths, tcfg.batch_size, tcfg.seed + state.epoch, tcfg.group_by_length, weights)
+    for batch_index in range(state.batch_in_epoch, len(batches)):
+        _forward_backward(lp, train_enc, batches[batch_index])
+        state.batch_in_epoch = batch_index + 1
+        last_of_epoch = state.batch_in_epoch == len(batches)
+        if state.batch_in_epoch % tcfg.grad_accum_steps and not last_of_epoch:
+            continue  # accumulating gradients
+        _optimizer_step(lp)
+        if last_of_epoch:
+            _end_epoch(lp)
+        epoch_float = state.epoch + state.batch_in_epoch / len(batches)
+        stop = _after_step(lp, last_of_epoch, epoch_float, on_evaluate)
+        if stop or last_of_epoch:
+            return stop
+    return False
+
+
+def _forward_backward(lp: _Loop, train_enc, indices: list[int]) -> None:
+    run = lp.run
+    device = lp.accelerator.device
+    batch = lp.collate([train_enc.features[i] for i in indices])
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with lp.cache.replay(indices, batch) if lp.cache else nullcontext():
+        loss = _training_loss(run.task, lp.model, batch, run.balance.loss)
+    lp.accelerator.backward(loss / run.cfg.train.grad_accum_steps)
+    lp.pending_loss.append(loss.detach())
+    lp.state.samples_seen += len(indices)
+
+
+def _optimizer_step(lp: _Loop) -> None:
+    run, state, tcfg = lp.run, lp.state, lp.run.cfg.train
+    if tcfg.max_grad_norm:
+        lp.accelerator.clip_grad_norm_(lp.model.parameters(), tcfg.max_grad_norm)
+    lp.optimizer.step()
+    lp.scheduler.step()
+    lp.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    if lp.budget is not None:
+        lp.paced.append((state.step, lp.train_seconds()))
+        if len(lp.paced) > 2 and state.step % BUDGET_EVERY_STEPS == 0:
+            _fit_the_budget(lp, "over the latest steps")
+    lp.progress.update(1)
+    if state.step % 10 == 0:
+        lp.progress.set_postfix(loss=f"{_read_losses(lp)[-1]:.4f}", refresh=False)
+    if lp.progress.disable and state.step % max(1, run.plan.total_steps // 20) == 0:  # a log file, not a terminal
+        log(f"step {state.step}/{run.plan.total_steps}, loss {np.mean(_read_losses(lp)[-20:]):.4f}, "
+            f"{state.samples_seen / max(lp.train_seconds(), 1e-9):.1f} samples/s")
+    for layer in unfreeze_due(run.strategy, state.step):
+        lr = unfreeze(run.strategy, lp.unwrapped, lp.optimizer, lp.scheduler, layer)
+        set_train_mode(lp.model)
+        now_trainable = count_parameters(lp.model)[0]
+        append_jsonl(lp.metrics_log, {"type": "unfreeze", "step": state.step, "layer": layer, "lr": lr,
+                                      "trainable_parameters": now_trainable})
+        log(f"step {state.step}: unfroze {layer} (lr {lr:.3g}); {count(now_trainable)} trainable")
+
+
+def _end_epoch(lp: _Loop) -> None:
+    """Epoch time counts training only, like train_seconds."""
+    state = lp.state
+    now = lp.train_seconds()
+    state.extra.setdefault("epoch_seconds", []).append(round(now - state.extra.get("epoch_start", 0.0), 3))
+    state.extra["epoch_start"] = now
+    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+
+def _after_step(lp: _Loop, last_of_epoch: bool, epoch_float: float, on_evaluate) -> bool:
+    """Evaluate when due, stop at the end of the plan or the time budget, checkpoint; True: stop."""
+    run, state, plan = lp.run, lp.state, lp.run.plan
+    out_of_time = _out_of_time(lp)
+    if out_of_time:
+        lp.stopped = "time limit"
+        log(f"step {state.step}: time limit {describe_seconds(lp.budget.limit)} reached; "
+            "finishing with the best model so far")
+    done = state.step >= plan.total_steps or out_of_time
+    stop = False
+    if done or ((state.step % plan.eval_every == 0) if plan.eval_every else last_of_epoch):
+        state.train_seconds = lp.train_seconds()
+        lp.model.eval()
+        stop = _evaluate(lp, epoch_float, on_evaluate)
+        set_train_mode(lp.model)
+        lp.clock = time.perf_counter() - state.train_seconds
+        if not done:
+            _fit_the_budget(lp, "after an evaluation")
+    stop = stop or done
+    # not at every epoch end: small data has many short epochs, and a checkpoint (weights and
+    # optimizer state: 270 MB for MiniLM) every few steps cost more than the training
+    if stop or state.step % run.cfg.train.checkpoint_every_steps == 0:
+        state.train_seconds = lp.train_seconds()
+        state.extra["running_loss"] = _read_losses(lp)
+        state.extra["total_steps"] = plan.total_steps
+        state.extra["wall_seconds"] = (lp.budget.spent_before if lp.budget else 0.0) + lp.wall()
+        save_checkpoint(run.run_dir, lp.unwrapped, lp.optimizer, lp.scheduler, state)
+    return stop
+
+
+def _read_losses(lp: _Loop) -> list[float]:
+    running = lp.state.extra.setdefault("running_loss", [])
+    if lp.pending_loss:
+        running.extend(torch.stack(lp.pending_loss).float().tolist())
+        lp.pending_loss.clear()
+    return running
+
+
+def _evaluate(lp: _Loop, epoch_float: float, on_evaluate) -> bool:
+    """Validate, log, keep the best model; returns True when early stopping or the callback says stop."""
+    run, state, plan, cfg = lp.run, lp.state, lp.run.plan, lp.run.cfg
+    record: dict[str, Any] = {"type": "eval", "step": state.step, "epoch": round(epoch_float, 4),
+                              "lr": lp.scheduler.get_last_lr()[0]}
+    running = _read_losses(lp)
+    if running:
+        record["train_loss"] = float(np.mean(running))
+        running.clear()
+    if run.val_enc is None:
+        append_jsonl(lp.metrics_log, record)
+        return False
+    started = time.perf_counter()
+    outputs, loss = example_outputs(lp.model, run.task, run.val_enc, lp.collate, cfg.train.eval_batch_size,
+                                    lp.accelerator.device, run.precision, cfg.model.chunk_aggregation, with_loss=True)
+    full = run.task.compute_metrics(outputs, run.splits.validation.targets, run.labels)
+    lp.eval_seconds = time.perf_counter() - started
+    scores = {**scalar_metrics(full), "loss": loss}
+    record["validation"] = scores
+    append_jsonl(lp.metrics_log, record)
+    value = scores[run.metric]
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k in (run.metric, "loss", "accuracy"))
+    if is_improvement(run.metric, value, state.best_metric):
+        state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
+        state.extra["best_validation_metrics"], state.extra["best_validation_step"] = full, state.step
+        started = time.perf_counter()
+        save_model_dir(run.run_dir / "model", lp.unwrapped, run.processor, cfg, run.labels, run.task)
+        lp.save_seconds = time.perf_counter() - started
+        log(f"step {state.step}: validation {shown} (best so far, saved)")
+    else:
+        if state.step >= plan.patience_from_step:  # patience counts only once stopping is allowed
+            state.evals_without_improvement += 1
+        log(f"step {state.step}: validation {shown}")
+    if on_evaluate is not None and on_evaluate(state.step, scores):
+        lp.stopped = "callback"
+        return True
+    if plan.patience is not None and state.evals_without_improvement >= plan.patience:
+        log(f"step {state.step}: no improvement of validation {run.metric} in {plan.patience} evaluations: "
+            f"early stopping (best: step {state.best_step}, {run.metric} {state.best_metric:.4f})")
+        lp.stopped = "early stopping"
+        return True
+    return False
+
+
+# ---------------------------------------------------------------- the time budget
+
+def _pace(lp: _Loop) -> float:
+    """Seconds per optimizer step over the latest steps of this session (evaluations excluded)."""
+    if len(lp.paced) < 2:
+        return 0.0
+    (first_step, first_time), (last_step, last_time) = lp.paced[0], lp.paced[-1]
+    return (last_time - first_time) / max(1, last_step - first_step)
+
+
+def _reserve(lp: _Loop) -> float:
+    """Seconds the end of the run needs after training: the last validation, the test split, saving."""
+    run = lp.run
+    if lp.eval_seconds and run.val_enc is not None:
+        per_example = lp.eval_seconds / max(1, len(run.val_enc.features))
+    else:  # no evaluation yet: a forward pass costs about a third of a training step
+        per_example = _pace(lp) / run.cfg.train.batch_size / 3
+    n_test = len(run.splits.test) if run.splits.test is not None else 0
+    n_val = len(run.val_enc.features) if run.val_enc is not None else 0
+    return lp.save_seconds + FINISH_SECONDS + per_example * (n_test + n_val)
+
+
+def _out_of_time(lp: _Loop) -> bool:
+    return lp.budget is not None and lp.budget.over(lp.wall(), _reserve(lp))
+
+
+def _fit_the_budget(lp: _Loop, note: str) -> None:
+    """Fit the plan to what is left of the time budget at the speed measured in this session:
+    evaluations and checkpoints included, never beyond the original plan."""
+    run, plan, state = lp.run, lp.run.plan, lp.state
+    if lp.budget is None or len(lp.paced) < 2:
+        return
+    per_step = _pace(lp)  # training + checkpoints
+    if run.val_enc is not None:  # plus a share of each evaluation
+        eval_seconds = lp.eval_seconds
+        if eval_seconds is None:  # not measured yet: a forward pass costs about a third of a step
+            eval_seconds = per_step * len(run.val_enc.features) / run.cfg.train.batch_size / 3
+        per_step += eval_seconds / (plan.eval_every or plan.steps_per_epoch)
+    fits = state.step + lp.budget.steps_that_fit(lp.wall(), per_step, _reserve(lp))
+    new_total = min(plan.planned_steps, max(state.step + 1, fits))
+    if new_total == plan.total_steps:
+        return
+    old, plan.total_steps = plan.total_steps, new_total
+    plan.patience_from_step = min(plan.patience_from_step, plan.total_steps // 2)
+    state.extra["total_steps"] = plan.total_steps
+    lp.progress.total = plan.total_steps
+    if abs(new_total - old) >= 0.05 * old:  # the first cut, and any large change
+        log(f"time limit {describe_seconds(lp.budget.limit)}: {plan.total_steps} of the {plan.planned_steps} planned "
+            f"steps fit ({per_step:.2f}s per step {note}); the learning-rate schedule ends there")
+
+
+def _training_loss(task, model: torch.nn.Module, batch: dict, loss_fn) -> torch.Tensor:
+    """The model's own loss, or (class weights, focal loss) loss_fn on its logits; validation always
+    reports the plain loss."""
+    if loss_fn is None:
+        return task.forward(model, batch)[1]
+    logits, _ = task.forward(model, {k: v for k, v in batch.items() if k != "labels"})
+    return loss_fn(logits, batch["labels"])
 
 
 def _feature_cache(run, model: torch.nn.Module, collate, device: torch.device):
     """Cached outputs of the frozen bottom blocks (strategy.cache_features), or (None, 0)."""
     if not (run.strategy.bottom_frozen and run.cfg.strategy.cache_features == "auto"):
         return None, 0.0
-    if run.augmenter is not None:
-        log("feature cache off: augmentation changes the training texts every epoch")
+    if run.cfg.augment:
+        log("feature cache off: augmentation changes the training inputs every epoch")
         return None, 0.0
     started = time.perf_counter()
     cache = build_feature_cache(run.strategy, model, run.train_enc.features, run.train_enc.lengths, collate,
                                 run.cfg.train.eval_batch_size, device, run.precision, run.run_dir)
     seconds = time.perf_counter() - started
+    if not cache:  # too large for memory and disk: it says why (logged when it was declined)
+        return None, 0.0
     log(f"cached the outputs of the {run.strategy.frozen_blocks} frozen block(s) for {len(run.train_enc.features)} "
         f"examples in {seconds:.1f}s ({cache.nbytes / 2**20:.0f} MiB, "
         f"{'memory-mapped file' if cache.file else 'in memory'}); the top trains from the cache")

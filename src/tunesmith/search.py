@@ -38,12 +38,13 @@ from . import inputs
 from .atomic import write_text_atomic
 from .config import Config, SearchParam, StrategyConfig, apply_overrides, deep_copy, config_to_yaml, load_config
 from .errors import TunesmithError
-from .cv import new_folder
+from .cv import fold_indices, new_folder
 from .evaluate import LOWER_IS_BETTER
 from .inference import write_frame_atomic
 from .models import resolve_model
 from .tasks import TASKS
 from .runlog import log
+from .tasks.base import resolve_data_config
 from .schedule import auto_steps, resolve_lr
 from .train import train
 
@@ -93,7 +94,7 @@ def _search(config, overrides, trials, storage, resume) -> SearchResult:
         saved = Path(resume) / "config.yaml"
         if not saved.is_file():
             raise TunesmithError(f"{resume}: not a tunesmith search folder (no config.yaml)")
-        cfg = load_config(saved, extra)
+        cfg = load_config(saved, extra, saved=True)
         search_dir = Path(resume)
     else:
         cfg = load_config(config, extra)
@@ -108,21 +109,19 @@ def _search(config, overrides, trials, storage, resume) -> SearchResult:
     _check_space(base_raw, scfg.space)
     resolve_model(cfg.model.name)
     splits = task.load_splits(cfg)
-    space = scfg.space or default_space(cfg, len(splits.train.texts))
+    space = scfg.space or default_space(cfg, len(splits.train))
     if scfg.objective == "validation" and splits.validation is None:
         raise TunesmithError("search.objective 'validation' needs a validation split "
                              "(data.validation or data.validation_fraction > 0)")
     if scfg.objective == "cv":
-        from .cv import fold_indices
-        from .tasks.text_classification import resolve_data_config
         all_rows = task.load_splits(load_config(cfg, {"data.validation_fraction": 0.0})).train
-        fold_indices(all_rows, splits.labels.problem_type, cfg.cv.folds, cfg.train.seed,
+        fold_indices(task, all_rows, splits.labels, cfg.cv.folds, cfg.train.seed,
                      inputs.shown(resolve_data_config(cfg.data).train))
     metric = task.default_metric(splits.labels) if cfg.train.metric == "auto" else cfg.train.metric
     saved_config = search_dir / "config.yaml"
     comparable = lambda c: {**c.model_dump(), "search": c.search.model_dump(exclude={"trials"})}  # noqa: E731
     in_folder = inputs.persist(cfg, search_dir, write=False)  # in-memory data: its copy in the search folder
-    if saved_config.is_file() and comparable(load_config(saved_config)) != comparable(in_folder):
+    if saved_config.is_file() and comparable(load_config(saved_config, saved=True)) != comparable(in_folder):
         raise TunesmithError(f"{search_dir} holds a search of a different config; continue it with "
                              f"--resume {search_dir}, or set output.name for a new search")
 

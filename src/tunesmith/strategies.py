@@ -1,9 +1,9 @@
 """Fine-tuning strategies: which parameters learn, at what learning rate, and when.
 
-A model is seen as layers, bottom to top: `embeddings` (every base-model parameter outside the
-transformer blocks, except a pooler), `layer.0` ... `layer.{L-1}` (the blocks: the largest
-ModuleList in the base model, so BERT, RoBERTa, MPNet, DistilBERT, ELECTRA and Llama-style models
-all work), and `head` (everything outside the base model, plus the base model's pooler).
+A model is seen as layers, bottom to top (layouts.py finds them in Hugging Face, timm and
+torchvision models): `embeddings` (below the first block: text embeddings, a CNN's stem, a ViT's
+patch embedding), `layer.0` ... `layer.{L-1}` (transformer blocks or CNN stages) and `head`
+(above the last block: pooler, final norm or 1x1 convolution, pooling, classifier).
 
     full              everything learns
     freeze            embeddings and/or the bottom blocks stay fixed
@@ -13,8 +13,8 @@ all work), and `head` (everything outside the base model, plus the base model's 
 
 `layerwise_lr_decay` gives layer d levels below the head the rate lr * decay**d
 (head 0, top block 1, ..., embeddings L+1). Frozen modules run in eval mode, so their dropout is
-off and normalisation statistics do not move -- which also makes their outputs cacheable
-(features.py).
+off and normalisation statistics (BatchNorm's running mean and variance) do not move -- which
+also makes their outputs cacheable (features.py).
 """
 
 from __future__ import annotations
@@ -30,59 +30,11 @@ from torch import nn
 
 from .config import Config, StrategyConfig
 from .errors import TunesmithError
+from .layouts import EMBEDDINGS, HEAD, Layout, find_layout, is_peft, join_path
 from .models import parameter_groups
 
-EMBEDDINGS, HEAD = "embeddings", "head"
 
-
-@dataclass
-class Layout:
-    """Where the layers of a model are."""
-    blocks_owner: nn.Module      # the module holding the block list (e.g. bert.encoder)
-    blocks_attr: str             # the list's attribute name on it (e.g. "layer")
-    num_blocks: int
-    layer_of: dict[str, str]     # parameter name -> "embeddings" | "layer.3" | "head"
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return getattr(self.blocks_owner, self.blocks_attr)
-
-    def depth(self, layer: str) -> int:
-        """Levels below the head: head 0, top block 1, ..., embeddings num_blocks + 1."""
-        if layer == HEAD:
-            return 0
-        if layer == EMBEDDINGS:
-            return self.num_blocks + 1
-        return self.num_blocks - int(layer.split(".")[1])
-
-    def params(self, model: nn.Module, layer: str) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in model.named_parameters() if self.layer_of.get(n) == layer]
-
-
-def find_layout(model: nn.Module) -> Layout | None:
-    """Blocks, embeddings and head of a Hugging Face model; None when it has no block list."""
-    base = getattr(model, "base_model", model)
-    base_prefix = next(name for name, m in model.named_modules() if m is base)
-    lists = [(name, m) for name, m in base.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if not lists:
-        return None
-    list_name, blocks = max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
-    owner_name, _, attr = list_name.rpartition(".")
-    owner = base.get_submodule(owner_name) if owner_name else base
-    join = lambda *parts: ".".join(p for p in parts if p)  # noqa: E731
-    blocks_prefix, base_dot = join(base_prefix, list_name) + ".", join(base_prefix) + "." if base_prefix else ""
-    layer_of = {}
-    for name, _ in model.named_parameters():
-        if name.startswith(blocks_prefix):
-            layer_of[name] = f"layer.{name[len(blocks_prefix):].split('.')[0]}"
-        elif name.startswith(base_dot) and "pooler" not in name:
-            layer_of[name] = EMBEDDINGS
-        else:
-            layer_of[name] = HEAD
-    return Layout(owner, attr, len(blocks), layer_of)
-
-
-def frozen_block_count(freeze_layers: int | float, num_blocks: int) -> int:
+def frozen_block_count(freeze_layers: int | float, num_blocks: int, word: str = "transformer blocks") -> int:
     """freeze_layers (count, fraction, or negative = from the top) -> blocks frozen from the bottom."""
     if isinstance(freeze_layers, float) and not freeze_layers.is_integer():
         count = round(abs(freeze_layers) * num_blocks)
@@ -90,7 +42,7 @@ def frozen_block_count(freeze_layers: int | float, num_blocks: int) -> int:
         count = abs(int(freeze_layers))
         if count > num_blocks:
             raise TunesmithError(f"strategy.freeze_layers: {freeze_layers} is out of range: "
-                                 f"the model has {num_blocks} transformer blocks")
+                                 f"the model has {num_blocks} {word}")
     return num_blocks - count if freeze_layers < 0 else count
 
 
@@ -124,15 +76,15 @@ def apply_strategy(model: nn.Module, cfg: Config, steps_per_epoch: int, lr: floa
     if scfg.name == "full" and scfg.layerwise_lr_decay == 1.0:
         return model, plan
     if layout is None:
-        raise TunesmithError(f"strategy.name: '{scfg.name}' needs the model's transformer blocks, and "
-                             f"{type(model).__name__} has no block list")
+        raise TunesmithError(f"strategy.name: '{scfg.name}' needs the model's blocks, and {type(model).__name__} "
+                             "has no block list tunesmith knows (Hugging Face, timm and torchvision models do)")
     if scfg.name == "lora":
         return _wrap_lora(model, scfg, layout), plan
     if not layout.params(model, HEAD) and scfg.name in ("linear_probe", "gradual_unfreeze"):
         raise TunesmithError(f"strategy.name: '{scfg.name}' needs a task head, and {type(model).__name__} has none")
     frozen: set[str] = set()
     if scfg.name == "freeze":
-        plan.frozen_blocks = frozen_block_count(scfg.freeze_layers, layout.num_blocks)
+        plan.frozen_blocks = frozen_block_count(scfg.freeze_layers, layout.num_blocks, layout.block_word)
         frozen = {f"layer.{i}" for i in range(plan.frozen_blocks)} | ({EMBEDDINGS} if scfg.freeze_embeddings else set())
     elif scfg.name in ("linear_probe", "gradual_unfreeze"):
         plan.frozen_blocks = layout.num_blocks
@@ -217,57 +169,86 @@ def _frozen_subtrees(module: nn.Module):
 
 # ---------------------------------------------------------------- LoRA (peft)
 
-def _head_modules(model: nn.Module, layout: Layout) -> list[str]:
-    """Names of the modules holding head parameters (e.g. 'classifier', 'pooler'), for peft."""
-    base = getattr(model, "base_model", model)
-    base_prefix = next(name for name, m in model.named_modules() if m is base)
-    names = []
-    for param_name, layer in layout.layer_of.items():
-        if layer == HEAD:
-            inside = base_prefix and param_name.startswith(base_prefix + ".")
-            parts = param_name.split(".")
-            name = parts[1] if inside else parts[0]
-            if name not in names:
-                names.append(name)
-    return names
+def default_lora_targets(layout: Layout) -> list[str] | None:
+    """LoRA target modules when strategy.lora.target_modules is null. Hugging Face: None (peft's own
+    default per model type, e.g. query/value for BERT). timm/torchvision: every nn.Linear and every
+    non-grouped nn.Conv2d inside the blocks, by full path (a ViT's attn.qkv, attn.proj, mlp.fc1,
+    mlp.fc2; a CNN's 1x1 and 3x3 convolutions). Depthwise convolutions are left out: peft cannot
+    merge LoRA into a convolution with groups > 1. In MobileNet/EfficientNet that leaves the 1x1
+    ones; in ResNet and VGG, which have (almost) no 1x1 convolutions, the 3x3 ones.
+    Measured (pretrained EfficientNet-Lite0, 1,000 Fashion-MNIST images at 64 px, 120 steps of 32,
+    r=8, CPU): 0.59M trainable, test accuracy 0.79-0.82, vs 0.78 for linear_probe and 0.64 for
+    full fine-tuning (lr 3e-4); a step costs about as much as a full fine-tuning step."""
+    if layout.is_huggingface:
+        return None
+    return [join_path(path, name) for block in layout.blocks for path in block
+            for name, m in layout.module(path).named_modules()
+            if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)]
+
+
+def _check_targets(model: nn.Module, layout: Layout, targets: list[str] | None) -> None:
+    """At least one target must name a module as peft matches them: its full path or its last parts."""
+    kinds = (nn.Linear,) if layout.is_huggingface else (nn.Linear, nn.Conv2d)
+    paths = [name for name, m in model.named_modules() if isinstance(m, kinds)]
+    if targets is None or any(p == t or p.endswith("." + t) for p in paths for t in targets):
+        return
+    names = sorted({p.rpartition(".")[2] for p in paths})
+    what = f"{model.config.model_type} model (its linear layers" if layout.is_huggingface else \
+        f"{type(model).__name__} model (its linear and convolution layers"
+    raise TunesmithError(f"strategy.lora.target_modules: none of {', '.join(targets)} is a module of "
+                         f"this {what}: {', '.join(names)})")
 
 
 def _wrap_lora(model: nn.Module, scfg: StrategyConfig, layout: Layout) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     lcfg = scfg.lora
-    linear = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
-    if lcfg.target_modules is not None and not set(lcfg.target_modules) & set(linear):
-        raise TunesmithError(f"strategy.lora.target_modules: none of {', '.join(lcfg.target_modules)} is a module of "
-                             f"this {model.config.model_type} model (its linear layers: {', '.join(linear)})")
+    _check_targets(model, layout, lcfg.target_modules)
+    targets = lcfg.target_modules if lcfg.target_modules is not None else default_lora_targets(layout)
+    head = layout.head_modules()
     config = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
-                        target_modules=lcfg.target_modules, modules_to_save=_head_modules(model, layout))
+                        target_modules=targets, modules_to_save=head)
     try:
         with warnings.catch_warnings():  # peft calls transformers APIs that warn about their v6 renames
             warnings.simplefilter("ignore", FutureWarning)
-            return get_peft_model(model, config)
+            wrapped = get_peft_model(model, config)
     except ValueError as exc:
-        model_type = getattr(getattr(model, "config", None), "model_type", "?")
         first = str(exc).strip().splitlines()[0]
-        raise TunesmithError(f"strategy.lora.target_modules: {first} (model type '{model_type}'; "
-                             "name the attention projections, e.g. [query, value] for BERT)") from None
+        hint = (f"model type '{getattr(model.config, 'model_type', '?')}'; name the attention projections, "
+                "e.g. [query, value] for BERT") if layout.is_huggingface else type(model).__name__
+        raise TunesmithError(f"strategy.lora.target_modules: {first} ({hint})") from None
+    _freeze_copies_outside_head(wrapped, head)
+    return wrapped
 
 
-def is_peft(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
+def _freeze_copies_outside_head(model: nn.Module, head: list[str]) -> None:
+    """peft picks modules_to_save by name suffix, so a head module named 'bn2' (timm EfficientNet)
+    also wraps every block's 'bn2'. Those extra copies start equal to the original and stay frozen,
+    so they change nothing: not the merged weights, and not an adapter loaded back."""
+    from peft.utils import ModulesToSaveWrapper
+
+    prefix = "base_model.model."
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and name.removeprefix(prefix) not in head:
+            module.requires_grad_(False)
 
 
 def save_weights(model: nn.Module, folder: Path, cfg: Config) -> None:
-    """save_pretrained; a LoRA model is merged first (a plain folder) unless lora.save is 'adapter'."""
+    """The trained weights into `folder`. A LoRA model is merged first (a plain model) unless
+    lora.save is 'adapter' (peft's adapter folder). Hugging Face models: save_pretrained; timm and
+    torchvision models (no save_pretrained): `model.safetensors`, their state_dict, which loads
+    into a fresh model of the same architecture (safetensors.torch.load_model)."""
+    from safetensors.torch import save_model
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         if is_peft(model) and cfg.strategy.lora.save == "merged":
             model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(folder, safe_serialization=True)
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(folder, safe_serialization=True)
+        else:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            save_model(model, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
 
 
 def load_adapter(model_dir: Path, base: nn.Module) -> nn.Module:

@@ -20,14 +20,12 @@ import torch
 import transformers
 
 from . import inputs
-from .augment import Augmenter
 from .config import Config, config_to_yaml, load_config, locate
 from .errors import TunesmithError
 from .evaluate import scalar_metrics
 from .imbalance import Balance, describe
 from .imbalance import setup as setup_imbalance
-from .inference import (choose_precision, describe_long_texts, example_logits, load_model_dir, save_model_dir,
-                        write_frame_atomic)
+from .inference import choose_precision, example_outputs, load_model_dir, save_model_dir, write_frame_atomic
 from .loop import FitOutcome, fit
 from .models import count_parameters, resolve_model
 from .runlog import append_jsonl, count, log, warn
@@ -57,13 +55,10 @@ class Setup:
     splits: Any
     labels: Any
     model: torch.nn.Module
-    tokenizer: Any
-    max_len: int
-    stride: int | None
+    processor: Any             # what turns examples into model inputs: a tokenizer, image settings
     train_enc: Any
     val_enc: Any
     balance: Balance
-    augmenter: Augmenter | None
     metric: str
     precision: str
     strategy: Plan
@@ -105,7 +100,7 @@ def _load(config, overrides, resume) -> tuple[Config, Path]:
     run_dir = Path(resume)
     if not (run_dir / "config.yaml").is_file():
         raise TunesmithError(f"{run_dir}: not a tunesmith run folder (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", saved=True)
     if config is not None and load_config(config, overrides).model_dump() != cfg.model_dump():
         log(f"resuming with the configuration saved in {run_dir}/config.yaml (the given one differs)")
     return cfg, run_dir
@@ -122,30 +117,27 @@ def setup(config, overrides=None, resume=None, splits=None) -> Setup:
     # ---- data and model (all input checks happen here, before anything is written)
     splits = task.load_splits(cfg) if splits is None else splits
     labels = splits.labels
-    model, tokenizer = task.build_model(resolve_model(cfg.model.name), labels, cfg)
-    max_len = min(cfg.model.max_length, getattr(tokenizer, "model_max_length", 10**9) or 10**9)
-    stride = cfg.model.chunk_stride
-    train_enc = task.encode(tokenizer, splits.train, max_len, stride)
-    val_enc = task.encode(tokenizer, splits.validation, max_len, stride) if splits.validation else None
+    model, processor = task.build_model(resolve_model(cfg.model.name), labels, cfg)
+    train_enc = task.encode(processor, splits.train, cfg, train=True)
+    val_enc = task.encode(processor, splits.validation, cfg) if splits.validation else None
     try:
-        balance = setup_imbalance(cfg, splits, labels)
+        balance = setup_imbalance(task, cfg, splits, labels)
     except TunesmithError as exc:  # a hand weight naming no class: point at the key in the config file
         config_file = run_dir / "config.yaml" if resume is not None else \
             config if isinstance(config, (str, Path)) else None
         raise TunesmithError(f"{locate(config_file, 'imbalance.weights')}: {exc}") from None
     metric = _check_metric(cfg, task, splits, labels)
-    n_val = len(splits.validation.texts) if splits.validation is not None else 0
+    n_val = len(splits.validation) if splits.validation is not None else 0
     plan = make_plan(cfg, len(train_enc.features), n_val)
     precision = choose_precision(tcfg.precision, parameters=sum(p.numel() for p in model.parameters()))
     model, strategy = apply_strategy(model, cfg, plan.steps_per_epoch, plan.lr)
-    augmenter = Augmenter(cfg.augment, tcfg.seed) if cfg.augment else None
 
     if resume is None:
         run_dir.mkdir(parents=True)
         cfg = inputs.persist(cfg, run_dir)  # in-memory data: a copy in the run folder, for --resume
         (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    run = Setup(cfg, task, run_dir, resume is not None, splits, labels, model, tokenizer, max_len, stride,
-                train_enc, val_enc, balance, augmenter, metric, precision, strategy, plan, started)
+    run = Setup(cfg, task, run_dir, resume is not None, splits, labels, model, processor,
+                train_enc, val_enc, balance, metric, precision, strategy, plan, started)
     _log_setup(run)
     return run
 
@@ -153,12 +145,9 @@ def setup(config, overrides=None, resume=None, splits=None) -> Setup:
 def _check_metric(cfg: Config, task, splits, labels) -> str:
     metric = task.default_metric(labels) if cfg.train.metric == "auto" else cfg.train.metric
     if splits.validation is not None:
-        k = min(2, len(splits.validation.texts))  # a tiny validation split may hold a single row
-        probe = task.compute_metrics(np.zeros((k, labels.num_outputs), np.float32),
-                                     splits.validation.targets[:k], labels)
-        if metric not in scalar_metrics(probe) and metric != "loss":
-            raise TunesmithError(f"train.metric: unknown metric '{metric}' "
-                                 f"(available: loss, {', '.join(scalar_metrics(probe))})")
+        available = task.metric_names(labels)
+        if metric not in available and metric != "loss":
+            raise TunesmithError(f"train.metric: unknown metric '{metric}' (available: loss, {', '.join(available)})")
     elif isinstance(cfg.train.early_stopping_patience, int):
         raise TunesmithError("train.early_stopping_patience needs a validation split "
                              "(data.validation or data.validation_fraction > 0)")
@@ -172,15 +161,15 @@ def _log_setup(run: Setup) -> None:
     counts = lambda split: f" ({describe(distribution[split])})" if distribution.get(split) else ""  # noqa: E731
     for name, ex, enc in (("train", splits.train, run.train_enc), ("validation", splits.validation, run.val_enc)):
         if ex is not None:
-            log(f"{name}: {len(ex.texts)} examples{counts(name)}; {describe_long_texts(enc, run.max_len, run.stride)}")
+            log(f"{name}: {len(ex)} examples{counts(name)}; {run.task.describe_inputs(enc, cfg)}")
     if splits.test is not None:
-        log(f"test: {len(splits.test.texts)} examples{counts('test')}")
+        log(f"test: {len(splits.test)} examples{counts('test')}")
     if run.balance.summary.get("weights") or cfg.imbalance.method != "none":
         shown = describe(run.balance.summary.get("weights", {}))
         log(f"imbalance {cfg.imbalance.method}" + (f"; class weights: {shown}" if shown else "")
             + (f"; gamma {cfg.imbalance.gamma}" if cfg.imbalance.method == "focal" else ""))
-    if run.augmenter is not None:
-        log(f"augmentation of training examples: {run.augmenter.describe()}")
+    if cfg.augment:
+        log("augmentation of training examples, new every epoch: " + ", ".join(f"{op.op} (p {op.p})" for op in cfg.augment))
     evals = "at the end of every epoch" if plan.eval_every is None else f"every {plan.eval_every} steps"
     log(f"plan: {plan.total_steps} optimizer steps ({plan.reason}); batch {cfg.train.batch_size}"
         f"{f' x {cfg.train.grad_accum_steps} accumulation' if cfg.train.grad_accum_steps > 1 else ''}; "
@@ -199,7 +188,7 @@ def _warn_about_the_plan(run: Setup) -> None:
                  f"{min(needed, AUTO_MIN_STEPS)} to learn more than the majority class (train.epochs: auto plans them)")
     if splits.validation is None:
         return
-    n_val = len(splits.validation.texts)
+    n_val = len(splits.validation)
     if n_val < MIN_VALIDATION_EXAMPLES:
         warn(f"the validation split has only {n_val} examples: too few to choose the best checkpoint reliably "
              f"(give data.validation, or more data; {MIN_VALIDATION_EXAMPLES}+ recommended)")
@@ -220,10 +209,10 @@ def finish(run: Setup, outcome: FitOutcome) -> TrainResult:
     device = next(model.parameters()).device
     collate = outcome.collate
     if run.val_enc is None or state.best_step is None:  # no best model chosen (metric always NaN): keep the last
-        save_model_dir(run_dir / "model", model, run.tokenizer, cfg, labels)
+        save_model_dir(run_dir / "model", model, run.processor, cfg, labels, task)
         state.best_step = state.step
     elif is_peft(model):  # model/ holds the merged model (or the adapter): load it the way predict does
-        model = load_model_dir(run_dir / "model", task, labels, cfg).to(device)
+        model = load_model_dir(run_dir / "model", task, labels, cfg)[0].to(device)
     else:
         from safetensors.torch import load_model
         load_model(model, str(run_dir / "model" / "model.safetensors"))
@@ -239,10 +228,10 @@ def finish(run: Setup, outcome: FitOutcome) -> TrainResult:
                   "trainable_parameters": trainable, "total_parameters": total},
         "imbalance": run.balance.summary,
         "augment": [op.model_dump() for op in cfg.augment],
-        "data": {"train": len(splits.train.texts),
-                 "validation": len(splits.validation.texts) if splits.validation else 0,
-                 "test": len(splits.test.texts) if splits.test else 0,
-                 "max_length": run.max_len, "long_text": cfg.model.long_text,
+        "data": {"train": len(splits.train),
+                 "validation": len(splits.validation) if splits.validation else 0,
+                 "test": len(splits.test) if splits.test else 0,
+                 "max_length": cfg.model.max_length, "long_text": cfg.model.long_text,
                  "long_train": run.train_enc.truncated, "train_windows": len(run.train_enc.features),
                  "long_validation": run.val_enc.truncated if run.val_enc else 0},
         "strategy": {"name": cfg.strategy.name, "param_groups": outcome.param_groups,
@@ -256,19 +245,19 @@ def finish(run: Setup, outcome: FitOutcome) -> TrainResult:
     if run.val_enc is not None:
         validation_metrics = state.extra.get("best_validation_metrics")
         if validation_metrics is None or state.best_step != state.extra.get("best_validation_step"):
-            logits, _ = example_logits(model, task, run.val_enc, collate, cfg.train.eval_batch_size, device,
-                                       run.precision, cfg.model.chunk_aggregation)
+            logits, _ = example_outputs(model, task, run.val_enc, collate, cfg.train.eval_batch_size, device,
+                                        run.precision, cfg.model.chunk_aggregation)
             validation_metrics = task.compute_metrics(logits, splits.validation.targets, labels)
         summary["validation"] = validation_metrics
         result_metrics = validation_metrics
         _warn_if_degenerate(task, validation_metrics, labels)
     if splits.test is not None:
-        test_enc = task.encode(run.tokenizer, splits.test, run.max_len, run.stride)
+        test_enc = task.encode(run.processor, splits.test, cfg)
         if test_enc.truncated:
-            log(f"test: {describe_long_texts(test_enc, run.max_len, run.stride)}")
+            log(f"test: {task.describe_inputs(test_enc, cfg)}")
         started_eval = time.perf_counter()
-        test_logits, _ = example_logits(model, task, test_enc, collate, cfg.train.eval_batch_size, device,
-                                        run.precision, cfg.model.chunk_aggregation)
+        test_logits, _ = example_outputs(model, task, test_enc, collate, cfg.train.eval_batch_size, device,
+                                         run.precision, cfg.model.chunk_aggregation)
         eval_seconds = time.perf_counter() - started_eval
         result_metrics = task.compute_metrics(test_logits, splits.test.targets, labels)
         summary["test"] = result_metrics

@@ -1,36 +1,36 @@
 """Token classification (named-entity recognition): one tag per word, entity-level scores.
 
-The functions here are the task interface the training loop calls (see tasks/__init__.py).
+A task module: it provides every name of tasks.base.Task (the generic modules call nothing else).
 Tags in any scheme (IO, BIO, IOB1, BIOES) are read into entity spans and the model learns BIO
 tags; its word-level outputs are decoded under the BIO rules and written back in the data's scheme.
 Words are split into sub-tokens by a fast tokenizer: the first sub-token of a word carries its
-label (or every sub-token, with data.label_all_subtokens) and predicts it.
+label (or every sub-token, with token_classification.label_all_subtokens) and predicts it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.model_selection import ShuffleSplit
-from transformers import AutoModelForTokenClassification, AutoTokenizer
+from transformers import AutoModelForTokenClassification
 
 from .. import inputs
 from .. import tags as tagging
-from ..config import Config, DataConfig
+from ..augment import augmenter_for
+from ..config import Config
 from ..errors import TunesmithError
 from ..models import from_pretrained
 from ..token_data import Sentences, read_sentences
-from . import text_classification
-from .text_classification import resolve_data_config
+from . import text
+from .base import IGNORE, Encoded, Splits, hf_forward, resolve_data_config, split_train, with_data
 
 NAME = "token_classification"
-IGNORE = -100  # label of sub-tokens the loss skips (PyTorch's cross-entropy ignore_index)
 
 
 @dataclass
@@ -49,6 +49,10 @@ class LabelSpace:
         return sorted({n[2:] for n in self.names if n != "O"})
 
 
+def labels_from_dict(saved: dict) -> LabelSpace:
+    return LabelSpace(**saved)
+
+
 @dataclass
 class Examples:
     sentences: Sentences
@@ -56,11 +60,15 @@ class Examples:
     targets: list[np.ndarray] | None  # tag ids, one per word; None when unlabelled
     label_all_subtokens: bool = False
     scheme: str = "BIO"               # the tag scheme the file was read in
+    groups = None                     # sentences are not grouped
 
     @property
     def texts(self) -> list[list[str]]:
-        """The words of each sentence (one entry per example, as for text classification)."""
+        """The words of each sentence."""
         return self.sentences.tokens
+
+    def __len__(self) -> int:
+        return len(self.sentences.tokens)
 
     def subset(self, idx: np.ndarray) -> "Examples":
         pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
@@ -68,17 +76,9 @@ class Examples:
                         self.scheme)
 
 
-@dataclass
-class Splits:
-    train: Examples
-    validation: Examples | None
-    test: Examples | None
-    labels: LabelSpace
-
-
 # ---------------------------------------------------------------- data
 
-def _bio_tags(sents: Sentences, data: DataConfig, scheme: str) -> list[list[str]]:
+def _bio_tags(sents: Sentences, repair: bool, scheme: str) -> list[list[str]]:
     """Check every tag against the scheme and rewrite it as BIO; errors name the line."""
     out = []
     for i, (tags, lines) in enumerate(zip(sents.tags, sents.lines)):
@@ -88,30 +88,32 @@ def _bio_tags(sents: Sentences, data: DataConfig, scheme: str) -> list[list[str]
             except ValueError as exc:
                 raise TunesmithError(f"{sents.where(i, j)}: {exc}") from None
         spans, problems = tagging.to_spans(tags, scheme)
-        if problems and not data.repair_tags:
+        if problems and not repair:
             j, message = problems[0]
             more = sum(len(tagging.to_spans(t, scheme)[1]) for t in sents.tags[i:]) - 1
             raise TunesmithError(f"{sents.where(i, j)}: {message}"
                                  + (f" (and {more} more)" if more > 0 else "")
-                                 + "; fix the file or set data.repair_tags: true to read such tags as entity starts")
+                                 + "; fix the file or set token_classification.repair_tags: true to read such tags "
+                                 "as entity starts")
         out.append(tagging.from_spans(spans, len(tags), "BIO"))
     return out
 
 
-def read_examples(path: str | Path, data: DataConfig, labels: LabelSpace | None,
-                  require_labels: bool = True) -> Examples:
-    """Read and check one file. With `labels` given (evaluate/predict), unknown tags are errors."""
-    sents = read_sentences(path, data.format, data.tokens_column, data.tags_column, data.text_column,
+def read_examples(source, cfg: Config, labels: LabelSpace | None, require_labels: bool = True) -> Examples:
+    """Read and check one file (or in-memory records). With `labels` given (evaluate/predict), unknown
+    tags are errors."""
+    opts = cfg.token_classification
+    sents = read_sentences(source, opts.format, opts.tokens_column, opts.tags_column, cfg.data.text_column,
                            require_tags=require_labels)
     if sents.tags is None:
-        return Examples(sents, None, None, data.label_all_subtokens)
-    scheme = labels.scheme if labels else data.tag_scheme
+        return Examples(sents, None, None, opts.label_all_subtokens)
+    scheme = labels.scheme if labels else opts.tag_scheme
     if scheme == "auto":
         try:
             scheme = tagging.detect_scheme(sents.tags)
         except ValueError:
             scheme = "BIO"  # _bio_tags reports the bad tag with its line
-    bio = _bio_tags(sents, data, scheme)
+    bio = _bio_tags(sents, opts.repair_tags, scheme)
     targets = None
     if labels is not None:
         index = {n: k for k, n in enumerate(labels.names)}
@@ -121,12 +123,13 @@ def read_examples(path: str | Path, data: DataConfig, labels: LabelSpace | None,
                     raise TunesmithError(f"{sents.where(i, j)}: entity type '{tag[2:]}' was not seen in "
                                          f"training (known: {', '.join(labels.types)})")
         targets = [np.asarray([index[t] for t in tags], dtype=np.int64) for tags in bio]
-    return Examples(sents, bio, targets, data.label_all_subtokens, scheme)
+    return Examples(sents, bio, targets, opts.label_all_subtokens, scheme)
 
 
 def load_splits(cfg: Config) -> Splits:
-    data = resolve_data_config(cfg.data)
-    train_all = read_examples(data.train, data, None, require_labels=True)
+    cfg = with_data(cfg, resolve_data_config(cfg.data))
+    data = cfg.data
+    train_all = read_examples(data.train, cfg, None, require_labels=True)
     types = {t[2:] for tags in train_all.tags for t in tags if t != "O"}
     if not types:
         raise TunesmithError(f"{inputs.shown(data.train)}: every tag is 'O'; token classification needs tagged entities")
@@ -134,19 +137,35 @@ def load_splits(cfg: Config) -> Splits:
     index = {n: k for k, n in enumerate(labels.names)}
     train_all.targets = [np.asarray([index[t] for t in tags], dtype=np.int64) for tags in train_all.tags]
     if data.validation:
-        train, validation = train_all, read_examples(data.validation, data, labels)
-    elif data.validation_fraction > 0:
-        n, frac = len(train_all.texts), data.validation_fraction
-        if round(n * frac) < 1 or n - round(n * frac) < 2:
-            raise TunesmithError(f"{inputs.shown(data.train)}: {n} sentences are too few to hold out {frac:.0%} for "
-                                 "validation; give data.validation or more sentences")
-        split = ShuffleSplit(n_splits=1, test_size=frac, random_state=cfg.train.seed)
-        train_idx, val_idx = next(split.split(np.zeros(n)))
-        train, validation = train_all.subset(train_idx), train_all.subset(val_idx)
+        train, validation = train_all, read_examples(data.validation, cfg, labels)
     else:
-        train, validation = train_all, None
-    test = read_examples(data.test, data, labels) if data.test else None
+        train, validation = split_train(train_all, None, cfg, inputs.shown(data.train))
+    test = read_examples(data.test, cfg, labels) if data.test else None
     return Splits(train, validation, test, labels)
+
+
+def has_classes(labels: LabelSpace) -> bool:
+    return True
+
+
+def example_classes(targets, labels: LabelSpace) -> list[np.ndarray]:
+    """The tag of every word of each sentence (class counts are words per tag)."""
+    return [np.asarray(t, dtype=np.int64) for t in targets]
+
+
+def class_ids(name: str, labels: LabelSpace) -> list[int]:
+    """A tag by name ('O', 'B-person'), or an entity type ('person': its B- and I- tags)."""
+    if name in labels.names:
+        return [labels.names.index(name)]
+    return [i for i, n in enumerate(labels.names) if n[:2] in ("B-", "I-") and n[2:] == name]
+
+
+def stratify_by(examples: Examples, labels: LabelSpace) -> None:
+    return None  # a sentence holds many tags: plain random splits
+
+
+def metric_names(labels: LabelSpace) -> list[str]:
+    return ["f1", "precision", "recall", "token_accuracy"]
 
 
 def map_words(examples: Examples, fn) -> Examples:
@@ -170,39 +189,33 @@ def show_examples(examples: Examples) -> list[str]:
 # ---------------------------------------------------------------- model
 
 def build_model(source: str, labels: LabelSpace, cfg: Config):
-    """Backbone + a fresh token-classification head sized for the BIO tags."""
-    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, source, trust_remote_code=cfg.model.trust_remote_code)
-    if not tokenizer.is_fast:
-        raise TunesmithError(f"model '{cfg.model.name}': token classification needs a fast tokenizer "
-                             "(it maps sub-tokens back to words)")
+    """Backbone + a fresh token-classification head sized for the BIO tags; returns (model, tokenizer)."""
+    tokenizer = text.load_tokenizer(source, cfg, need_fast="token classification (it maps sub-tokens to words)")
     model = from_pretrained(AutoModelForTokenClassification.from_pretrained, source, num_labels=len(labels.names),
                             id2label=dict(enumerate(labels.names)),
                             label2id={n: k for k, n in enumerate(labels.names)},
                             trust_remote_code=cfg.model.trust_remote_code)
-    # data.o_tag_weight: the training loop weighs the loss (imbalance.py), like every class weight
     return model, tokenizer
 
 
-def load_model(folder: str | Path):
+def load_model(folder: str | Path, cfg: Config):
     """A model this task saved (a plain Hugging Face folder), ready for evaluate/predict."""
-    return AutoModelForTokenClassification.from_pretrained(folder)
+    return AutoModelForTokenClassification.from_pretrained(folder), text.load_tokenizer(folder, cfg)
+
+
+def save_processor(tokenizer, folder: Path) -> None:
+    tokenizer.save_pretrained(folder)
 
 
 # ---------------------------------------------------------------- features
 
-@dataclass
-class Encoded:
-    features: list[dict]
-    lengths: list[int]
-    truncated: int  # sentences longer than max_length (truncated: words past the limit predicted O; or chunked)
-    dropped_words: int = 0  # truncation only: words that start past the limit (counted, predicted O)
-    doc_index: list[int] | None = None  # chunking: the sentence each feature (window) belongs to
-    num_examples: int = 0
-
-
-def encode(tokenizer, examples: Examples, max_length: int, stride: int | None = None) -> Encoded:
+def encode(tokenizer, examples: Examples, cfg: Config, train: bool = False, epoch: int = 0) -> Encoded:
     """Sub-token ids per sentence; labels on first sub-tokens. A sentence longer than max_length is
-    truncated, or with `stride` (long_text: chunk) split into overlapping windows (see _windows)."""
+    truncated, or with model.long_text: chunk split into overlapping windows (see _windows)."""
+    if train and cfg.augment:  # this epoch's augmented copy, seeded by (train.seed, epoch, example)
+        augmenter = augmenter_for(cfg.augment, cfg.train.seed)
+        examples = map_words(examples, lambda words, tags: augmenter.augment(words, tags, epoch))
+    max_length, stride = text.max_length(tokenizer, cfg), cfg.model.chunk_stride
     words = examples.texts
     enc = tokenizer(words, is_split_into_words=True, truncation=False)
     features, lengths, doc_index, truncated, dropped = [], [], [], 0, 0
@@ -235,7 +248,12 @@ def encode(tokenizer, examples: Examples, max_length: int, stride: int | None = 
             features.append(feat)
             lengths.append(len(feat["input_ids"]))
             doc_index.append(i)
-    return Encoded(features, lengths, truncated, dropped, doc_index if stride is not None else None, len(words))
+    return Encoded(features, lengths, truncated, doc_index if stride is not None else None, len(words), dropped,
+                   max_length)
+
+
+def describe_inputs(enc: Encoded, cfg: Config) -> str:
+    return text.describe_long_texts(enc, cfg)
 
 
 def _windows(ids: list[int], word_ids: list[int | None], labels: list[int] | None, max_length: int,
@@ -270,6 +288,12 @@ def _windows(ids: list[int], word_ids: list[int | None], labels: list[int] | Non
             feat["labels"] = [IGNORE] * head + labels[head + a:head + b] + [IGNORE] * tail
         windows.append(feat)
     return windows
+
+
+def split_outputs(logits: np.ndarray, features: list[dict]) -> list[np.ndarray]:
+    """Each input's (positions, tags) logits at its feature's output_positions (the first sub-token of
+    each word), without padding."""
+    return [row[list(f.get("output_positions", range(len(f["input_ids"]))))] for row, f in zip(logits, features)]
 
 
 def merge_windows(logits: list[np.ndarray], enc: Encoded, aggregation: str = "mean") -> list[np.ndarray]:
@@ -342,25 +366,37 @@ def _inside_id(tag_id: int) -> int:
     return tag_id + 1 if tag_id % 2 == 1 else tag_id
 
 
-def collate(features: list[dict], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+def make_collate(tokenizer, multiple: int) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
     """Pad to the longest sequence in the batch (rounded up to `multiple`); padded labels are ignored."""
-    batch = text_classification.collate([{"input_ids": f["input_ids"]} for f in features], pad_id, multiple)
-    if "labels" in features[0]:
-        labels = torch.full(batch["input_ids"].shape, IGNORE, dtype=torch.long)
-        for i, f in enumerate(features):
-            labels[i, :len(f["labels"])] = torch.as_tensor(f["labels"])
-        batch["labels"] = labels
-    return batch
+    return text.collate_with(tokenizer, multiple, _padded_labels)
+
+
+def _padded_labels(features: list[dict], input_ids: torch.Tensor) -> torch.Tensor:
+    labels = torch.full(input_ids.shape, IGNORE, dtype=torch.long)
+    for i, f in enumerate(features):
+        labels[i, :len(f["labels"])] = torch.as_tensor(f["labels"])
+    return labels
+
+
+def forward(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits, the model's loss or None): a Hugging Face model computes its loss from batch labels."""
+    return hf_forward(model, batch)
+
+
+def extra_loss_weights(cfg: Config, labels: LabelSpace) -> np.ndarray | None:
+    """token_classification.o_tag_weight: the loss weight of the O tag (entity tags weigh 1)."""
+    weight = cfg.token_classification.o_tag_weight
+    if weight == 1.0:
+        return None
+    weights = np.ones(len(labels.names), np.float32)
+    weights[labels.names.index("O")] = weight
+    return weights
 
 
 # ---------------------------------------------------------------- outputs
 
 def default_metric(labels: LabelSpace) -> str:
     return "f1"
-
-
-def has_classes(labels: LabelSpace) -> bool:
-    return True
 
 
 def degenerate_predictions(metrics: dict, labels: LabelSpace) -> str | None:
