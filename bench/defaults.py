@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,16 +120,16 @@ def side_tunesmith(files: dict, workdir: Path, settings: dict) -> dict:
             "precision": summary["train"]["precision"], "train_s": summary["train"]["seconds"]}
 
 
-def side_trainer(files: dict, workdir: Path) -> dict:
+def side_trainer(files: dict, workdir: Path, seed: int = SEED) -> dict:
     from transformers import Trainer, TrainingArguments, set_seed
     from transformers.utils import logging
     from tunesmith import catalog
 
     logging.set_verbosity_error()
-    set_seed(SEED)
+    set_seed(seed)
     path = catalog.model_path("minilm-l6")
     args = TrainingArguments(output_dir=str(workdir / "hf"), num_train_epochs=HF_EPOCHS, learning_rate=HF_LR,
-                             per_device_train_batch_size=HF_BATCH, seed=SEED, report_to=[], save_strategy="no",
+                             per_device_train_batch_size=HF_BATCH, seed=seed, report_to=[], save_strategy="no",
                              disable_tqdm=True, logging_strategy="no")
     if files["kind"] == "ner":
         return _trainer_ner(files, path, args)
@@ -216,7 +217,9 @@ def run_side(side: str, dataset: str, workdir: Path, settings: dict) -> dict:
 
 def child(side: str, dataset: str, workdir: Path, settings: dict) -> None:
     files = prepare(dataset, workdir / "data")
-    result = side_tunesmith(files, workdir, settings) if side == "tunesmith" else side_trainer(files, workdir)
+    seed = int(settings.pop("seed", SEED))
+    result = side_tunesmith(files, workdir, {**settings, "train.seed": seed}) if side == "tunesmith" \
+        else side_trainer(files, workdir, seed)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(result))
 
@@ -227,6 +230,8 @@ def main() -> None:
     parser.add_argument("--sides", nargs="+", default=["tunesmith", "trainer"])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a tunesmith setting for exploring (the table then is not 'defaults')")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[SEED],
+                        help="training seeds (same rows): the table shows the mean and spread of macro F1")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -249,11 +254,20 @@ def main() -> None:
             rows = _count_rows(files)
             majority = majority_macro_f1(files)
             for side in args.sides:
-                r = run_side(side, dataset, Path(tmp) / side, settings if side == "tunesmith" else {})
-                notes = (f"lr {r['lr']:.2g}, {r['precision']}, stopped: {r['stopped']}" if side == "tunesmith"
-                         else f"{HF_EPOCHS} epochs, lr {HF_LR:g}, batch {HF_BATCH}, fp32")
-                print(f"| {dataset} | {rows} | {majority:.3f} | {side} | {r['f1']:.4f} | {r['steps']} ({r['planned']}) "
-                      f"| {r['train_s']} | {r['wall_s']} | {r['peak_rss_mb']} | {notes} |", flush=True)
+                runs = [run_side(side, dataset, Path(tmp) / f"{side}-{seed}",
+                                 {**(settings if side == "tunesmith" else {}), "seed": seed}) for seed in args.seeds]
+                r = runs[0]
+                f1s = [x["f1"] for x in runs]
+                f1 = f"{statistics.mean(f1s):.4f}" + (f" ± {statistics.stdev(f1s):.4f}" if len(f1s) > 1 else "")
+                mean = lambda key: round(statistics.mean(x[key] for x in runs), 1)  # noqa: E731
+                notes = (f"lr {r['lr']:.2g}, {r['precision']}, stopped: {', '.join(x['stopped'] for x in runs)}"
+                         if side == "tunesmith" else f"{HF_EPOCHS} epochs, lr {HF_LR:g}, batch {HF_BATCH}, fp32")
+                if len(runs) > 1:
+                    notes += "; per seed " + " / ".join(f"{x['f1']:.4f}" for x in runs)
+                steps = "/".join(str(x["steps"]) for x in runs)
+                print(f"| {dataset} | {rows} | {majority:.3f} | {side} | {f1} | {steps} ({r['planned']}) "
+                      f"| {mean('train_s')} | {mean('wall_s')} | {max(x['peak_rss_mb'] for x in runs)} | {notes} |",
+                      flush=True)
 
 
 def _count_rows(files: dict) -> int:

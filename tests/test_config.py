@@ -18,7 +18,7 @@ def test_defaults_and_overrides(tmp_path):
     cfg = load_config(write(tmp_path, "data:\n  dataset: rotten_tomatoes\n"), {"train.lr": 3e-5, "model.max_length": 64})
     assert cfg.model.name == "minilm-l6"
     assert cfg.train.lr == 3e-5 and cfg.model.max_length == 64
-    assert cfg.train.batch_size == 32 and cfg.train.warmup_ratio == 0.1
+    assert cfg.train.batch_size == "auto" and cfg.train.warmup_ratio == 0.1
 
 
 @pytest.mark.parametrize("text,value", [("3e-5", 3e-5), ("true", True), ("null", None), ("16", 16),

@@ -16,6 +16,7 @@ import tunesmith
 from conftest import TUNESMITH, sentiment_rows, tiny_config
 from tunesmith.config import load_config
 from tunesmith.schedule import AUTO_MAX_EPOCHS, AUTO_MIN_STEPS, make_plan
+from tunesmith.tasks import text_classification as TEXT
 
 
 def _cfg(**train):
@@ -25,29 +26,31 @@ def _cfg(**train):
 # ---------------------------------------------------------------- the plan
 
 def test_auto_plan_gives_small_data_enough_steps_and_large_data_one_pass():
-    small = make_plan(_cfg(), train_features=270, validation_examples=30)  # 9 steps per epoch
-    assert small.total_steps == AUTO_MIN_STEPS and small.epochs == 34
+    small = make_plan(_cfg(), TEXT, train_features=270, validation_examples=30)  # batch 16: 17 steps per epoch
+    assert (small.batch_size, small.total_steps, small.epochs) == (16, AUTO_MIN_STEPS, 18)
     assert small.patience == 3 and small.patience_from_step == AUTO_MIN_STEPS // 2
     assert small.eval_every == 30  # 10 evaluations: a validation pass of 30 costs little
-    assert "270 training inputs, 9 step(s) per epoch: 33 epoch(s) planned" in small.reason
-    tiny = make_plan(_cfg(), train_features=40, validation_examples=5)    # 2 steps per epoch
-    assert tiny.total_steps == 2 * AUTO_MAX_EPOCHS
-    large = make_plan(_cfg(), train_features=8962, validation_examples=1017)  # 281 steps per epoch
-    assert large.total_steps == AUTO_MIN_STEPS and large.epochs == 2
-    huge = make_plan(_cfg(), train_features=32_000, validation_examples=3000)  # 1,000 steps per epoch
+    assert "270 training inputs, 17 step(s) per epoch: 18 epoch(s) planned" in small.reason
+    tiny = make_plan(_cfg(), TEXT, train_features=40, validation_examples=5)    # 3 steps per epoch
+    assert tiny.total_steps == 3 * AUTO_MAX_EPOCHS
+    medium = make_plan(_cfg(), TEXT, train_features=4799, validation_examples=500)
+    assert (medium.batch_size, medium.steps_per_epoch, medium.total_steps) == (16, 300, 300)
+    large = make_plan(_cfg(), TEXT, train_features=8962, validation_examples=1017)  # batch 32: 281 steps per epoch
+    assert (large.batch_size, large.total_steps, large.epochs) == (32, AUTO_MIN_STEPS, 2)
+    huge = make_plan(_cfg(), TEXT, train_features=32_000, validation_examples=3000)  # 1,000 steps per epoch
     assert huge.total_steps == 1000 and huge.epochs == 1
     assert huge.eval_every == 334  # evaluation is costly here: the minimum of 3 evaluations
-    explicit = make_plan(_cfg(epochs=2), train_features=270, validation_examples=30)
+    explicit = make_plan(_cfg(epochs=2, batch_size=32), TEXT, train_features=270, validation_examples=30)
     assert (explicit.total_steps, explicit.eval_every, explicit.patience) == (18, None, None)
-    assert make_plan(_cfg(max_steps=7), 270, 30).total_steps == 7
+    assert make_plan(_cfg(max_steps=7), TEXT, 270, 30).total_steps == 7
 
 
 def test_auto_learning_rate_follows_the_strategy():
     for strategy, lr in (("full", 5e-5), ("lora", 5e-4), ("linear_probe", 2e-3)):
         cfg = load_config({"data": {"train": "x.csv"}, "strategy": {"name": strategy}})
-        plan = make_plan(cfg, 100, 10)
+        plan = make_plan(cfg, TEXT, 100, 10)
         assert plan.lr == lr and plan.lr_reason == f"auto for strategy {strategy}"
-    assert make_plan(_cfg(lr=3e-5), 100, 10).lr == 3e-5
+    assert make_plan(_cfg(lr=3e-5), TEXT, 100, 10).lr == 3e-5
 
 
 def test_config_values_as_the_docs_write_them():

@@ -112,10 +112,6 @@ class ImageClassificationConfig(_Section):
     decoded_cache_mb: int = Field(
         2048, ge=0, description="decoded images (uint8, at the model's resize size) larger than this are kept in a "
                                 "memory-mapped file in the run folder instead of memory")
-    workers: int | Literal["auto"] = Field(
-        "auto", description="processes preparing training batches (auto: one per CPU core beyond the first, at most 4)")
-    channels_last: Literal["auto", "on", "off"] = Field(
-        "auto", description="channels-last memory layout for convolutions (auto: on a GPU)")
 
 
 # keys that moved from data to a task's own section: an old config gets a message naming the new key
@@ -146,11 +142,15 @@ class TrainConfig(_Section):
         "auto", description="passes over the training data (may be fractional, e.g. 0.5); auto: enough "
                             "optimizer steps to learn small data, about one pass over large data, evaluated "
                             "several times with early stopping (see docs/defaults.md)")
-    batch_size: int = Field(32, ge=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="examples per optimizer step (before grad_accum_steps); auto: 16 for small data "
+                            "(fewer than 4,800 training inputs: more updates per pass, half the compute of 32 "
+                            "for the same steps), else 32")
     eval_batch_size: int = Field(128, ge=1)
     lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
-        "auto", description="peak learning rate; auto: the rate measured to work for the strategy "
-                            "(full, freeze, gradual_unfreeze 5e-5; lora 5e-4; linear_probe 2e-3)")
+        "auto", description="peak learning rate; auto: the rate measured to work for the task and strategy "
+                            "(text: full, freeze, gradual_unfreeze 5e-5, lora 5e-4, linear_probe 2e-3; images: "
+                            "1e-3, lora 2e-3, linear_probe 1e-2)")
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, le=1)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"

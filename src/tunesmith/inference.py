@@ -253,9 +253,12 @@ def predict(run: str | Path, input=None, output: str | Path | None = None,
     name = "input" if texts is None else "texts"
     if isinstance(texts, str):
         texts = [texts]
-    with inputs.in_memory_input(list(texts) if texts is not None else input, name,
-                                loaded.cfg.data.text_column) as source:
+    source = list(texts) if texts is not None else input
+    if inputs.is_text_list(source):  # texts or image paths: the task reads a plain list its own way
         examples = loaded.task.read_examples(source, loaded.cfg, loaded.labels, require_labels=False)
+    else:
+        with inputs.in_memory_input(source, name, loaded.cfg.data.text_column) as token:
+            examples = loaded.task.read_examples(token, loaded.cfg, loaded.labels, require_labels=False)
     frame = loaded.task.predictions_frame(examples, loaded.logits(examples, batch_size), loaded.labels)
     if output is not None:
         write_frame_atomic(frame, Path(output))

@@ -31,6 +31,11 @@ def is_in_memory(value: Any) -> bool:
     return isinstance(value, (pd.DataFrame, list, tuple)) or type(value).__name__ in ("Dataset", "IterableDataset")
 
 
+def is_text_list(value: Any) -> bool:
+    """A plain list of strings: texts to predict, or image paths (the task decides which)."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, str) for v in value)
+
+
 def is_token(value: Any) -> bool:
     return isinstance(value, str) and value.startswith(PREFIX)
 

@@ -209,7 +209,8 @@ def _train_epoch(lp: _Loop, on_evaluate) -> bool:
     weights = run.balance.sample_weights
     if weights is not None and train_enc.doc_index is not None:  # chunked: a window weighs as its text
         weights = weights[np.asarray(train_enc.doc_index)]
-    batches = make_batches(train_enc.lengths, tcfg.batch_size, tcfg.seed + state.epoch, tcfg.group_by_length, weights)
+    batches = make_batches(train_enc.lengths, run.plan.batch_size, tcfg.seed + state.epoch, tcfg.group_by_length,
+                           weights)
     for batch_index in range(state.batch_in_epoch, len(batches)):
         _forward_backward(lp, train_enc, batches[batch_index])
         state.batch_in_epoch = batch_index + 1
@@ -372,7 +373,7 @@ def _reserve(lp: _Loop) -> float:
     if lp.eval_seconds and run.val_enc is not None:
         per_example = lp.eval_seconds / max(1, len(run.val_enc.features))
     else:  # no evaluation yet: a forward pass costs about a third of a training step
-        per_example = _pace(lp) / run.cfg.train.batch_size / 3
+        per_example = _pace(lp) / run.plan.batch_size / 3
     n_test = len(run.splits.test) if run.splits.test is not None else 0
     n_val = len(run.val_enc.features) if run.val_enc is not None else 0
     return lp.save_seconds + FINISH_SECONDS + per_example * (n_test + n_val)
@@ -392,7 +393,7 @@ def _fit_the_budget(lp: _Loop, note: str) -> None:
     if run.val_enc is not None:  # plus a share of each evaluation
         eval_seconds = lp.eval_seconds
         if eval_seconds is None:  # not measured yet: a forward pass costs about a third of a step
-            eval_seconds = per_step * len(run.val_enc.features) / run.cfg.train.batch_size / 3
+            eval_seconds = per_step * len(run.val_enc.features) / run.plan.batch_size / 3
         per_step += eval_seconds / (plan.eval_every or plan.steps_per_epoch)
     fits = state.step + lp.budget.steps_that_fit(lp.wall(), per_step, _reserve(lp))
     new_total = min(plan.planned_steps, max(state.step + 1, fits))

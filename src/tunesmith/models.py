@@ -33,7 +33,8 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers (and offline mode is off)."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
@@ -52,7 +53,7 @@ def from_pretrained(loader: Callable[..., Any], source: str, **kwargs: Any) -> A
             try:  # the hub id may already be in the local Hugging Face cache
                 return loader(source, local_files_only=True, **kwargs)
             except OSError:
-                if not _hub_reachable():
+                if not hub_reachable():
                     raise TunesmithError(
                         f"model '{source}' is not a catalog name ({', '.join(catalog.MODELS)}) or a local folder, "
                         "and the Hugging Face hub cannot be reached (offline?)") from None

@@ -5,7 +5,8 @@ The numbers behind the automatic choices are measured (docs/defaults.md has the 
 - small data needs a minimum number of optimizer steps, not a number of epochs: at 1 epoch, 1,080
   Rotten Tomatoes reviews (34 steps) gave a majority-class model, while the same rows trained for
   AUTO_MIN_STEPS steps learned; on large data one pass already gives more steps than that;
-- the rate that works depends on how many weights learn (AUTO_LR).
+- the rate that works depends on how many weights learn and on the kind of model: each task gives its
+  own table (task.auto_lr; text: tasks/text.py, images: tasks/image_classification.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from .config import Config
 
 AUTO_MIN_STEPS = 300        # optimizer steps planned at least with epochs: auto
+AUTO_SMALL_BATCH, AUTO_BATCH = 16, 32  # batch_size: auto: 16 while 300 steps of 16 do not reach one pass
+AUTO_SMALL_DATA = AUTO_MIN_STEPS * AUTO_SMALL_BATCH  # 4,800 training inputs
 AUTO_MAX_EPOCHS = 40        # ... but no more passes than this over tiny data (early stopping ends most sooner)
 AUTO_PATIENCE = 3           # evaluations without improvement before stopping (epochs: auto)
 AUTO_MAX_EVALS = 10         # evaluations per run at most (epochs: auto) ...
@@ -23,15 +26,11 @@ AUTO_MIN_EVALS = 3          # ... and at least, when the validation split is lar
 EVAL_TIME_SHARE = 0.1       # evaluation may cost about this share of the training time
 EVAL_COST_PER_EXAMPLE = 1 / 3   # evaluating an example costs about a third of training on it (forward only)
 
-# Peak learning rate per strategy when train.lr is auto. Full fine-tuning of a pretrained encoder moves
-# every weight and needs a small step; a freshly initialised head on frozen features (linear_probe) or
-# low-rank adapters (lora) start from zero-ish weights and need a much larger one.
-AUTO_LR = {"full": 5e-5, "freeze": 5e-5, "gradual_unfreeze": 5e-5, "lora": 5e-4, "linear_probe": 2e-3}
-
 
 @dataclass
 class TrainingPlan:
     """The run in optimizer steps. total_steps may shrink during training to fit a time budget."""
+    batch_size: int
     steps_per_epoch: int
     total_steps: int            # where the learning-rate schedule ends (a time budget may move it)
     planned_steps: int          # the plan before any time budget
@@ -48,19 +47,19 @@ class TrainingPlan:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
 
-def resolve_lr(cfg: Config) -> tuple[float, str]:
-    """train.lr, or for auto the rate measured to work for the strategy, and why."""
+def resolve_lr(cfg: Config, task) -> tuple[float, str]:
+    """train.lr, or for auto the rate measured to work for the task and strategy, and why."""
     if cfg.train.lr != "auto":
         return float(cfg.train.lr), "train.lr"
-    lr = AUTO_LR[cfg.strategy.name]
-    return lr, f"auto for strategy {cfg.strategy.name}"
+    return task.auto_lr(cfg.strategy.name), f"auto for strategy {cfg.strategy.name}"
 
 
-def make_plan(cfg: Config, train_features: int, validation_examples: int) -> TrainingPlan:
+def make_plan(cfg: Config, task, train_features: int, validation_examples: int) -> TrainingPlan:
     """Steps, evaluations and early stopping for `train_features` training inputs (windows of long
     texts count one each) and a validation split of `validation_examples`."""
     tcfg = cfg.train
-    batches = math.ceil(train_features / tcfg.batch_size)
+    batch_size = resolve_batch_size(cfg, train_features)
+    batches = math.ceil(train_features / batch_size)
     steps_per_epoch = max(1, math.ceil(batches / tcfg.grad_accum_steps))
     auto = tcfg.epochs == "auto"
     if tcfg.max_steps:
@@ -74,16 +73,23 @@ def make_plan(cfg: Config, train_features: int, validation_examples: int) -> Tra
     else:
         total = max(1, math.ceil(tcfg.epochs * steps_per_epoch))
         reason = f"train.epochs {tcfg.epochs:g}"
-    eval_every = _eval_every(tcfg.eval_every_steps, auto, total, steps_per_epoch * tcfg.batch_size,
-                             validation_examples, tcfg.batch_size)
+    eval_every = _eval_every(tcfg.eval_every_steps, auto, total, validation_examples, batch_size)
     patience = tcfg.early_stopping_patience
     if patience == "auto":
         patience = AUTO_PATIENCE if auto and validation_examples else None
     if patience:
         reason += f", early stopping patience {patience}" + (" after half the plan" if auto else "")
-    lr, lr_reason = resolve_lr(cfg)
-    return TrainingPlan(steps_per_epoch, total, total, round(tcfg.warmup_ratio * total), eval_every, patience,
+    lr, lr_reason = resolve_lr(cfg, task)
+    return TrainingPlan(batch_size, steps_per_epoch, total, total, round(tcfg.warmup_ratio * total), eval_every, patience,
                         total // 2 if auto else 0, lr, reason, lr_reason)
+
+
+def resolve_batch_size(cfg: Config, train_features: int) -> int:
+    """train.batch_size, or for auto 16 on small data and 32 beyond. Measured on 1,000 Rotten Tomatoes
+    reviews (3 seeds): macro F1 0.776 at 16 against 0.765 at 32 for the same 300 steps, in 58% of the time."""
+    if cfg.train.batch_size != "auto":
+        return int(cfg.train.batch_size)
+    return AUTO_SMALL_BATCH if train_features < AUTO_SMALL_DATA else AUTO_BATCH
 
 
 def auto_steps(steps_per_epoch: int) -> int:
@@ -93,8 +99,7 @@ def auto_steps(steps_per_epoch: int) -> int:
     return min(AUTO_MIN_STEPS, AUTO_MAX_EPOCHS * steps_per_epoch)
 
 
-def _eval_every(setting, auto: bool, total: int, epoch_examples: int, validation_examples: int,
-                batch_size: int) -> int | None:
+def _eval_every(setting, auto: bool, total: int, validation_examples: int, batch_size: int) -> int | None:
     if setting is None or (setting == "auto" and not auto):
         return None  # every epoch
     if setting != "auto":

@@ -45,7 +45,7 @@ from .models import resolve_model
 from .tasks import TASKS
 from .runlog import log
 from .tasks.base import resolve_data_config
-from .schedule import auto_steps, resolve_lr
+from .schedule import auto_steps, resolve_batch_size, resolve_lr
 from .train import train
 
 # A worker writes a heartbeat this often; a RUNNING trial whose heartbeat is older than the grace
@@ -249,8 +249,8 @@ def default_space(cfg: Config, train_examples: int) -> dict[str, SearchParam]:
     centred on what this run would do: the learning rate from a fifth to 4x the strategy's automatic
     rate (log scale), passes over the data around the automatic plan's, batch size, warm-up and
     weight decay."""
-    lr, _ = resolve_lr(cfg)
-    steps_per_epoch = math.ceil(train_examples / cfg.train.batch_size / cfg.train.grad_accum_steps)
+    lr, _ = resolve_lr(cfg, TASKS[cfg.task])
+    steps_per_epoch = math.ceil(train_examples / resolve_batch_size(cfg, train_examples) / cfg.train.grad_accum_steps)
     auto_epochs = max(1, math.ceil(auto_steps(steps_per_epoch) / steps_per_epoch))
     return {
         "train.lr": SearchParam(low=lr / 5, high=lr * 4, log=True),

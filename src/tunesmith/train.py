@@ -64,6 +64,7 @@ class Setup:
     strategy: Plan
     plan: TrainingPlan
     started: float             # time.perf_counter() when train() began (the time budget counts from here)
+    encode_seconds: float      # preparing the train and validation inputs (tokenizing, decoding images)
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -118,8 +119,10 @@ def setup(config, overrides=None, resume=None, splits=None) -> Setup:
     splits = task.load_splits(cfg) if splits is None else splits
     labels = splits.labels
     model, processor = task.build_model(resolve_model(cfg.model.name), labels, cfg)
+    encode_started = time.perf_counter()  # tokenizing, or decoding the images once
     train_enc = task.encode(processor, splits.train, cfg, train=True)
     val_enc = task.encode(processor, splits.validation, cfg) if splits.validation else None
+    encode_seconds = time.perf_counter() - encode_started
     try:
         balance = setup_imbalance(task, cfg, splits, labels)
     except TunesmithError as exc:  # a hand weight naming no class: point at the key in the config file
@@ -128,7 +131,7 @@ def setup(config, overrides=None, resume=None, splits=None) -> Setup:
         raise TunesmithError(f"{locate(config_file, 'imbalance.weights')}: {exc}") from None
     metric = _check_metric(cfg, task, splits, labels)
     n_val = len(splits.validation) if splits.validation is not None else 0
-    plan = make_plan(cfg, len(train_enc.features), n_val)
+    plan = make_plan(cfg, task, len(train_enc.features), n_val)
     precision = choose_precision(tcfg.precision, parameters=sum(p.numel() for p in model.parameters()))
     model, strategy = apply_strategy(model, cfg, plan.steps_per_epoch, plan.lr)
 
@@ -137,7 +140,7 @@ def setup(config, overrides=None, resume=None, splits=None) -> Setup:
         cfg = inputs.persist(cfg, run_dir)  # in-memory data: a copy in the run folder, for --resume
         (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
     run = Setup(cfg, task, run_dir, resume is not None, splits, labels, model, processor,
-                train_enc, val_enc, balance, metric, precision, strategy, plan, started)
+                train_enc, val_enc, balance, metric, precision, strategy, plan, started, encode_seconds)
     _log_setup(run)
     return run
 
@@ -171,7 +174,8 @@ def _log_setup(run: Setup) -> None:
     if cfg.augment:
         log("augmentation of training examples, new every epoch: " + ", ".join(f"{op.op} (p {op.p})" for op in cfg.augment))
     evals = "at the end of every epoch" if plan.eval_every is None else f"every {plan.eval_every} steps"
-    log(f"plan: {plan.total_steps} optimizer steps ({plan.reason}); batch {cfg.train.batch_size}"
+    log(f"plan: {plan.total_steps} optimizer steps ({plan.reason}); batch {plan.batch_size}"
+        f"{' (auto)' if cfg.train.batch_size == 'auto' else ''}"
         f"{f' x {cfg.train.grad_accum_steps} accumulation' if cfg.train.grad_accum_steps > 1 else ''}; "
         f"learning rate {plan.lr:.3g} ({plan.lr_reason}); validation {evals}, best model by {run.metric}")
     _warn_about_the_plan(run)
@@ -221,6 +225,7 @@ def finish(run: Setup, outcome: FitOutcome) -> TrainResult:
     summary: dict[str, Any] = {
         "best_step": state.best_step, "best_validation": {run.metric: state.best_metric},
         "plan": {"total_steps": run.plan.total_steps, "steps_per_epoch": run.plan.steps_per_epoch,
+                 "batch_size": run.plan.batch_size,
                  "reason": run.plan.reason, "lr": run.plan.lr, "lr_reason": run.plan.lr_reason,
                  "eval_every": run.plan.eval_every, "stopped": outcome.stopped},
         "train": {"steps": state.step, "seconds": round(outcome.train_seconds, 2),
@@ -233,7 +238,8 @@ def finish(run: Setup, outcome: FitOutcome) -> TrainResult:
                  "test": len(splits.test) if splits.test else 0,
                  "max_length": cfg.model.max_length, "long_text": cfg.model.long_text,
                  "long_train": run.train_enc.truncated, "train_windows": len(run.train_enc.features),
-                 "long_validation": run.val_enc.truncated if run.val_enc else 0},
+                 "long_validation": run.val_enc.truncated if run.val_enc else 0,
+                 "encode_seconds": round(run.encode_seconds, 2)},
         "strategy": {"name": cfg.strategy.name, "param_groups": outcome.param_groups,
                      "trainable_parameters": outcome.trainable_parameters, "total_parameters": total,
                      "epoch_seconds": outcome.epoch_seconds,

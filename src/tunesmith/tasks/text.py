@@ -15,6 +15,12 @@ from ..models import from_pretrained
 from .base import Encoded
 
 
+# Peak learning rate per strategy when train.lr is auto (AdamW, batch 32). Full fine-tuning of a pretrained
+# encoder moves every weight and needs a small step; a fresh head on frozen features (linear_probe) or
+# low-rank adapters (lora) start from zero-ish weights and need a much larger one (bench/README.md).
+AUTO_LR = {"full": 5e-5, "freeze": 5e-5, "gradual_unfreeze": 5e-5, "lora": 5e-4, "linear_probe": 2e-3}
+
+
 def load_tokenizer(source: str | Path, cfg: Config, need_fast: str | None = None):
     """The model folder's tokenizer; `need_fast` names what needs a fast (Rust) one, if anything."""
     tokenizer = from_pretrained(AutoTokenizer.from_pretrained, str(source), trust_remote_code=cfg.model.trust_remote_code)

@@ -53,7 +53,11 @@ class Examples:
 
 def read_examples(source, cfg: Config, labels: LabelSpace | None, require_labels: bool = True) -> Examples:
     """Read and check one file (or in-memory data). With `labels` given (evaluate/predict), unknown
-    labels are errors; without, the file's own labels (sorted) define the label space."""
+    labels are errors; without, the file's own labels (sorted) define the label space. A plain list of
+    strings is texts to predict."""
+    if inputs.is_text_list(source):
+        with inputs.in_memory_input(list(source), "texts", cfg.data.text_column) as token:
+            return read_examples(token, cfg, labels, require_labels)
     data, pair_column = cfg.data, cfg.text_classification.text_pair_column
     table = read_table(source)
     texts = text_values(table, data.text_column)
@@ -185,6 +189,10 @@ def make_collate(tokenizer, multiple: int) -> Callable[[list[dict]], dict[str, t
 def forward(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logits, the model's loss or None): a Hugging Face model computes its loss from batch labels."""
     return hf_forward(model, batch)
+
+
+def auto_lr(strategy: str) -> float:
+    return text.AUTO_LR[strategy]
 
 
 def extra_loss_weights(cfg: Config, labels: LabelSpace) -> np.ndarray | None:

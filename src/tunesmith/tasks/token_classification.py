@@ -101,7 +101,10 @@ def _bio_tags(sents: Sentences, repair: bool, scheme: str) -> list[list[str]]:
 
 def read_examples(source, cfg: Config, labels: LabelSpace | None, require_labels: bool = True) -> Examples:
     """Read and check one file (or in-memory records). With `labels` given (evaluate/predict), unknown
-    tags are errors."""
+    tags are errors. A plain list of strings is raw texts to predict."""
+    if inputs.is_text_list(source):
+        with inputs.in_memory_input(list(source), "texts", cfg.data.text_column) as token:
+            return read_examples(token, cfg, labels, require_labels)
     opts = cfg.token_classification
     sents = read_sentences(source, opts.format, opts.tokens_column, opts.tags_column, cfg.data.text_column,
                            require_tags=require_labels)
@@ -381,6 +384,10 @@ def _padded_labels(features: list[dict], input_ids: torch.Tensor) -> torch.Tenso
 def forward(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logits, the model's loss or None): a Hugging Face model computes its loss from batch labels."""
     return hf_forward(model, batch)
+
+
+def auto_lr(strategy: str) -> float:
+    return text.AUTO_LR[strategy]
 
 
 def extra_loss_weights(cfg: Config, labels: LabelSpace) -> np.ndarray | None:
