@@ -31,7 +31,7 @@ def child(steps: int) -> None:
     model, tok, enc, batches, opt = minilm_training_setup(steps + 3)
 
     def step(b):
-        loss = model(**tc.collate([enc.features[i] for i in b], tok.pad_token_id)).loss
+        loss = model(**tc.make_collate(tok, 1)([enc.features[i] for i in b])).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -43,7 +43,7 @@ def main() -> None:
                              "stride": args.stride},
                    "data": {"train": str(Path(tmp) / "train.csv"), "test": str(source / "test.csv"),
                             "group_column": "film", "validation_fraction": 0.1},
-                   "train": {"epochs": args.epochs, "precision": "fp32", "seed": 0},
+                   "train": {"epochs": args.epochs, "batch_size": 32, "lr": 5e-5, "precision": "fp32", "seed": 0},
                    "output": {"dir": str(Path(tmp) / "runs"), "name": long_text}}
             started = time.perf_counter()
             result = tunesmith.train(cfg)

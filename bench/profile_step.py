@@ -35,7 +35,7 @@ def minilm_training_setup(n_batches: int):
     df = pd.read_csv(catalog.dataset_path("rotten_tomatoes") / "train.csv")
     labels = tc.LabelSpace("single_label", sorted(set(df["label"])))
     model, tok = tc.build_model(str(catalog.model_path("minilm-l6")), labels, cfg)
-    enc = tc.encode(tok, tc.load_splits(cfg).train, 128)
+    enc = tc.encode(tok, tc.load_splits(cfg).train, cfg)  # model.max_length 128, as in training
     batches = make_batches(enc.lengths, 32, 0, True)[:n_batches]
     opt = torch.optim.AdamW(parameter_groups(model, 0.01), lr=5e-5, fused="cpu" in FUSED_ADAMW_DEVICES)
     model.train()
@@ -56,7 +56,7 @@ def main() -> None:
 
     def step(b, timed: bool):
         t0 = time.perf_counter()
-        batch = tc.collate([enc.features[i] for i in b], tok.pad_token_id)
+        batch = tc.make_collate(tok, 1)([enc.features[i] for i in b])
         t1 = time.perf_counter()
         with ctx():
             loss = model(**batch).loss

@@ -178,7 +178,7 @@ def run_inference(run_dir: Path, test_csv: Path, rounds: int = INFERENCE_ROUNDS)
     loaded = LoadedRun(run_dir)  # loaded once, like the pipeline: the timing is prediction only
 
     def predict_file():
-        examples = loaded.task.read_examples(test_csv, loaded.data_cfg, loaded.labels, require_labels=False)
+        examples = loaded.task.read_examples(test_csv, loaded.cfg, loaded.labels, require_labels=False)
         return loaded.task.predictions_frame(examples, loaded.logits(examples), loaded.labels)
 
     pipe(texts[:64])  # warm-up

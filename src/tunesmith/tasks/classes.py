@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from .. import inputs
 from ..config import DataConfig
 from ..data import Table, float_values, label_names, multi_label_names, sort_labels
 from ..errors import TunesmithError
 from ..evaluate import multi_label_metrics, regression_metrics, single_label_metrics
+from .base import Splits, resolve_data_config, split_train, with_data
 
 HF_PROBLEM = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
               "regression": "regression"}
@@ -67,6 +69,22 @@ def label_space(names: list[str], data: DataConfig, source: str) -> LabelSpace:
         raise TunesmithError(f"{source}: column '{data.label_column}' has only {len(names)} class{shown}; "
                              "classification needs at least two")
     return LabelSpace(data.problem_type, names)
+
+
+def load_class_splits(cfg, read_examples) -> Splits:
+    """Train (its labels define the label space), validation (a file, or held out of train, stratified by
+    class and grouped by data.group_column) and test, read with the task's read_examples."""
+    cfg = with_data(cfg, resolve_data_config(cfg.data))
+    data = cfg.data
+    train_all = read_examples(data.train, cfg, None, require_labels=True)
+    labels = label_space(train_all.label_names, data, inputs.shown(data.train))
+    if data.validation:
+        train, validation = train_all, read_examples(data.validation, cfg, labels)
+    else:
+        train, validation = split_train(train_all, stratify_by(train_all.targets, labels), cfg,
+                                        inputs.shown(data.train))
+    test = read_examples(data.test, cfg, labels) if data.test else None
+    return Splits(train, validation, test, labels)
 
 
 # ---------------------------------------------------------------- what generic code asks about classes

@@ -15,19 +15,18 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .. import catalog, images, inputs
+from .. import catalog, images
 from ..config import Config
 from ..errors import TunesmithError
 from ..models import hub_reachable as _hub_reachable
 from . import classes
-from .base import Encoded, Splits, resolve_data_config, row_outputs, split_train, with_data
+from .base import Encoded, Splits, row_outputs
 from .classes import (LabelSpace, class_ids, compute_metrics, default_metric, degenerate_predictions,  # noqa: F401
                       has_classes, labels_from_dict, metric_names)
 
@@ -116,19 +115,10 @@ def _targets(records: images.ImageRecords, problem_type: str, labels: LabelSpace
 
 
 def load_splits(cfg: Config) -> Splits:
-    cfg = with_data(cfg, resolve_data_config(cfg.data))
-    data = cfg.data
-    if data.problem_type == "regression":
+    if cfg.data.problem_type == "regression":
         raise TunesmithError("data.problem_type: image_classification predicts classes (single_label or multi_label), "
                              "not 'regression'")
-    train_all = read_examples(data.train, cfg, None, require_labels=True)
-    labels = classes.label_space(train_all.label_names, data, inputs.shown(data.train))
-    if data.validation:
-        train, validation = train_all, read_examples(data.validation, cfg, labels)
-    else:
-        train, validation = split_train(train_all, stratify_by(train_all, labels), cfg, inputs.shown(data.train))
-    test = read_examples(data.test, cfg, labels) if data.test else None
-    return Splits(train, validation, test, labels)
+    return classes.load_class_splits(cfg, read_examples)
 
 
 def example_classes(targets, labels: LabelSpace) -> list[np.ndarray]:

@@ -22,7 +22,7 @@ from ..data import Table, read_table, text_values
 from ..errors import TunesmithError
 from ..models import first_token_only, from_pretrained
 from . import classes, text
-from .base import Encoded, Splits, hf_forward, resolve_data_config, row_outputs, split_train, with_data
+from .base import Encoded, Splits, hf_forward, row_outputs
 from .classes import (LabelSpace, class_ids, compute_metrics, default_metric, degenerate_predictions,  # noqa: F401
                       has_classes, labels_from_dict, metric_names)
 
@@ -72,16 +72,7 @@ def read_examples(source, cfg: Config, labels: LabelSpace | None, require_labels
 
 
 def load_splits(cfg: Config) -> Splits:
-    cfg = with_data(cfg, resolve_data_config(cfg.data))
-    data = cfg.data
-    train_all = read_examples(data.train, cfg, None, require_labels=True)
-    labels = classes.label_space(train_all.label_names, data, str(train_all.table.path))
-    if data.validation:
-        train, validation = train_all, read_examples(data.validation, cfg, labels)
-    else:
-        train, validation = split_train(train_all, stratify_by(train_all, labels), cfg, inputs.shown(data.train))
-    test = read_examples(data.test, cfg, labels) if data.test else None
-    return Splits(train, validation, test, labels)
+    return classes.load_class_splits(cfg, read_examples)
 
 
 def example_classes(targets, labels: LabelSpace) -> list[np.ndarray]:
