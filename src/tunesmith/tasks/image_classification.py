@@ -144,7 +144,22 @@ def build_model(source: str, labels: LabelSpace, cfg: Config):
     """A pretrained backbone with a fresh head for `labels`; returns (model, processor)."""
     opts = cfg.image_classification
     model, library, architecture = _create(source, labels.num_outputs, opts.pretrained, opts.weights)
+    _zero_new_classifier(model, labels.num_outputs)
     return model, _processor(model, library, architecture, labels, cfg)
+
+
+def _zero_new_classifier(model, num_classes: int) -> None:
+    """Start the new head at zero: every class equally likely, so the first steps tune rather than undo it.
+
+    timm's default head init gives logits of about +-6 on pretrained features (a first loss of 6.3 for 10
+    classes); zeroed, EfficientNet-Lite0 on digits reached 0.92 test accuracy in 120 steps against 0.73
+    (3 seeds, docs/images.md)."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == num_classes]
+    if linears:
+        with torch.no_grad():
+            linears[-1].weight.zero_()
+            if linears[-1].bias is not None:
+                linears[-1].bias.zero_()
 
 
 def _create(source: str, num_classes: int, pretrained: bool, weights: str | None):
