@@ -65,11 +65,12 @@ def make_plan(cfg: Config, task, train_features: int, validation_examples: int) 
     if tcfg.max_steps:
         total, reason = tcfg.max_steps, f"train.max_steps {tcfg.max_steps}"
     elif auto:
-        total = auto_steps(steps_per_epoch)
+        min_steps = task.auto_min_steps()
+        total = auto_steps(steps_per_epoch, min_steps)
         epochs = total / steps_per_epoch
         shown = f"{epochs:.0f}" if epochs >= 2 else f"{epochs:.2g}"
         reason = (f"{train_features} training inputs, {steps_per_epoch} step(s) per epoch: {shown} epoch(s) "
-                  f"planned (epochs auto: at least {AUTO_MIN_STEPS} steps, at most {AUTO_MAX_EPOCHS} epochs)")
+                  f"planned (epochs auto: at least {min_steps} steps, at most {AUTO_MAX_EPOCHS} epochs)")
     else:
         total = max(1, math.ceil(tcfg.epochs * steps_per_epoch))
         reason = f"train.epochs {tcfg.epochs:g}"
@@ -92,11 +93,12 @@ def resolve_batch_size(cfg: Config, train_features: int) -> int:
     return AUTO_SMALL_BATCH if train_features < AUTO_SMALL_DATA else AUTO_BATCH
 
 
-def auto_steps(steps_per_epoch: int) -> int:
-    """epochs: auto in steps: at least AUTO_MIN_STEPS, whole passes where they fit, at most AUTO_MAX_EPOCHS."""
-    if steps_per_epoch >= AUTO_MIN_STEPS:
+def auto_steps(steps_per_epoch: int, min_steps: int = AUTO_MIN_STEPS) -> int:
+    """epochs: auto in steps: at least min_steps (the task's), one pass where that gives more, at most
+    AUTO_MAX_EPOCHS passes."""
+    if steps_per_epoch >= min_steps:
         return steps_per_epoch  # one pass already gives enough steps
-    return min(AUTO_MIN_STEPS, AUTO_MAX_EPOCHS * steps_per_epoch)
+    return min(min_steps, AUTO_MAX_EPOCHS * steps_per_epoch)
 
 
 def _eval_every(setting, auto: bool, total: int, validation_examples: int, batch_size: int) -> int | None:

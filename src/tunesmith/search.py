@@ -251,7 +251,7 @@ def default_space(cfg: Config, train_examples: int) -> dict[str, SearchParam]:
     weight decay."""
     lr, _ = resolve_lr(cfg, TASKS[cfg.task])
     steps_per_epoch = math.ceil(train_examples / resolve_batch_size(cfg, train_examples) / cfg.train.grad_accum_steps)
-    auto_epochs = max(1, math.ceil(auto_steps(steps_per_epoch) / steps_per_epoch))
+    auto_epochs = max(1, math.ceil(auto_steps(steps_per_epoch, TASKS[cfg.task].auto_min_steps()) / steps_per_epoch))
     return {
         "train.lr": SearchParam(low=lr / 5, high=lr * 4, log=True),
         "train.epochs": SearchParam(type="int", low=max(1, auto_epochs // 2), high=max(2, 2 * auto_epochs)),
