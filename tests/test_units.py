@@ -32,10 +32,16 @@ def test_make_batches_cover_every_index_once_and_group_by_length():
 
 def test_precision_auto_follows_hardware(monkeypatch):
     import torch
-    monkeypatch.setattr(inference, "_cpu_has_fast_bf16", lambda: True)
-    assert inference.choose_precision("auto", torch.device("cpu")) == "bf16"
-    monkeypatch.setattr(inference, "_cpu_has_fast_bf16", lambda: False)
-    assert inference.choose_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.delenv("TUNESMITH_CPU_BF16", raising=False)
+    cpu = torch.device("cpu")
+    cases = (("avx512_bf16 amx_bf16", "bf16", "bf16"), ("avx512_bf16", "bf16", "fp32"), ("avx2", "fp32", "fp32"))
+    for flags, text, image in cases:
+        monkeypatch.setattr(inference, "_cpu_flags", lambda: flags)
+        assert inference.choose_precision("auto", cpu) == text, flags
+        assert inference.choose_precision("auto", cpu, cpu_needs_amx=True) == image, flags  # CNNs: only with AMX
+    monkeypatch.setenv("TUNESMITH_CPU_BF16", "1")  # the switch wins over the CPU, for images too
+    assert inference.choose_precision("auto", cpu, cpu_needs_amx=True) == "bf16"
+    monkeypatch.setenv("TUNESMITH_CPU_BF16", "0")
     assert inference.choose_precision("fp32", torch.device("cpu")) == "fp32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     gpu = torch.device("cuda")

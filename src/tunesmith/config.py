@@ -140,8 +140,8 @@ def _bad_duration(value: Any) -> float:
 class TrainConfig(_Section):
     epochs: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", description="passes over the training data (may be fractional, e.g. 0.5); auto: enough "
-                            "optimizer steps to learn small data, about one pass over large data, evaluated "
-                            "several times with early stopping (see docs/defaults.md)")
+                            "optimizer steps to learn small data (at least 300, NER 600), about one pass over "
+                            "large data, evaluated several times with early stopping (see docs/defaults.md)")
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="examples per optimizer step (before grad_accum_steps); auto: 16 for small data "
                             "(fewer than 4,800 training inputs: more updates per pass, half the compute of 32 "
@@ -149,16 +149,17 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(128, ge=1)
     lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", description="peak learning rate; auto: the rate measured to work for the task and strategy "
-                            "(text: full, freeze, gradual_unfreeze 5e-5, lora 5e-4, linear_probe 2e-3; images: "
-                            "1e-3, lora 2e-3, linear_probe 1e-2)")
+                            "(text: full, freeze, gradual_unfreeze 5e-5, lora 5e-4, linear_probe 2e-3; NER: "
+                            "full, freeze, gradual_unfreeze 1e-4; images: 1e-3, lora 2e-3, linear_probe 1e-2)")
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, le=1)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float | None = Field(1.0, description="clip gradients to this norm; null turns it off")
     grad_accum_steps: int = Field(1, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 autocast where it is faster (CPUs with AMX/AVX512-BF16; GPUs for "
-                            "models of 150M+ parameters, smaller ones measured faster in fp32), else fp32")
+        "auto", description="auto: bf16 autocast where it is faster (CPUs with AMX/AVX512-BF16, for image "
+                            "models only AMX; GPUs for models of 150M+ parameters, smaller ones measured "
+                            "faster in fp32), else fp32")
     seed: int = 0
     group_by_length: bool = Field(True, description="batch texts of similar length to cut padding")
     pad_to_multiple_of: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(

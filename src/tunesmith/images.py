@@ -1,24 +1,17 @@
-"""Images for image classification: read the sources, decode every image once, transform, batch.
+"""Images for image classification: read the sources, decode every image once, transform, mix.
 
     records = read_images(cfg.data.train, image_column=..., label_column=...)  # paths, labels, where-info
     pixels = PixelConfig.from_info(image_model_info(folder))  # or timm.data.resolve_data_config(model=...)
-    store = decode_records(records, pixels, cfg.image_classification.decoded_cache_mb * 2**20, run / "cache", "train")
-    train = ImageDataset(store, TrainTransform(pixels, cfg.augment), targets, seed=cfg.train.seed, train=True)
-    order = EpochBatchSampler()  # yields (epoch, index) keys: persistent workers need no epoch broadcast
-    loader = DataLoader(train, batch_sampler=order, collate_fn=collate, num_workers=w, persistent_workers=w > 0,
-                        multiprocessing_context="fork" if w else None)
-    for epoch ...:
-        order.set(batches[start:], epoch)
-        for b, batch in enumerate(loader, start):
-            x, y = mix_batch(batch["pixel_values"], batch["labels"], n_classes, cfg.augment, batch_rng(seed, epoch, b))
-            loss = soft_cross_entropy(model(x), y, cfg.image_classification.label_smoothing)
+    store = decode_records(records, pixels, memory_limit_bytes, cache_folder)  # uint8 arrays, decoded once
+    x = TrainTransform(pixels, cfg.augment)(store[i], example_rng(seed, epoch, i))  # or EvalTransform(pixels)
+    x, soft_targets = mix_batch(x_batch, labels, n_classes, cfg.augment, batch_rng(seed, epoch, i))
+
+The task module (tasks/image_classification.py) puts these together in its encode and collate.
 
 A decoded image is uint8 HxWx3, upright (EXIF), RGB, its shorter side shrunk to the model's resize size
 (input / crop_pct, as timm's eval transform resizes); smaller images stay small (a 28x28 digit takes 2.3 KB,
 not 196 KB at 256x256) and the transforms enlarge them. Training draws come from generators seeded by
-(seed, epoch, example), so an epoch is the same after a resume and with any number of workers. "fork"
-shares an in-memory store with the workers (one flat buffer, never copied); spawned workers get a pickled
-copy, except of a memory-mapped store, which travels as its path.
+(seed, epoch, example), so an epoch is the same after a resume.
 """
 
 from __future__ import annotations
@@ -522,58 +515,3 @@ def _cutmix(x: torch.Tensor, perm: torch.Tensor, lam: float, rng: np.random.Gene
     mixed = x.clone()
     mixed[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
     return mixed, 1 - (y1 - y0) * (x1 - x0) / (height * width)
-
-
-def soft_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy against probability rows; smoothing mixes each row with the uniform distribution,
-    target * (1 - s) + s / C, which is what F.cross_entropy does with probability targets (tested)."""
-    return nnf.cross_entropy(logits, soft_targets, label_smoothing=label_smoothing)
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Examples for a DataLoader: item i, or (epoch, i) from EpochBatchSampler, -> {"pixel_values", "labels"}.
-
-    targets: class ids (int64) or multi-hot rows (float32), None to predict. train=True seeds the transform
-    by (seed, epoch, i); the epoch comes with the key or from set_epoch."""
-
-    def __init__(self, store: DecodedStore, transform: Any, targets: np.ndarray | None = None, seed: int = 0,
-                 train: bool = False):
-        self.store, self.transform, self.targets, self.seed, self.train = store, transform, targets, seed, train
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.store)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
-        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
-        rng = example_rng(self.seed, epoch, i) if self.train else None
-        item = {"pixel_values": self.transform(self.store[i], rng)}
-        if self.targets is not None:
-            item["labels"] = torch.as_tensor(self.targets[i])
-        return item
-
-
-class EpochBatchSampler(torch.utils.data.Sampler):
-    """A DataLoader batch_sampler yielding the batches the loop chose, as (epoch, index) keys: persistent
-    workers keep their own dataset copy, so the epoch travels with each index instead of via set_epoch."""
-
-    def __init__(self, batches: Sequence[Sequence[int]] = (), epoch: int = 0):
-        self.set(batches, epoch)
-
-    def set(self, batches: Sequence[Sequence[int]], epoch: int) -> None:
-        self.batches, self.epoch = [list(b) for b in batches], epoch
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for batch in self.batches:
-            yield [(self.epoch, int(i)) for i in batch]
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-def collate(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack the items of a batch (every image has the model's input size)."""
-    return {key: torch.stack([f[key] for f in features]) for key in features[0]}

@@ -27,22 +27,22 @@ from .tasks import TASKS
 RUN_INFO = "tunesmith.json"  # written into model/: what predict needs to read data like training did
 
 
-def _cpu_has_fast_bf16() -> bool:
-    """Whether this CPU runs bf16 matmuls fast (AMX or AVX512-BF16). TUNESMITH_CPU_BF16=1 or 0 overrides
-    the answer: the test suite runs both ways on one machine, so no test depends on the CPU it lands on."""
+def _cpu_has_fast_bf16(needs_amx: bool = False) -> bool:
+    """Whether this CPU runs bf16 fast: AMX, or AVX512-BF16 unless `needs_amx`. TUNESMITH_CPU_BF16=1 or 0
+    overrides the answer: the test suite runs both ways on one machine, so no test depends on its CPU."""
     forced = os.environ.get("TUNESMITH_CPU_BF16", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
-    return _cpuinfo_has_fast_bf16()
+    flags = _cpu_flags()
+    return "amx_bf16" in flags or ("avx512_bf16" in flags and not needs_amx)
 
 
 @lru_cache(maxsize=1)
-def _cpuinfo_has_fast_bf16() -> bool:
+def _cpu_flags() -> str:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        return ""
 
 
 # Below this size a GPU step is bound by kernel launches, not arithmetic: measured on an H200
@@ -51,9 +51,11 @@ def _cpuinfo_has_fast_bf16() -> bool:
 GPU_BF16_MIN_PARAMETERS = 150_000_000
 
 
-def choose_precision(setting: str, device: torch.device | None = None, parameters: int | None = None) -> str:
-    """'auto' -> bf16 where the hardware runs it fast (CPUs with AMX/AVX512-BF16; GPUs with bf16, for
-    models of GPU_BF16_MIN_PARAMETERS or more when the size is given), else fp32."""
+def choose_precision(setting: str, device: torch.device | None = None, parameters: int | None = None,
+                     cpu_needs_amx: bool = False) -> str:
+    """'auto' -> bf16 where the hardware runs it fast (CPUs with AMX/AVX512-BF16, or only AMX when
+    `cpu_needs_amx`; GPUs with bf16, for models of GPU_BF16_MIN_PARAMETERS or more when the size is
+    given), else fp32."""
     if setting != "auto":
         return setting
     if device is None:
@@ -61,7 +63,7 @@ def choose_precision(setting: str, device: torch.device | None = None, parameter
     if device.type == "cuda":
         big_enough = parameters is None or parameters >= GPU_BF16_MIN_PARAMETERS
         return "bf16" if torch.cuda.is_bf16_supported() and big_enough else "fp32"
-    return "bf16" if _cpu_has_fast_bf16() else "fp32"
+    return "bf16" if _cpu_has_fast_bf16(cpu_needs_amx) else "fp32"
 
 
 def pad_multiple(setting: int | str, device: torch.device) -> int:

@@ -28,7 +28,7 @@ from .inference import choose_precision, example_outputs, load_model_dir, save_m
 from .loop import FitOutcome, fit
 from .models import count_parameters, resolve_model
 from .runlog import append_jsonl, count, log, warn
-from .schedule import AUTO_MIN_STEPS, TrainingPlan, auto_steps, make_plan
+from .schedule import TrainingPlan, auto_steps, make_plan
 from .strategies import Plan, apply_strategy, is_peft
 from .tasks import TASKS
 
@@ -131,7 +131,8 @@ def setup(config, overrides=None, resume=None, splits=None) -> Setup:
     metric = _check_metric(cfg, task, splits, labels)
     n_val = len(splits.validation) if splits.validation is not None else 0
     plan = make_plan(cfg, task, len(train_enc.features), n_val)
-    precision = choose_precision(tcfg.precision, parameters=sum(p.numel() for p in model.parameters()))
+    precision = choose_precision(tcfg.precision, parameters=sum(p.numel() for p in model.parameters()),
+                                 cpu_needs_amx=task.cpu_bf16_needs_amx())
     model, strategy = apply_strategy(model, cfg, plan.steps_per_epoch, plan.lr)
 
     if resume is None:
@@ -184,11 +185,11 @@ def _warn_about_the_plan(run: Setup) -> None:
     """Say it up front when the run is unlikely to learn."""
     cfg, splits, plan = run.cfg, run.splits, run.plan
     if cfg.train.epochs != "auto" and not cfg.train.max_steps:
-        needed = auto_steps(plan.steps_per_epoch)
+        needed = auto_steps(plan.steps_per_epoch, run.task.auto_min_steps())
         if plan.total_steps < needed / 2:
             warn(f"train.epochs {cfg.train.epochs:g} gives {plan.total_steps} optimizer steps for "
                  f"{len(run.train_enc.features)} training inputs; small data usually needs about "
-                 f"{min(needed, AUTO_MIN_STEPS)} to learn more than the majority class (train.epochs: auto plans them)")
+                 f"{needed} to learn more than the majority class (train.epochs: auto plans them)")
     if splits.validation is None:
         return
     n_val = len(splits.validation)
