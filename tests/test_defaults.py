@@ -54,11 +54,17 @@ def test_tagging_words_gets_more_steps_and_a_larger_rate_than_labelling_texts():
     assert make_plan(_cfg(), TEXT, train_features=1725, validation_examples=192).total_steps == AUTO_MIN_STEPS
 
 
-def test_auto_learning_rate_follows_the_strategy():
+def test_auto_learning_rate_follows_the_strategy_and_the_batch_size():
     for strategy, lr in (("full", 5e-5), ("lora", 5e-4), ("linear_probe", 2e-3)):
         cfg = load_config({"data": {"train": "x.csv"}, "strategy": {"name": strategy}})
         plan = make_plan(cfg, TEXT, 100, 10)
-        assert plan.lr == lr and plan.lr_reason == f"auto for strategy {strategy}"
+        assert plan.lr == lr and plan.lr_reason == f"auto for strategy {strategy} at batch 16"
+    # large data plans batch 32 and about one pass: full fine-tuning takes twice the step there
+    large = make_plan(_cfg(), TEXT, train_features=9000, validation_examples=1000)
+    assert (large.batch_size, large.lr, large.lr_reason) == (32, 1e-4, "auto for strategy full at batch 32")
+    assert make_plan(_cfg(batch_size=64), TEXT, 100, 10).lr == 1e-4
+    lora = load_config({"data": {"train": "x.csv"}, "train": {"batch_size": 64}, "strategy": {"name": "lora"}})
+    assert make_plan(lora, TEXT, 100, 10).lr == 5e-4
     assert make_plan(_cfg(lr=3e-5), TEXT, 100, 10).lr == 3e-5
 
 

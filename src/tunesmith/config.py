@@ -149,7 +149,7 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(128, ge=1)
     lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", description="peak learning rate; auto: the rate measured to work for the task and strategy "
-                            "(text: full, freeze, gradual_unfreeze 5e-5, lora 5e-4, linear_probe 2e-3; NER: "
+                            "(text: full, freeze, gradual_unfreeze 5e-5, at batch 32+ 1e-4, lora 5e-4, linear_probe 2e-3; NER: "
                             "full, freeze, gradual_unfreeze 1e-4; images: 1e-3, lora 2e-3, linear_probe 1e-2)")
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, le=1)

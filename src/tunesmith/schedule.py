@@ -5,8 +5,8 @@ The numbers behind the automatic choices are measured (docs/defaults.md has the 
 - small data needs a minimum number of optimizer steps, not a number of epochs: at 1 epoch, 1,080
   Rotten Tomatoes reviews (34 steps) gave a majority-class model, while the same rows trained for
   AUTO_MIN_STEPS steps learned; on large data one pass already gives more steps than that;
-- the rate that works depends on how many weights learn and on the kind of model: each task gives its
-  own table (task.auto_lr; text: tasks/text.py, images: tasks/image_classification.py).
+- the rate that works depends on how many weights learn, on the kind of model and on the batch size:
+  each task gives its own table (task.auto_lr; text: tasks/text.py, images: tasks/image_classification.py).
 """
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ class TrainingPlan:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
 
-def resolve_lr(cfg: Config, task) -> tuple[float, str]:
-    """train.lr, or for auto the rate measured to work for the task and strategy, and why."""
+def resolve_lr(cfg: Config, task, batch_size: int) -> tuple[float, str]:
+    """train.lr, or for auto the rate measured to work for the task, strategy and batch size, and why."""
     if cfg.train.lr != "auto":
         return float(cfg.train.lr), "train.lr"
-    return task.auto_lr(cfg.strategy.name), f"auto for strategy {cfg.strategy.name}"
+    return task.auto_lr(cfg.strategy.name, batch_size), f"auto for strategy {cfg.strategy.name} at batch {batch_size}"
 
 
 def make_plan(cfg: Config, task, train_features: int, validation_examples: int) -> TrainingPlan:
@@ -80,7 +80,7 @@ def make_plan(cfg: Config, task, train_features: int, validation_examples: int) 
         patience = AUTO_PATIENCE if auto and validation_examples else None
     if patience:
         reason += f", early stopping patience {patience}" + (" after half the plan" if auto else "")
-    lr, lr_reason = resolve_lr(cfg, task)
+    lr, lr_reason = resolve_lr(cfg, task, batch_size)
     return TrainingPlan(batch_size, steps_per_epoch, total, total, round(tcfg.warmup_ratio * total), eval_every, patience,
                         total // 2 if auto else 0, lr, reason, lr_reason)
 

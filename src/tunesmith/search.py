@@ -249,8 +249,9 @@ def default_space(cfg: Config, train_examples: int) -> dict[str, SearchParam]:
     centred on what this run would do: the learning rate from a fifth to 4x the strategy's automatic
     rate (log scale), passes over the data around the automatic plan's, batch size, warm-up and
     weight decay."""
-    lr, _ = resolve_lr(cfg, TASKS[cfg.task])
-    steps_per_epoch = math.ceil(train_examples / resolve_batch_size(cfg, train_examples) / cfg.train.grad_accum_steps)
+    batch_size = resolve_batch_size(cfg, train_examples)
+    lr, _ = resolve_lr(cfg, TASKS[cfg.task], batch_size)
+    steps_per_epoch = math.ceil(train_examples / batch_size / cfg.train.grad_accum_steps)
     auto_epochs = max(1, math.ceil(auto_steps(steps_per_epoch, TASKS[cfg.task].auto_min_steps()) / steps_per_epoch))
     return {
         "train.lr": SearchParam(low=lr / 5, high=lr * 4, log=True),

@@ -340,7 +340,7 @@ def forward(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Te
     return logits, F.cross_entropy(logits.float(), labels)
 
 
-def auto_lr(strategy: str) -> float:
+def auto_lr(strategy: str, batch_size: int) -> float:
     return AUTO_LR[strategy]
 
 

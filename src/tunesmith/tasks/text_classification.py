@@ -183,8 +183,8 @@ def forward(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Te
     return hf_forward(model, batch)
 
 
-def auto_lr(strategy: str) -> float:
-    return text.AUTO_LR[strategy]
+def auto_lr(strategy: str, batch_size: int) -> float:
+    return text.auto_lr(strategy, batch_size)
 
 
 def auto_min_steps() -> int:
