@@ -112,3 +112,28 @@ def test_kill_during_save_keeps_previous_checkpoint_loadable(tmp_path, monkeypat
     # the next save sweeps the half-written folder away
     save_checkpoint(tmp_path, model, opt, sched, TrainState(step=30))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000010", "step-0000030"]
+
+
+def test_resume_drops_a_torn_last_log_line_and_says_so(tiny_model_dir, tmp_path, capsys):
+    """A full disk or a kill while appending to metrics.jsonl leaves half a line; --resume drops it."""
+    from tunesmith.cli import main
+
+    pd.DataFrame(sentiment_rows(200, seed=5)).to_csv(tmp_path / "train.csv", index=False)
+    cfg = tiny_config(tiny_model_dir, tmp_path / "train.csv", None, tmp_path / "runs", epochs=1,
+                      checkpoint_every_steps=5, eval_every_steps=5, keep_checkpoints=True)
+    cfg["output"]["name"] = "torn"
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(cfg_path)]) == 0
+    run = tmp_path / "runs" / "torn"
+    log = run / "metrics.jsonl"
+    whole = log.read_bytes()
+    log.write_bytes(whole[:-40])  # the last record cut short, no newline
+    capsys.readouterr()
+
+    assert main(["train", str(cfg_path), "--resume", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "dropped 1 unreadable line(s)" in err and "Traceback" not in err
+    lines = log.read_text().splitlines()
+    assert [json.loads(x) for x in lines]  # every line reads again
+    assert lines == whole.decode().splitlines()[:-1]
