@@ -119,3 +119,16 @@ def test_real_process_exit_code_and_no_traceback(tmp_path, cli_env):
     proc = subprocess.run(TUNESMITH + ["train", str(cfg)], capture_output=True, text=True, env=cli_env)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {cfg}, line 4: unknown key 'train.epoch' (did you mean 'train.epochs'?)"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("data: {dataset: x}\ntrain: {lr: 0.5, max_steps: 2}\ntrain: {batch_size: 8}\n",
+     "line 3, column 1: duplicate key 'train' (first on line 2)"),
+    ("data: {dataset: x}\ntrain:\n  lr: &a [" + ", ".join(["&b [" + ", ".join(["1"] * 200) + "]"] + ["*b"] * 60)
+     + "]\n", "aliases expand to more than 10,000 values"),
+], ids=["duplicate-key", "alias-bomb"])
+def test_hostile_yaml_is_one_error_line(text, expected, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    code, err = run_cli(capsys, ["train", cfg])
+    assert code == 2 and expected in error_line(err)
