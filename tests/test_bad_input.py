@@ -84,8 +84,13 @@ def test_non_string_text_jsonl(tmp_path, tiny_model_dir, capsys):
     (["--model.name", "./no/such/model"], "model './no/such/model': folder not found"),
     (["oops"], "unexpected argument 'oops'"),
     (["--train.metric", "f2"], "train.metric: unknown metric 'f2'"),
+    (["--output.name", "../../x"], "output.name: must be a plain folder name, without '/', '\\' or '..'"),
+    (["--output.name", "{tmp}/abs"], "output.name: must be a plain folder name"),  # an absolute path
+    (["--output.name", ".."], "output.name: must be a plain folder name"),
+    (["--output.name", "a\\b"], "output.name: must be a plain folder name"),
 ])
 def test_bad_config_values(override, expected, tmp_path, tiny_model_dir, good_train, capsys):
+    override = [arg.replace("{tmp}", str(tmp_path)) for arg in override]
     code, err = run_cli(capsys, ["train", write_config(tmp_path, tiny_model_dir, good_train), *override])
     assert code == 2
     assert expected in error_line(err)

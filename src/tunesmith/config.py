@@ -364,6 +364,15 @@ class OutputConfig(_Section):
     dir: str = "runs"
     name: str | None = Field(None, description="run folder name; default: <dataset>-<timestamp>")
 
+    @field_validator("name")
+    @classmethod
+    def _inside_dir(cls, name: str | None) -> str | None:
+        # the run folder is output.dir/name: '../x', 'a/b' or '/abs' would write outside output.dir
+        if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name):
+            raise ValueError("must be a plain folder name, without '/', '\\' or '..' (set output.dir for "
+                             "where runs go)")
+        return name
+
 
 class CVConfig(_Section):
     """Cross-validation (`tunesmith cv`, and search.objective: cv)."""
