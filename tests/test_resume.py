@@ -137,3 +137,75 @@ def test_resume_drops_a_torn_last_log_line_and_says_so(tiny_model_dir, tmp_path,
     lines = log.read_text().splitlines()
     assert [json.loads(x) for x in lines]  # every line reads again
     assert lines == whole.decode().splitlines()[:-1]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_finishes_the_step_checkpoints_and_says_how_to_resume(signum, tiny_model_dir, tmp_path, cli_env):
+    """SIGTERM (schedulers, docker stop) stops like Ctrl-C: the step in progress ends, a checkpoint of it is
+    saved, one error line says how to resume, no temporary file is left; exit 128 + signal (143, 130)."""
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(tiny_model_dir, tmp_path)))
+    runs = tmp_path / "runs"
+    stderr = tmp_path / "stopped.log"
+    with open(stderr, "w") as err_file:
+        proc = subprocess.Popen(TUNESMITH + ["train", str(cfg_path), "--output.name=stopped"], env=cli_env,
+                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err_file)
+        latest = runs / "stopped" / "checkpoints" / "latest"
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if latest.is_file() and int(latest.read_text().strip().split("-")[1] or 0) >= 20:
+                proc.send_signal(signum)
+                break
+            time.sleep(0.01)
+        assert proc.wait(timeout=120) == 128 + signum, stderr.read_text()[-3000:]
+    err = stderr.read_text()
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    stopped = runs / "stopped"
+    assert f"error: interrupted ({signal.Signals(signum).name}) at step " in errors[0]
+    assert errors[0].endswith(f"continue with: tunesmith train {stopped}/config.yaml --resume {stopped}")
+    step = int(errors[0].split(") at step ")[1].split(",")[0])
+    assert latest_checkpoint(stopped).name == f"step-{step:07d}", "the finished step is checkpointed"
+    assert f"the checkpoint of step {step} is kept" in errors[0]
+    assert not [p.name for p in (stopped / "checkpoints").iterdir() if p.name.startswith(".")], "temporary files left"
+    assert not (stopped / "metrics.json").exists()
+    if signum != signal.SIGTERM:
+        return
+    resumed = subprocess.run(TUNESMITH + ["train", str(cfg_path), "--resume", str(stopped)],
+                             capture_output=True, text=True, env=cli_env, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    reference = _train(cfg_path, "reference", cli_env, tmp_path)
+    assert reference.returncode == 0, reference.stderr
+    ref = json.loads((runs / "reference" / "metrics.json").read_text())
+    got = json.loads((stopped / "metrics.json").read_text())
+    assert got["test"] == ref["test"] and got["best_step"] == ref["best_step"]
+    ref_log = [json.loads(x) for x in (runs / "reference" / "metrics.jsonl").read_text().splitlines()]
+    got_log = [json.loads(x) for x in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got_log] == [r["step"] for r in ref_log]
+
+
+def test_sigterm_outside_training_is_one_line_and_exit_143(monkeypatch, capsys):
+    """Before or after the loop (reading data, writing predictions) SIGTERM unwinds like Ctrl-C."""
+    import os
+
+    from tunesmith import cli
+
+    def slow_command(args, extra):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        return 0
+
+    def outside(signum, frame):  # what a SIGTERM the CLI leaves unhandled meets (not the death of pytest)
+        raise RuntimeError("SIGTERM not handled by the CLI")
+
+    monkeypatch.setattr(cli, "cmd_catalog", slow_command)
+    before = signal.signal(signal.SIGTERM, outside)
+    try:
+        started = time.perf_counter()
+        assert cli.main(["catalog"]) == 143
+        assert time.perf_counter() - started < 4
+        assert capsys.readouterr().err.strip() == "error: terminated"
+        assert signal.getsignal(signal.SIGTERM) is outside, "the CLI puts the previous handler back"
+    finally:
+        signal.signal(signal.SIGTERM, before)
