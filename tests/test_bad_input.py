@@ -137,3 +137,25 @@ def test_hostile_yaml_is_one_error_line(text, expected, tmp_path, capsys):
     cfg.write_text(text)
     code, err = run_cli(capsys, ["train", cfg])
     assert code == 2 and expected in error_line(err)
+
+
+def test_pickled_weights_are_refused_unless_allowed(tmp_path, good_train, capsys):
+    """A folder with only pytorch_model.bin: unpickling can run code, so it loads only with model.allow_pickle."""
+    import torch
+    from safetensors.torch import load_file
+
+    from conftest import VOCAB, save_tiny_bert
+
+    folder = save_tiny_bert(tmp_path / "pickled", VOCAB)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    assert (folder / "pytorch_model.bin").is_file()
+    cfg = write_config(tmp_path, folder, good_train)
+    code, err = run_cli(capsys, ["train", cfg])
+    assert code == 2
+    assert (f"error: {folder}: the weights are pickled (pytorch_model.bin) and there is no .safetensors file; "
+            "unpickling can run code") in error_line(err)
+    assert "model.allow_pickle: true" in error_line(err)
+    assert not (tmp_path / "runs").exists()
+    code, err = run_cli(capsys, ["train", cfg, "--model.allow_pickle", "true", "--train.max_steps", "2"])
+    assert code == 0, err

@@ -34,6 +34,9 @@ class ModelConfig(_Section):
         "mean", description="chunk, classification: combine the windows' logits of a document by mean or max "
                             "(NER takes each word from the window where it has the most context)")
     trust_remote_code: bool = Field(False, description="run model code from the model folder (only if you trust it)")
+    allow_pickle: bool = Field(
+        False, description="load a model folder's pickled weights (pytorch_model.bin) when it has no safetensors "
+                           "(only if you trust the file: unpickling can run code)")
 
     @field_validator("stride")
     @classmethod
