@@ -209,3 +209,74 @@ def test_sigterm_outside_training_is_one_line_and_exit_143(monkeypatch, capsys):
         assert signal.getsignal(signal.SIGTERM) is outside, "the CLI puts the previous handler back"
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tiny_model_dir, tmp_path, cli_env,
+                                                                           capsys):
+    """A run folder has one writer: `--resume` of a run that is training is refused naming the pid;
+    once that process is gone (kill -9 here), its lock is no obstacle."""
+    from tunesmith.cli import main
+
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(tiny_model_dir, tmp_path)))
+    run = tmp_path / "runs" / "locked"
+    proc = subprocess.Popen(TUNESMITH + ["train", str(cfg_path), "--output.name=locked"], env=cli_env,
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and latest_checkpoint(run) is None:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before the test could try a second writer"
+        assert main(["train", str(cfg_path), "--resume", str(run)]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert errors == [(f"error: {run}: in use: another tunesmith process (pid {proc.pid}) is training in "
+                               "it; wait for it to end, or stop it first")]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (run / ".lock").read_text().strip() == str(proc.pid)  # left behind by the killed process
+    assert main(["train", str(cfg_path), "--resume", str(run)]) == 0
+    assert (run / "metrics.json").is_file()
+
+
+def test_two_runs_created_at_once_get_two_folders(tiny_model_dir, tmp_path, monkeypatch):
+    """new_run_dir saw no folder, another run created it before our mkdir: take the next name, no
+    FileExistsError."""
+    import importlib
+
+    import tunesmith
+
+    train_module = importlib.import_module("tunesmith.train")
+
+    pd.DataFrame(sentiment_rows(100, seed=5)).to_csv(tmp_path / "train.csv", index=False)
+    cfg = tiny_config(tiny_model_dir, tmp_path / "train.csv", None, tmp_path / "runs", max_steps=2)
+    cfg["output"]["name"] = "same"
+    real = train_module.new_run_dir
+    taken = tmp_path / "runs" / "same"
+    calls = []
+
+    def racing_new_run_dir(c):
+        calls.append(1)
+        if len(calls) == 1:  # the name was free when looked at, then the other run made it
+            taken.mkdir(parents=True)
+            return taken
+        return real(c)
+
+    monkeypatch.setattr(train_module, "new_run_dir", racing_new_run_dir)
+    result = tunesmith.train(cfg)
+    assert result.run_dir == tmp_path / "runs" / "same-2"
+
+
+def test_output_dir_that_cannot_be_created_is_one_line(tiny_model_dir, tmp_path, capsys):
+    from tunesmith.cli import main
+
+    pd.DataFrame(sentiment_rows(100, seed=5)).to_csv(tmp_path / "train.csv", index=False)
+    (tmp_path / "file").write_text("not a folder")
+    cfg = tiny_config(tiny_model_dir, tmp_path / "train.csv", None, tmp_path / "file" / "runs", max_steps=2)
+    cfg["output"]["name"] = "r"
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'file' / 'runs' / 'r'}: cannot create the run folder (Not a directory); " \
+           "check output.dir" in err and "Traceback" not in err
