@@ -159,3 +159,24 @@ def test_pickled_weights_are_refused_unless_allowed(tmp_path, good_train, capsys
     assert not (tmp_path / "runs").exists()
     code, err = run_cli(capsys, ["train", cfg, "--model.allow_pickle", "true", "--train.max_steps", "2"])
     assert code == 0, err
+
+
+@pytest.mark.parametrize("which", ["config", "data"])
+def test_unreadable_file_is_one_error_line(which, tmp_path, tiny_model_dir, good_train, capsys, monkeypatch):
+    """No read permission (simulated: the tests may run as root, whom chmod does not stop)."""
+    from pathlib import Path
+
+    cfg = write_config(tmp_path, tiny_model_dir, good_train)
+    target = cfg if which == "config" else good_train
+    real_read_bytes, real_read_text = Path.read_bytes, Path.read_text
+
+    def guard(path):
+        if path == target:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "read_bytes", lambda self: guard(self) or real_read_bytes(self))
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **kw: guard(self) or real_read_text(self, *a, **kw))
+    code, err = run_cli(capsys, ["train", cfg])
+    assert code == 2
+    assert error_line(err) == f"error: {target}: cannot read the {'config ' if which == 'config' else ''}file " \
+                              "(Permission denied)"

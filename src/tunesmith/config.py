@@ -628,7 +628,10 @@ def load_config(source: str | Path | dict | Config, overrides: dict[str, Any] | 
         origin = str(path)
         if not path.is_file():
             raise TunesmithError(f"{path}: config file not found")
-        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:  # no read permission, an I/O error
+            raise TunesmithError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
         try:
             raw = read_yaml(text)
         except yaml.YAMLError as exc:

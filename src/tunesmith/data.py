@@ -76,7 +76,10 @@ def read_table(path: str | Path) -> Table:
 
 
 def _decode_utf8(path: Path) -> str:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:  # no read permission, a file that vanished, an I/O error
+        raise TunesmithError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
