@@ -84,8 +84,13 @@ def test_non_string_text_jsonl(tmp_path, tiny_model_dir, capsys):
     (["--model.name", "./no/such/model"], "model './no/such/model': folder not found"),
     (["oops"], "unexpected argument 'oops'"),
     (["--train.metric", "f2"], "train.metric: unknown metric 'f2'"),
+    (["--output.name", "../../x"], "output.name: must be a plain folder name, without '/', '\\' or '..'"),
+    (["--output.name", "{tmp}/abs"], "output.name: must be a plain folder name"),  # an absolute path
+    (["--output.name", ".."], "output.name: must be a plain folder name"),
+    (["--output.name", "a\\b"], "output.name: must be a plain folder name"),
 ])
 def test_bad_config_values(override, expected, tmp_path, tiny_model_dir, good_train, capsys):
+    override = [arg.replace("{tmp}", str(tmp_path)) for arg in override]
     code, err = run_cli(capsys, ["train", write_config(tmp_path, tiny_model_dir, good_train), *override])
     assert code == 2
     assert expected in error_line(err)
@@ -119,3 +124,59 @@ def test_real_process_exit_code_and_no_traceback(tmp_path, cli_env):
     proc = subprocess.run(TUNESMITH + ["train", str(cfg)], capture_output=True, text=True, env=cli_env)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {cfg}, line 4: unknown key 'train.epoch' (did you mean 'train.epochs'?)"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("data: {dataset: x}\ntrain: {lr: 0.5, max_steps: 2}\ntrain: {batch_size: 8}\n",
+     "line 3, column 1: duplicate key 'train' (first on line 2)"),
+    ("data: {dataset: x}\ntrain:\n  lr: &a [" + ", ".join(["&b [" + ", ".join(["1"] * 200) + "]"] + ["*b"] * 60)
+     + "]\n", "aliases expand to more than 10,000 values"),
+], ids=["duplicate-key", "alias-bomb"])
+def test_hostile_yaml_is_one_error_line(text, expected, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    code, err = run_cli(capsys, ["train", cfg])
+    assert code == 2 and expected in error_line(err)
+
+
+def test_pickled_weights_are_refused_unless_allowed(tmp_path, good_train, capsys):
+    """A folder with only pytorch_model.bin: unpickling can run code, so it loads only with model.allow_pickle."""
+    import torch
+    from safetensors.torch import load_file
+
+    from conftest import VOCAB, save_tiny_bert
+
+    folder = save_tiny_bert(tmp_path / "pickled", VOCAB)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    assert (folder / "pytorch_model.bin").is_file()
+    cfg = write_config(tmp_path, folder, good_train)
+    code, err = run_cli(capsys, ["train", cfg])
+    assert code == 2
+    assert (f"error: {folder}: the weights are pickled (pytorch_model.bin) and there is no .safetensors file; "
+            "unpickling can run code") in error_line(err)
+    assert "model.allow_pickle: true" in error_line(err)
+    assert not (tmp_path / "runs").exists()
+    code, err = run_cli(capsys, ["train", cfg, "--model.allow_pickle", "true", "--train.max_steps", "2"])
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("which", ["config", "data"])
+def test_unreadable_file_is_one_error_line(which, tmp_path, tiny_model_dir, good_train, capsys, monkeypatch):
+    """No read permission (simulated: the tests may run as root, whom chmod does not stop)."""
+    from pathlib import Path
+
+    cfg = write_config(tmp_path, tiny_model_dir, good_train)
+    target = cfg if which == "config" else good_train
+    real_read_bytes, real_read_text = Path.read_bytes, Path.read_text
+
+    def guard(path):
+        if path == target:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "read_bytes", lambda self: guard(self) or real_read_bytes(self))
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **kw: guard(self) or real_read_text(self, *a, **kw))
+    code, err = run_cli(capsys, ["train", cfg])
+    assert code == 2
+    assert error_line(err) == f"error: {target}: cannot read the {'config ' if which == 'config' else ''}file " \
+                              "(Permission denied)"

@@ -1,3 +1,4 @@
+import time
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,50 @@ def test_shipped_configs_load(path):
     assert isinstance(cfg, Config)
     assert path.read_text().startswith("#"), "each shipped config starts with a header showing its launch command"
     assert "tunesmith train" in path.read_text().split("\n\n")[0]
+
+
+@pytest.mark.parametrize("text,first,second,key", [
+    ("data:\n  dataset: x\ntrain:\n  lr: 0.5\n  max_steps: 2\ntrain:\n  batch_size: 8\n", 3, 6, "train"),
+    ("data:\n  dataset: x\ntrain:\n  lr: 0.5\n  epochs: 1\n  lr: 0.1\n", 4, 6, "lr"),
+    ("data: {dataset: x}\ntrain: {lr: 0.5, lr: 0.1}\n", 2, 2, "lr"),
+], ids=["top-level", "nested", "flow"])
+def test_duplicate_key_is_an_error_naming_both_lines(tmp_path, text, first, second, key):
+    path = write(tmp_path, text)
+    with pytest.raises(TunesmithError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}, line {second}, column ")
+    assert f"duplicate key '{key}' (first on line {first})" in str(err.value)
+
+
+def test_merge_keys_may_be_overridden(tmp_path):
+    """`<<: *base` then a key of base is YAML's way to override, not a duplicate."""
+    text = "data: {dataset: x}\ntrain:\n  <<: {lr: 0.5, epochs: 1}\n  lr: 0.1\n"
+    assert load_config(write(tmp_path, text)).train.lr == 0.1
+
+
+def test_alias_bomb_is_refused_fast_with_one_short_line(tmp_path):
+    """Nine levels of nine aliases over a list of nine: 9**10 (3.5 billion) values once expanded, from 472
+    bytes of YAML."""
+    names = "abcdefghij"
+    levels = ["  - &a [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"  - &{names[i]} [{', '.join(['*' + names[i - 1]] * 9)}]" for i in range(1, 10)]
+    path = write(tmp_path, "data: {dataset: x}\ntrain:\n lr:\n" + "\n".join(" " + x for x in levels) + "\n")
+    started = time.perf_counter()
+    with pytest.raises(TunesmithError) as err:
+        load_config(path)
+    assert time.perf_counter() - started < 2
+    message = str(err.value)
+    assert "aliases" in message and len(message) < 300 and "\n" not in message
+
+
+def test_long_values_are_cut_short_in_errors(tmp_path):
+    path = write(tmp_path, "data: {dataset: x}\ntrain:\n  lr: " + "z" * 100_000 + "\n")
+    with pytest.raises(TunesmithError) as err:
+        load_config(path)
+    assert "train.lr" in str(err.value) and "zzz..." in str(err.value) and len(str(err.value)) < 400
+
+
+def test_deeply_nested_value_is_an_error_not_a_recursion_traceback(tmp_path):
+    path = write(tmp_path, "data: {dataset: x}\ntrain: {lr: " + "[" * 5000 + "]" * 5000 + "}\n")
+    with pytest.raises(TunesmithError, match="c.yaml: values nested too deeply"):
+        load_config(path)

@@ -126,3 +126,18 @@ def test_regression_target_must_be_number(tmp_path):
 def test_sort_labels():
     assert sort_labels({"10", "2", "1"}) == ["1", "2", "10"]
     assert sort_labels({"pos", "neg"}) == ["neg", "pos"]
+
+
+def test_csv_cell_over_the_csv_modules_128k_limit_reads(tmp_path):
+    import csv
+
+    long_text = ("good film, " * 20_000).strip() + "\nsecond line"  # 220 KB, commas and a newline inside
+    path = tmp_path / "big.csv"
+    pd.DataFrame({"text": ["short", long_text, "after"], "label": ["pos", "neg", "pos"]}).to_csv(path, index=False)
+    before = csv.field_size_limit(131072)  # the module's default, whatever an earlier test set
+    try:
+        table = read_table(path)
+    finally:
+        csv.field_size_limit(max(before, csv.field_size_limit()))
+    assert table.df["text"].tolist() == ["short", long_text, "after"]
+    assert table.line_of_row == [2, 3, 5]

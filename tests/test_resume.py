@@ -112,3 +112,171 @@ def test_kill_during_save_keeps_previous_checkpoint_loadable(tmp_path, monkeypat
     # the next save sweeps the half-written folder away
     save_checkpoint(tmp_path, model, opt, sched, TrainState(step=30))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000010", "step-0000030"]
+
+
+def test_resume_drops_a_torn_last_log_line_and_says_so(tiny_model_dir, tmp_path, capsys):
+    """A full disk or a kill while appending to metrics.jsonl leaves half a line; --resume drops it."""
+    from tunesmith.cli import main
+
+    pd.DataFrame(sentiment_rows(200, seed=5)).to_csv(tmp_path / "train.csv", index=False)
+    cfg = tiny_config(tiny_model_dir, tmp_path / "train.csv", None, tmp_path / "runs", epochs=1,
+                      checkpoint_every_steps=5, eval_every_steps=5, keep_checkpoints=True)
+    cfg["output"]["name"] = "torn"
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(cfg_path)]) == 0
+    run = tmp_path / "runs" / "torn"
+    log = run / "metrics.jsonl"
+    whole = log.read_bytes()
+    log.write_bytes(whole[:-40])  # the last record cut short, no newline
+    capsys.readouterr()
+
+    assert main(["train", str(cfg_path), "--resume", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "dropped 1 unreadable line(s)" in err and "Traceback" not in err
+    lines = log.read_text().splitlines()
+    assert [json.loads(x) for x in lines]  # every line reads again
+    assert lines == whole.decode().splitlines()[:-1]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_finishes_the_step_checkpoints_and_says_how_to_resume(signum, tiny_model_dir, tmp_path, cli_env):
+    """SIGTERM (schedulers, docker stop) stops like Ctrl-C: the step in progress ends, a checkpoint of it is
+    saved, one error line says how to resume, no temporary file is left; exit 128 + signal (143, 130)."""
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(tiny_model_dir, tmp_path)))
+    runs = tmp_path / "runs"
+    stderr = tmp_path / "stopped.log"
+    with open(stderr, "w") as err_file:
+        proc = subprocess.Popen(TUNESMITH + ["train", str(cfg_path), "--output.name=stopped"], env=cli_env,
+                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err_file)
+        latest = runs / "stopped" / "checkpoints" / "latest"
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if latest.is_file() and int(latest.read_text().strip().split("-")[1] or 0) >= 20:
+                proc.send_signal(signum)
+                break
+            time.sleep(0.01)
+        assert proc.wait(timeout=120) == 128 + signum, stderr.read_text()[-3000:]
+    err = stderr.read_text()
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    stopped = runs / "stopped"
+    assert f"error: interrupted ({signal.Signals(signum).name}) at step " in errors[0]
+    assert errors[0].endswith(f"continue with: tunesmith train {stopped}/config.yaml --resume {stopped}")
+    step = int(errors[0].split(") at step ")[1].split(",")[0])
+    assert latest_checkpoint(stopped).name == f"step-{step:07d}", "the finished step is checkpointed"
+    assert f"the checkpoint of step {step} is kept" in errors[0]
+    assert not [p.name for p in (stopped / "checkpoints").iterdir() if p.name.startswith(".")], "temporary files left"
+    assert not (stopped / "metrics.json").exists()
+    if signum != signal.SIGTERM:
+        return
+    resumed = subprocess.run(TUNESMITH + ["train", str(cfg_path), "--resume", str(stopped)],
+                             capture_output=True, text=True, env=cli_env, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    reference = _train(cfg_path, "reference", cli_env, tmp_path)
+    assert reference.returncode == 0, reference.stderr
+    ref = json.loads((runs / "reference" / "metrics.json").read_text())
+    got = json.loads((stopped / "metrics.json").read_text())
+    assert got["test"] == ref["test"] and got["best_step"] == ref["best_step"]
+    ref_log = [json.loads(x) for x in (runs / "reference" / "metrics.jsonl").read_text().splitlines()]
+    got_log = [json.loads(x) for x in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got_log] == [r["step"] for r in ref_log]
+
+
+def test_sigterm_outside_training_is_one_line_and_exit_143(monkeypatch, capsys):
+    """Before or after the loop (reading data, writing predictions) SIGTERM unwinds like Ctrl-C."""
+    import os
+
+    from tunesmith import cli
+
+    def slow_command(args, extra):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        return 0
+
+    def outside(signum, frame):  # what a SIGTERM the CLI leaves unhandled meets (not the death of pytest)
+        raise RuntimeError("SIGTERM not handled by the CLI")
+
+    monkeypatch.setattr(cli, "cmd_catalog", slow_command)
+    before = signal.signal(signal.SIGTERM, outside)
+    try:
+        started = time.perf_counter()
+        assert cli.main(["catalog"]) == 143
+        assert time.perf_counter() - started < 4
+        assert capsys.readouterr().err.strip() == "error: terminated"
+        assert signal.getsignal(signal.SIGTERM) is outside, "the CLI puts the previous handler back"
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tiny_model_dir, tmp_path, cli_env,
+                                                                           capsys):
+    """A run folder has one writer: `--resume` of a run that is training is refused naming the pid;
+    once that process is gone (kill -9 here), its lock is no obstacle."""
+    from tunesmith.cli import main
+
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(tiny_model_dir, tmp_path)))
+    run = tmp_path / "runs" / "locked"
+    proc = subprocess.Popen(TUNESMITH + ["train", str(cfg_path), "--output.name=locked"], env=cli_env,
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and latest_checkpoint(run) is None:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before the test could try a second writer"
+        assert main(["train", str(cfg_path), "--resume", str(run)]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert errors == [(f"error: {run}: in use: another tunesmith process (pid {proc.pid}) is training in "
+                               "it; wait for it to end, or stop it first")]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (run / ".lock").read_text().strip() == str(proc.pid)  # left behind by the killed process
+    assert main(["train", str(cfg_path), "--resume", str(run)]) == 0
+    assert (run / "metrics.json").is_file()
+
+
+def test_two_runs_created_at_once_get_two_folders(tiny_model_dir, tmp_path, monkeypatch):
+    """new_run_dir saw no folder, another run created it before our mkdir: take the next name, no
+    FileExistsError."""
+    import importlib
+
+    import tunesmith
+
+    train_module = importlib.import_module("tunesmith.train")
+
+    pd.DataFrame(sentiment_rows(100, seed=5)).to_csv(tmp_path / "train.csv", index=False)
+    cfg = tiny_config(tiny_model_dir, tmp_path / "train.csv", None, tmp_path / "runs", max_steps=2)
+    cfg["output"]["name"] = "same"
+    real = train_module.new_run_dir
+    taken = tmp_path / "runs" / "same"
+    calls = []
+
+    def racing_new_run_dir(c):
+        calls.append(1)
+        if len(calls) == 1:  # the name was free when looked at, then the other run made it
+            taken.mkdir(parents=True)
+            return taken
+        return real(c)
+
+    monkeypatch.setattr(train_module, "new_run_dir", racing_new_run_dir)
+    result = tunesmith.train(cfg)
+    assert result.run_dir == tmp_path / "runs" / "same-2"
+
+
+def test_output_dir_that_cannot_be_created_is_one_line(tiny_model_dir, tmp_path, capsys):
+    from tunesmith.cli import main
+
+    pd.DataFrame(sentiment_rows(100, seed=5)).to_csv(tmp_path / "train.csv", index=False)
+    (tmp_path / "file").write_text("not a folder")
+    cfg = tiny_config(tiny_model_dir, tmp_path / "train.csv", None, tmp_path / "file" / "runs", max_steps=2)
+    cfg["output"]["name"] = "r"
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'file' / 'runs' / 'r'}: cannot create the run folder (Not a directory); " \
+           "check output.dir" in err and "Traceback" not in err

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
-from .errors import TunesmithError
+from .errors import Interrupted, Terminated, TunesmithError
 
 
 def _parse_overrides(extra: list[str]) -> dict:
@@ -232,14 +234,28 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "allow_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds like Ctrl-C, not a silent death
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args, extra)
+    except Interrupted as exc:  # training stopped by a signal: the message says how to resume
+        print(f"error: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except TunesmithError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"error: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ class ModelConfig(_Section):
         "mean", description="chunk, classification: combine the windows' logits of a document by mean or max "
                             "(NER takes each word from the window where it has the most context)")
     trust_remote_code: bool = Field(False, description="run model code from the model folder (only if you trust it)")
+    allow_pickle: bool = Field(
+        False, description="load a model folder's pickled weights (pytorch_model.bin) when it has no safetensors "
+                           "(only if you trust the file: unpickling can run code)")
 
     @field_validator("stride")
     @classmethod
@@ -364,6 +367,15 @@ class OutputConfig(_Section):
     dir: str = "runs"
     name: str | None = Field(None, description="run folder name; default: <dataset>-<timestamp>")
 
+    @field_validator("name")
+    @classmethod
+    def _inside_dir(cls, name: str | None) -> str | None:
+        # the run folder is output.dir/name: '../x', 'a/b' or '/abs' would write outside output.dir
+        if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name):
+            raise ValueError("must be a plain folder name, without '/', '\\' or '..' (set output.dir for "
+                             "where runs go)")
+        return name
+
 
 class CVConfig(_Section):
     """Cross-validation (`tunesmith cv`, and search.objective: cv)."""
@@ -492,10 +504,87 @@ class Config(_Section):
         return self
 
 
+# ---------------------------------------------------------------- reading YAML
+
+MAX_YAML_VALUES = 10_000   # a full config is a few hundred values; aliases expanding past this are a bomb
+MAX_SHOWN_CHARS = 80       # a value echoed in an error message is cut to this many characters
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses what it would otherwise accept silently: a repeated key (the last one
+    won, so `train:` written twice dropped the first section) and aliases that expand to a huge value
+    (nine levels of nine aliases: 472 bytes of YAML, 3.5 billion values for whatever walks them)."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        if _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases expand to more than {MAX_YAML_VALUES:,} values (an alias bomb?); "
+                "write the values out", None)
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == _MERGE_TAG:  # `<<: *base` then a key of base overrides it: allowed
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = first_line.get(key)
+                except TypeError:  # an unhashable key: the constructor reports it
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key '{shorten(key)}' (first on line {first}); each key may "
+                        "appear once", key_node.start_mark)
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values the node stands for once every alias is replaced by its anchor's value; an alias
+    is the same node object as its anchor, so each node is counted once (sizes memoises by id)."""
+    if id(node) in sizes:
+        if sizes[id(node)] < 0:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to a value that contains it",
+                                              node.start_mark)
+        return sizes[id(node)]
+    sizes[id(node)] = -1  # in progress: meeting it again below is a cycle
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = []
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes)
+        if total > MAX_YAML_VALUES:
+            break
+    sizes[id(node)] = total
+    return total
+
+
+def read_yaml(text: str) -> Any:
+    """yaml.safe_load, refusing repeated keys and alias bombs (yaml.YAMLError, with the line)."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)
+    except RecursionError:  # PyYAML composes nested values recursively: thousands of '[' exhaust the stack
+        raise yaml.composer.ComposerError(None, None, "values nested too deeply", None) from None
+
+
+def shorten(value: Any, limit: int = MAX_SHOWN_CHARS) -> str:
+    """A value as an error message may show it: its repr (str for strings), cut to `limit` characters."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def parse_override_value(text: str) -> Any:
     """'3e-5' -> 3e-05, 'true' -> True, 'null' -> None, anything else stays a string."""
     try:
-        value = yaml.safe_load(text)
+        value = read_yaml(text)
     except yaml.YAMLError:
         return text
     # YAML 1.1 reads '3e-5' as a string; a plain float() rescues it.
@@ -539,9 +628,12 @@ def load_config(source: str | Path | dict | Config, overrides: dict[str, Any] | 
         origin = str(path)
         if not path.is_file():
             raise TunesmithError(f"{path}: config file not found")
-        text = path.read_text(encoding="utf-8", errors="replace")
         try:
-            raw = yaml.safe_load(text)
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:  # no read permission, an I/O error
+            raise TunesmithError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+        try:
+            raw = read_yaml(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             loc = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -610,12 +702,12 @@ def _describe_validation_error(exc: ValidationError, origin: str, yaml_text: str
     if err["type"] == "missing":
         return f"{loc}: missing key '{dotted}'"
     if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-        got = f" (got {err['input'].get('op')!r})" if isinstance(err.get("input"), dict) and "op" in err["input"] else ""
+        got = f" (got {shorten(repr(err['input'].get('op')))})" if isinstance(err.get("input"), dict) and "op" in err["input"] else ""
         return f"{loc}: {dotted}: 'op' must be one of {', '.join(AUGMENT_OPS)}{got}"
     if not keys:
         return f"{loc}: {err['msg'].removeprefix('Value error, ')}"
     value = err.get("input")
-    shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) and not key_error else ""
+    shown = f" (got {shorten(repr(value))})" if value is not None and not isinstance(value, dict) and not key_error else ""
     msg = err["msg"].removeprefix("Value error, ")
     return f"{loc}: {dotted}: {msg}{shown}"
 

@@ -76,7 +76,10 @@ def read_table(path: str | Path) -> Table:
 
 
 def _decode_utf8(path: Path) -> str:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:  # no read permission, a file that vanished, an I/O error
+        raise TunesmithError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -89,6 +92,10 @@ def _decode_utf8(path: Path) -> str:
 def _read_delimited(path: Path, text: str, sep: str) -> Table:
     # The csv module gives exact line numbers (quoted fields may span lines) and
     # catches rows with the wrong number of fields, which pandas would reject vaguely.
+    # The csv module refuses a field over 128 KiB (its default limit) as malformed; no field can be longer
+    # than the file, so the limit is raised to the file's length (it is process-wide: only ever raised).
+    if len(text) > csv.field_size_limit():
+        csv.field_size_limit(min(len(text) + 1, 2**31 - 1))
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
     try:
         header = next(reader)

@@ -18,3 +18,17 @@ def where(path: str | Path, line: int | None = None, column: str | None = None,
     if column is not None:
         parts.append(f"column '{column}'")
     return ", ".join(parts)
+
+
+class Interrupted(TunesmithError):
+    """Stopped by SIGINT (Ctrl-C) or SIGTERM (a scheduler, `docker stop`); the message says how to go on.
+    The CLI exits with 128 + the signal number, as a shell reports a process the signal ended: 130, 143."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop, raised where SIGINT raises KeyboardInterrupt, so that both unwind
+    the same way (temporary files removed by the `except BaseException` of atomic writes)."""

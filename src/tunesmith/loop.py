@@ -7,7 +7,9 @@ evaluate at the planned steps / keep the best model / stop early or at the time 
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
-from .errors import TunesmithError
+from .errors import Interrupted, TunesmithError
 from .evaluate import is_improvement, scalar_metrics
 from .features import build_feature_cache
 from .inference import example_outputs, pad_multiple, save_model_dir
@@ -93,6 +95,34 @@ def make_accelerator(precision: str) -> Accelerator:
     return Accelerator(mixed_precision=wanted)
 
 
+class _StopSignals:
+    """SIGINT and SIGTERM while training: the first lets the current step finish, then the loop saves a
+    checkpoint and stops (resuming continues exactly there); a second one stops at once, dropping the
+    step (the previous checkpoint stays). Handlers can only be set from the main thread: elsewhere the
+    signals keep their usual effect."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        log(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+            "(send it again to stop at once)")
+
+
 @dataclass
 class _Loop:
     """What the loop's steps share (the functions below read and update it; callbacks never see it)."""
@@ -108,6 +138,7 @@ class _Loop:
     cache: Any
     cache_seconds: float
     progress: Any = None
+    signals: _StopSignals = field(default_factory=_StopSignals)
     clock: float = 0.0              # perf_counter() minus the training seconds so far (evaluations excluded)
     stopped: str = "plan"
     eval_seconds: float | None = None   # one validation pass, once measured
@@ -135,12 +166,16 @@ def fit(run, on_evaluate: Callable[[int, dict], bool] | None = None) -> FitOutco
     lp.clock = time.perf_counter() - lp.state.train_seconds
     stop = lp.state.step >= run.plan.total_steps or _out_of_time(lp)
     try:
-        while not stop and lp.state.epoch < run.plan.epochs:
-            stop = _train_epoch(lp, on_evaluate)
+        with lp.signals:
+            while not stop and lp.state.epoch < run.plan.epochs:
+                stop = _train_epoch(lp, on_evaluate)
     except KeyboardInterrupt:
         lp.progress.close()
-        raise TunesmithError(f"interrupted; continue with: tunesmith train {run.run_dir}/config.yaml "
-                             f"--resume {run.run_dir}") from None
+        signum = lp.signals.received or signal.SIGINT
+        saved = latest_checkpoint(run.run_dir)
+        where = f"the checkpoint of step {read_state(saved).step} is kept" if saved else "no checkpoint yet"
+        raise Interrupted(f"interrupted ({signal.Signals(signum).name}) at step {lp.state.step}, {where}; continue "
+                          f"with: tunesmith train {run.run_dir}/config.yaml --resume {run.run_dir}", signum) from None
     lp.progress.close()
     if lp.cache is not None:
         lp.cache.close()
@@ -294,14 +329,17 @@ def _after_step(lp: _Loop, last_of_epoch: bool, epoch_float: float, on_evaluate)
         if not done:
             _fit_the_budget(lp, "after an evaluation")
     stop = stop or done
+    interrupted = lp.signals.received is not None
     # not at every epoch end: small data has many short epochs, and a checkpoint (weights and
     # optimizer state: 270 MB for MiniLM) every few steps cost more than the training
-    if stop or state.step % run.cfg.train.checkpoint_every_steps == 0:
+    if stop or interrupted or state.step % run.cfg.train.checkpoint_every_steps == 0:
         state.train_seconds = lp.train_seconds()
         state.extra["running_loss"] = _read_losses(lp)
         state.extra["total_steps"] = plan.total_steps
         state.extra["wall_seconds"] = (lp.budget.spent_before if lp.budget else 0.0) + lp.wall()
         save_checkpoint(run.run_dir, lp.unwrapped, lp.optimizer, lp.scheduler, state)
+    if interrupted:  # the step is complete and saved: fit() says how to resume
+        raise KeyboardInterrupt
     return stop
 
 

@@ -33,6 +33,32 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def weights_options(source: str, allow_pickle: bool) -> dict[str, Any]:
+    """from_pretrained arguments that read a backbone's weights from safetensors only.
+
+    A pickled pytorch_model.bin is a program for the unpickler: transformers reads it with
+    torch.load(weights_only=True), which blocks the known attacks, but safetensors holds nothing but
+    tensors. So a folder with only pickled weights is refused unless model.allow_pickle is set. Catalog
+    folders are built by tunesmith from checksummed packages and load as they are."""
+    if allow_pickle:
+        return {}
+    folder = Path(source)
+    if folder.is_dir() and _inside(folder, catalog.cache_dir() / "models"):
+        return {}
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.glob("pytorch_model*.bin"))
+        if pickled:
+            raise TunesmithError(
+                f"{folder}: the weights are pickled ({pickled[0]}) and there is no .safetensors file; unpickling "
+                "can run code hidden in the file, so tunesmith loads safetensors only. Convert the weights "
+                "(save_pretrained writes safetensors), or set model.allow_pickle: true if you trust the file")
+    return {"use_safetensors": True}
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers (and offline mode is off)."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .atomic import write_text_atomic
+
 
 def log(message: str) -> None:
     """One progress line on stderr, printed above a running progress bar."""
@@ -25,18 +27,25 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 def truncate_jsonl(path: Path, step: int) -> None:
     """On resume, forget log lines written after the checkpoint: they will be written again.
-    A line cut short by a kill or a full disk is dropped, not read."""
+    A line cut short by a kill or a full disk is dropped, not read, and the log says so.
+    The shortened log replaces the old one atomically: a kill here loses nothing."""
     if not path.is_file():
         return
-    keep = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    keep, torn = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
+            torn.append(number)
             continue
         if isinstance(record, dict) and record.get("step", 0) <= step:
             keep.append(line)
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    if torn:
+        warn(f"{path}: dropped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:5]))}"
+             f"{' ...' if len(torn) > 5 else ''}), cut short by a kill or a full disk")
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def count(n: int) -> str:

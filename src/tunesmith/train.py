@@ -11,6 +11,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from .evaluate import scalar_metrics
 from .imbalance import Balance, describe
 from .imbalance import setup as setup_imbalance
 from .inference import choose_precision, example_outputs, load_model_dir, save_model_dir, write_frame_atomic
+from .lock import FolderLock
 from .loop import FitOutcome, fit
 from .models import count_parameters, resolve_model
 from .runlog import append_jsonl, count, log, warn
@@ -76,6 +78,20 @@ def new_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
+def _create_run_dir(cfg: Config) -> Path:
+    """new_run_dir, created: of two runs starting at once with one output.name, the second gets name-2."""
+    while True:
+        run_dir = new_run_dir(cfg)
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:  # another run created it since new_run_dir looked
+            continue
+        except OSError as exc:  # a read-only or missing output.dir, a full disk
+            raise TunesmithError(f"{run_dir}: cannot create the run folder ({exc.strerror}); "
+                                 "check output.dir") from None
+
+
 def train(config: str | Path | dict | Config | None, overrides: dict[str, Any] | None = None,
           resume: str | Path | None = None, *, splits=None,
           on_evaluate: Callable[[int, dict], bool] | None = None) -> TrainResult:
@@ -85,8 +101,8 @@ def train(config: str | Path | dict | Config | None, overrides: dict[str, Any] |
     `on_evaluate(step, validation_scores)` sees every evaluation; returning True stops training
     (hyperparameter search prunes a bad trial this way).
     """
-    with inputs.in_memory_data(config, overrides) as (config, overrides):
-        run = setup(config, overrides, resume, splits)
+    with inputs.in_memory_data(config, overrides) as (config, overrides), ExitStack() as locks:
+        run = setup(config, overrides, resume, splits, locks)
         outcome = fit(run, on_evaluate)
         return finish(run, outcome)
 
@@ -106,9 +122,12 @@ def _load(config, overrides, resume) -> tuple[Config, Path]:
     return cfg, run_dir
 
 
-def setup(config, overrides=None, resume=None, splits=None) -> Setup:
+def setup(config, overrides=None, resume=None, splits=None, locks: ExitStack | None = None) -> Setup:
+    """Check and build everything; the run folder is locked (.lock, one writer) until `locks` closes."""
     started = time.perf_counter()
     cfg, run_dir = _load(config, overrides, resume)
+    if resume is not None and locks is not None:  # before anything is read: a second --resume stops here
+        locks.enter_context(FolderLock.acquire(run_dir, "is training in it"))
     tcfg, task = cfg.train, TASKS[cfg.task]
     transformers.set_seed(tcfg.seed)
     transformers.logging.set_verbosity_error()
@@ -136,7 +155,9 @@ def setup(config, overrides=None, resume=None, splits=None) -> Setup:
     model, strategy = apply_strategy(model, cfg, plan.steps_per_epoch, plan.lr)
 
     if resume is None:
-        run_dir.mkdir(parents=True)
+        run_dir = _create_run_dir(cfg)
+        if locks is not None:
+            locks.enter_context(FolderLock.acquire(run_dir, "is training in it"))
         cfg = inputs.persist(cfg, run_dir)  # in-memory data: a copy in the run folder, for --resume
         (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
     run = Setup(cfg, task, run_dir, resume is not None, splits, labels, model, processor,

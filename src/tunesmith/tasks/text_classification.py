@@ -20,7 +20,7 @@ from ..augment import augmenter_for
 from ..config import Config
 from ..data import Table, read_table, text_values
 from ..errors import TunesmithError
-from ..models import first_token_only, from_pretrained
+from ..models import first_token_only, from_pretrained, weights_options
 from ..schedule import AUTO_MIN_STEPS
 from . import classes, text
 from .base import Encoded, Splits, hf_forward, row_outputs
@@ -102,7 +102,8 @@ def build_model(source: str, labels: LabelSpace, cfg: Config):
     """Backbone + a fresh classification head sized for `labels`; returns (model, tokenizer)."""
     tokenizer = text.load_tokenizer(source, cfg)
     kwargs = dict(num_labels=labels.num_outputs, problem_type=classes.HF_PROBLEM[labels.problem_type],
-                  trust_remote_code=cfg.model.trust_remote_code)
+                  trust_remote_code=cfg.model.trust_remote_code,
+                  **weights_options(source, cfg.model.allow_pickle))
     if labels.names:
         kwargs["id2label"] = dict(enumerate(labels.names))
         kwargs["label2id"] = {n: i for i, n in enumerate(labels.names)}

@@ -25,7 +25,7 @@ from .. import tags as tagging
 from ..augment import augmenter_for
 from ..config import Config
 from ..errors import TunesmithError
-from ..models import from_pretrained
+from ..models import from_pretrained, weights_options
 from ..token_data import Sentences, read_sentences
 from . import text
 from .base import IGNORE, Encoded, Splits, hf_forward, resolve_data_config, split_train, with_data
@@ -197,7 +197,8 @@ def build_model(source: str, labels: LabelSpace, cfg: Config):
     model = from_pretrained(AutoModelForTokenClassification.from_pretrained, source, num_labels=len(labels.names),
                             id2label=dict(enumerate(labels.names)),
                             label2id={n: k for k, n in enumerate(labels.names)},
-                            trust_remote_code=cfg.model.trust_remote_code)
+                            trust_remote_code=cfg.model.trust_remote_code,
+                            **weights_options(source, cfg.model.allow_pickle))
     return model, tokenizer
 
 
