@@ -90,6 +90,53 @@ def test_auto_epochs_train_small_data_and_stop_early(tiny_model_dir, sentiment_c
     assert "warning" not in err
 
 
+def test_refit_trains_again_on_all_rows_keeps_that_model_and_resumes(tiny_model_dir, sentiment_csv, tmp_path, capsys):
+    train, test = sentiment_csv
+    cfg = tiny_config(tiny_model_dir, train, test, tmp_path / "runs", epochs="auto", batch_size="auto")
+    result = tunesmith.train(cfg)
+    err = capsys.readouterr().err
+    run = result.run_dir
+    summary = json.loads((run / "metrics.json").read_text())
+    refit = summary["refit"]
+    assert refit["status"] == "done" and refit["rows"] == 400 and refit["steps"] == 300 and refit["batch_size"] == 16
+    assert "training again on all 400 rows (train + validation) for 300 steps" in err
+    inner = json.loads((run / "refit" / "metrics.json").read_text())
+    assert (inner["data"]["train"], inner["data"]["validation"], inner["train"]["steps"]) == (400, 0, 300)
+    assert inner["plan"]["lr"] == summary["plan"]["lr"]
+    # the run's model, test predictions and test metrics are the refit's; the first run's test score is kept
+    assert (run / "model" / "model.safetensors").is_file() and not (run / "refit" / "model").exists()
+    assert summary["test"] == inner["test"] and result.metrics == inner["test"]
+    assert refit["test_before_refit"]["accuracy"] > 0.9 and result.metrics["accuracy"] > 0.9
+    assert result.validation_metrics == summary["validation"]
+    preds = pd.read_csv(run / "test_predictions.csv")
+    assert (preds["predicted_label"] == preds["label"]).mean() == pytest.approx(result.metrics["accuracy"])
+    assert not (run / "checkpoints").exists() and not (run / "refit" / "checkpoints").exists()
+
+    # killed during the refit (before its first checkpoint): --resume trains it again, to the same model
+    model_bytes = (run / "model" / "model.safetensors").read_bytes()
+    import shutil
+    shutil.rmtree(run / "refit")
+    summary["refit"] = {k: v for k, v in refit.items() if k in ("steps", "batch_size", "lr", "rows")}
+    summary["refit"]["status"] = "pending"
+    (run / "metrics.json").write_text(json.dumps(summary))
+    resumed = tunesmith.train(None, resume=run)
+    assert resumed.metrics == inner["test"]
+    assert (run / "model" / "model.safetensors").read_bytes() == model_bytes
+    assert json.loads((run / "metrics.json").read_text())["refit"]["status"] == "done"
+
+
+def test_refit_only_where_the_validation_rows_came_from_the_training_file(tiny_model_dir, sentiment_csv, tmp_path):
+    train, test = sentiment_csv
+    off = tiny_config(tiny_model_dir, train, test, tmp_path / "runs", epochs="auto", max_steps=20, refit=False)
+    assert "refit" not in json.loads((tunesmith.train(off).run_dir / "metrics.json").read_text())
+    own_file = tiny_config(tiny_model_dir, train, test, tmp_path / "runs", epochs="auto", max_steps=20, refit=True)
+    own_file["data"]["validation"] = str(test)
+    assert "refit" not in json.loads((tunesmith.train(own_file).run_dir / "metrics.json").read_text())
+    explicit = tiny_config(tiny_model_dir, train, test, tmp_path / "runs", refit=True)  # 3 epochs
+    summary = json.loads((tunesmith.train(explicit).run_dir / "metrics.json").read_text())
+    assert summary["refit"]["status"] == "done" and summary["refit"]["steps"] == 60  # 320 rows, batch 16
+
+
 def _noisy_rows(n, seed, noise):
     rows, rng = sentiment_rows(n, seed=seed), random.Random(seed)
     for r in rows:

@@ -8,6 +8,7 @@ model on the validation and test splits, metrics.json, warnings when the model l
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -20,6 +21,8 @@ import torch
 import transformers
 
 from . import inputs
+from .atomic import recover_dir, replace_dir, write_text_atomic
+from .checkpoint import latest_checkpoint
 from .config import Config, config_to_yaml, load_config, locate
 from .errors import TunesmithError
 from .evaluate import scalar_metrics
@@ -30,7 +33,7 @@ from .lock import FolderLock
 from .loop import FitOutcome, fit
 from .models import count_parameters, resolve_model
 from .runlog import append_jsonl, count, log, warn
-from .schedule import TrainingPlan, auto_steps, make_plan
+from .schedule import AUTO_SMALL_DATA, TrainingPlan, auto_steps, make_plan
 from .strategies import Plan, apply_strategy, is_peft
 from .tasks import TASKS
 
@@ -102,9 +105,14 @@ def train(config: str | Path | dict | Config | None, overrides: dict[str, Any] |
     (hyperparameter search prunes a bad trial this way).
     """
     with inputs.in_memory_data(config, overrides) as (config, overrides), ExitStack() as locks:
+        if resume is not None and _refit_pending(Path(resume)):  # killed while training again on all rows
+            locks.enter_context(FolderLock.acquire(Path(resume), "is training in it"))
+            return refit(Path(resume))
         run = setup(config, overrides, resume, splits, locks)
         outcome = fit(run, on_evaluate)
-        return finish(run, outcome)
+        # cross-validation folds (splits) and search trials (on_evaluate) are scored on their validation rows
+        result = finish(run, outcome, refit_allowed=splits is None and on_evaluate is None)
+        return refit(run.run_dir) if _refit_pending(run.run_dir) else result
 
 
 # ---------------------------------------------------------------- setup
@@ -228,7 +236,7 @@ def _warn_about_the_plan(run: Setup) -> None:
 
 # ---------------------------------------------------------------- finish
 
-def finish(run: Setup, outcome: FitOutcome) -> TrainResult:
+def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> TrainResult:
     cfg, task, splits, labels, run_dir = run.cfg, run.task, run.splits, run.labels, run.run_dir
     state, model = outcome.state, outcome.model
     device = next(model.parameters()).device
@@ -277,7 +285,11 @@ def finish(run: Setup, outcome: FitOutcome) -> TrainResult:
             validation_metrics = task.compute_metrics(logits, splits.validation.targets, labels)
         summary["validation"] = validation_metrics
         result_metrics = validation_metrics
-        _warn_if_degenerate(task, validation_metrics, labels)
+        degenerate = _warn_if_degenerate(task, validation_metrics, labels)
+        if refit_allowed and _wants_refit(run, degenerate):
+            summary["refit"] = {"status": "pending", "steps": max(run.plan.planned_steps, state.step),
+                                "batch_size": run.plan.batch_size, "lr": run.plan.lr,
+                                "rows": len(splits.train) + len(splits.validation)}
     if splits.test is not None:
         test_enc = task.encode(run.processor, splits.test, cfg)
         if test_enc.truncated:
@@ -304,10 +316,90 @@ def finish(run: Setup, outcome: FitOutcome) -> TrainResult:
     return TrainResult(run_dir, result_metrics, validation_metrics, outcome.samples_per_second, test_logits)
 
 
-def _warn_if_degenerate(task, metrics: dict, labels) -> None:
+def _warn_if_degenerate(task, metrics: dict, labels) -> bool:
     """The best model predicts one class (or no entity) for every validation example: it learned nothing."""
     problem = task.degenerate_predictions(metrics, labels)
     if problem:
         warn(f"the best model {problem} on the validation split: it learned nothing beyond the most frequent "
              "answer. Try more optimizer steps (train.epochs: auto, or more epochs), another train.lr, "
              "or imbalance.method: class_weights when one class dominates")
+    return bool(problem)
+
+
+# ---------------------------------------------------------------- refit
+
+REFIT_DIR = "refit"
+
+
+def _wants_refit(run: Setup, degenerate: bool) -> bool:
+    """train.refit: train again on train + validation? Only where the validation rows were held out of
+    the training file (data.validation_fraction) and the plan was seen to learn on them."""
+    cfg, setting = run.cfg, run.cfg.train.refit
+    if setting is False:
+        return False
+    if cfg.data.validation is not None or cfg.data.validation_fraction <= 0:
+        if setting is True:
+            log("train.refit: skipped, the validation rows come from data.validation (a file of their own)")
+        return False
+    if degenerate:
+        log("train.refit: skipped, the plan did not learn on the validation split (see the warning above)")
+        return False
+    if setting == "auto":
+        return (cfg.train.epochs == "auto" and cfg.train.time_limit is None
+                and len(run.train_enc.features) < AUTO_SMALL_DATA)
+    return True
+
+
+def _refit_pending(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "metrics.json").read_text()).get("refit", {}).get("status") == "pending"
+    except (OSError, ValueError):
+        return False
+
+
+def refit(run_dir: Path) -> TrainResult:
+    """Train again from the pretrained model on all the training file's rows (validation included) for
+    the steps the first run planned, at its batch size and learning rate, in RUN/refit; then its model and
+    test predictions replace the first run's. Measured on 1,000 Rotten Tomatoes reviews (3 seeds): the
+    same plan on all rows, last model, macro F1 0.781 against 0.776 for the best checkpoint of the run
+    that held 100 rows out (docs/defaults.md). A killed refit continues with --resume RUN."""
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    spec, refit_dir = summary["refit"], run_dir / REFIT_DIR
+    result = None
+    if not (refit_dir / "metrics.json").is_file():  # not finished yet
+        if (refit_dir / "config.yaml").is_file() and latest_checkpoint(refit_dir) is not None:
+            log(f"refit: continuing in {refit_dir}")
+            result = train(None, resume=refit_dir)
+        else:
+            shutil.rmtree(refit_dir, ignore_errors=True)  # killed before its first checkpoint: start again
+            log(f"refit: the plan learned on the validation split (best {summary['best_validation']}); training "
+                f"again on all {spec['rows']} rows (train + validation) for {spec['steps']} steps, keeping the "
+                "last model (train.refit)")
+            cfg = load_config(run_dir / "config.yaml", {
+                "data.validation_fraction": 0.0, "train.refit": False, "train.max_steps": spec["steps"],
+                "train.batch_size": spec["batch_size"], "train.lr": spec["lr"], "train.keep_checkpoints": False,
+                "output.dir": str(run_dir), "output.name": REFIT_DIR}, saved=True)
+            result = train(cfg)
+    refit_summary = json.loads((refit_dir / "metrics.json").read_text())
+    # the refit model and its test predictions replace the first run's (each move is a rename)
+    if (refit_dir / "model").is_dir():
+        replace_dir(refit_dir / "model", run_dir / "model")
+    recover_dir(run_dir / "model")
+    if (refit_dir / "test_predictions.csv").is_file():
+        os.replace(refit_dir / "test_predictions.csv", run_dir / "test_predictions.csv")
+    summary["refit"] = {**spec, "status": "done", "seconds": refit_summary["train"]["seconds"],
+                        "test_before_refit": summary.get("test")}
+    if "test" in refit_summary:
+        summary["test"] = refit_summary["test"]
+        append_jsonl(run_dir / "metrics.jsonl", {"type": "test", "step": refit_summary["train"]["steps"],
+                                                 "refit": True, "test": scalar_metrics(refit_summary["test"])})
+    write_text_atomic(run_dir / "metrics.json", json.dumps(summary, indent=1))
+    if "test" in refit_summary:
+        before = scalar_metrics(summary["refit"]["test_before_refit"] or {})
+        shown = ", ".join(f"{k} {v:.4f}" + (f" (before the refit {before[k]:.4f})" if k in before else "")
+                          for k, v in scalar_metrics(refit_summary["test"]).items())
+        log(f"test after the refit on all rows: {shown}")
+    log(f"model in {run_dir / 'model'} (trained on train + validation; the validation scores above are the "
+        "first run's best checkpoint)")
+    return TrainResult(run_dir, summary.get("test") or summary.get("validation") or {}, summary.get("validation"),
+                       summary["train"]["samples_per_second"], result.test_logits if result is not None else None)
