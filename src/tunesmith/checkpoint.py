@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from .atomic import temp_dir_beside, write_text_atomic
@@ -51,12 +52,20 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer, scheduler,
     name = f"step-{state.step:07d}"
     final = folder / name
     tmp = temp_dir_beside(final)
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
-    write_manifest(tmp)  # last: a checkpoint with a manifest was complete when it was written
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
+        write_manifest(tmp)  # last: a checkpoint with a manifest was complete when it was written
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        # a full disk: torch.save's zip writer reports it as a RuntimeError ("file write failed")
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+        raise TunesmithError(f"{final}: cannot write the checkpoint ({reason}); the previous checkpoint is kept: "
+                             f"free some space and continue with: tunesmith train {run_dir}/config.yaml "
+                             f"--resume {run_dir}") from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
