@@ -180,3 +180,39 @@ def test_unreadable_file_is_one_error_line(which, tmp_path, tiny_model_dir, good
     assert code == 2
     assert error_line(err) == f"error: {target}: cannot read the {'config ' if which == 'config' else ''}file " \
                               "(Permission denied)"
+
+
+def test_a_huge_plan_is_refused_before_anything_is_written(tmp_path, tiny_model_dir, good_train, capsys):
+    cfg = write_config(tmp_path, tiny_model_dir, good_train)
+    code, err = run_cli(capsys, ["train", cfg, "--train.epochs", "1e9"])
+    assert code == 2
+    assert error_line(err) == ("error: train.epochs 1e+09: 3,000,000,000 optimizer steps planned (3 per epoch); "
+                               "more than 10,000,000 is taken for a mistake: lower it, or set train.time_limit to "
+                               "train for a fixed time")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_symlink_loop_or_broken_link_is_named(tmp_path, tiny_model_dir, capsys):
+    loop = tmp_path / "loop.csv"
+    loop.symlink_to(loop)
+    code, err = run_cli(capsys, ["train", write_config(tmp_path, tiny_model_dir, loop)])
+    assert code == 2 and error_line(err) == (f"error: {loop}: symlink loop (the link leads back to itself); "
+                                             "point it at the file")
+    broken = tmp_path / "broken.csv"
+    broken.symlink_to(tmp_path / "gone.csv")
+    code, err = run_cli(capsys, ["train", write_config(tmp_path, tiny_model_dir, broken)])
+    assert code == 2 and error_line(err) == (f"error: {broken}: broken symlink (it points to "
+                                             f"{tmp_path / 'gone.csv'}, which is not there)")
+    config_loop = tmp_path / "cfg-loop.yaml"
+    config_loop.symlink_to(config_loop)
+    code, err = run_cli(capsys, ["train", config_loop])
+    assert code == 2 and "symlink loop" in error_line(err)
+
+
+def test_a_tab_separated_file_named_csv_gets_a_hint(tmp_path, tiny_model_dir, capsys):
+    tsv = tmp_path / "data.csv"
+    pd.DataFrame(sentiment_rows(40)).to_csv(tsv, sep="\t", index=False)
+    code, err = run_cli(capsys, ["train", write_config(tmp_path, tiny_model_dir, tsv)])
+    assert code == 2
+    assert error_line(err) == (f"error: {tsv}, line 1: one column named 'text\\tlabel\\tfilm': the file looks "
+                               "tab-separated; name it .tsv")

@@ -280,3 +280,24 @@ def test_output_dir_that_cannot_be_created_is_one_line(tiny_model_dir, tmp_path,
     err = capsys.readouterr().err
     assert f"error: {tmp_path / 'file' / 'runs' / 'r'}: cannot create the run folder (Not a directory); " \
            "check output.dir" in err and "Traceback" not in err
+
+
+def test_resume_after_the_last_step_writes_the_test_line_once(tiny_model_dir, tmp_path, capsys):
+    """A kill after the test line was written (the run's last checkpoint is before it): the resumed run
+    writes the test line again, so the old one is dropped; metrics.jsonl ends with one test line."""
+    from tunesmith.cli import main
+
+    pd.DataFrame(sentiment_rows(100, seed=5)).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame(sentiment_rows(30, seed=6)).to_csv(tmp_path / "test.csv", index=False)
+    cfg = tiny_config(tiny_model_dir, tmp_path / "train.csv", tmp_path / "test.csv", tmp_path / "runs",
+                      max_steps=4, keep_checkpoints=True)
+    cfg["output"]["name"] = "done"
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(cfg_path)]) == 0
+    run = tmp_path / "runs" / "done"
+    before = (run / "metrics.jsonl").read_text().splitlines()
+    assert main(["train", str(cfg_path), "--resume", str(run)]) == 0
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in records].count("test") == 1
+    assert [json.loads(x) for x in before] == records

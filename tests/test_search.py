@@ -71,6 +71,7 @@ def test_search_killed_then_resumed_keeps_finished_trials(tiny_model_dir, tmp_pa
                              text=True, env=cli_env, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"trial {cut_off[0]} was cut off" in resumed.stderr
+    assert not (search_dir / f"trial-{cut_off[0]:04d}").exists(), "the killed trial's folder is removed"
     trials = _study(search_dir).trials
     after = {t.number: (t.state, t.value, t.params) for t in trials}
     assert all(after[n] == v for n, v in finished_before.items()), "a finished trial changed or was lost"
@@ -228,3 +229,75 @@ def test_a_worker_starting_as_another_creates_the_folder_joins_the_search(tiny_m
     monkeypatch.setattr(pathlib.Path, "exists", exists_as_before_the_other_worker)
     result = tunesmith.search(cfg)
     assert [t["state"] for t in result.trials] == ["complete"]
+
+
+def test_a_search_whose_storage_fails_leaves_no_folder(tiny_model_dir, tmp_path, capsys):
+    """A storage that cannot be opened (a missing folder) or written (a read-only SQLite file, new study or
+    existing one): one error line naming the storage; no folder is left, so the same command with a good
+    storage runs (it used to be refused as 'a different config')."""
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(_config(tmp_path, tiny_model_dir, trials=1)))
+    search_dir = tmp_path / "runs" / "s"
+    code, line = run_cli(capsys, ["search", path, "--storage", f"sqlite:///{tmp_path / 'no' / 'such' / 'x.db'}"])
+    assert code == 2 and line.startswith("error: search.storage: cannot open sqlite:///") \
+        and "unable to open database file" in line, line
+    assert not (tmp_path / "runs").exists()
+
+    db = tmp_path / "ro.db"
+    optuna.create_study(study_name="other", storage=f"sqlite:///{db}")  # a database with the tables
+    read_only = f"sqlite:///file:{db}?mode=ro&uri=true"  # read-only even for root, unlike chmod
+    code, line = run_cli(capsys, ["search", path, "--storage", read_only])
+    assert code == 2 and "the study database failed (attempt to write a readonly database)" in line, line
+    assert not (tmp_path / "runs").exists()
+    optuna.create_study(study_name="s", storage=f"sqlite:///{db}")  # the study exists: the first trial's write fails
+    code, line = run_cli(capsys, ["search", path, "--storage", read_only])
+    assert code == 2 and "the study database failed (attempt to write a readonly database)" in line, line
+    assert not (tmp_path / "runs").exists()
+
+    code = main(["search", str(path), "--storage", f"sqlite:///{tmp_path / 'good.db'}"])
+    assert code == 0, capsys.readouterr().err
+    assert (search_dir / "best_config.yaml").is_file()
+
+
+def test_ctrl_c_during_a_search_says_search_resume_and_requeues_the_trial(tiny_model_dir, tmp_path, cli_env):
+    """SIGINT while a trial trains: exit 130, one line naming `tunesmith search --resume` (not the trial's
+    `train --resume`); the trial's parameters are queued again, its folder removed; the resumed search
+    runs them and ends with search.trials finished trials, the stopped one shown as 'interrupted'."""
+    cfg = _config(tmp_path, tiny_model_dir, trials=3)
+    cfg["train"]["epochs"] = 3  # 18 steps a trial: long enough to be caught training
+    cfg_path = tmp_path / "search.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    search_dir = tmp_path / "runs" / "s"
+    with open(tmp_path / "stopped.log", "w") as err_file:
+        proc = subprocess.Popen(TUNESMITH + ["search", str(cfg_path)], env=cli_env, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=err_file)
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if (search_dir / "trial-0001" / "metrics.jsonl").is_file():
+                proc.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.02)
+        assert proc.wait(timeout=120) == 130, (tmp_path / "stopped.log").read_text()[-3000:]
+    err = (tmp_path / "stopped.log").read_text()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith("error: interrupted (SIGINT)")
+    assert errors[0].endswith(f"continue with: tunesmith search --resume {search_dir}") and "train" not in errors[0]
+
+    trials = _study(search_dir).trials
+    stopped = [t for t in trials if t.user_attrs.get("interrupted")]
+    assert len(stopped) == 1, [(t.number, t.state) for t in trials]
+    queued = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+    assert [t.user_attrs.get("requeued_from") for t in queued] == [stopped[0].number]
+    assert queued[0].system_attrs["fixed_params"] == stopped[0].params
+    assert not (search_dir / f"trial-{stopped[0].number:04d}").exists()
+
+    resumed = subprocess.run(TUNESMITH + ["search", "--resume", str(search_dir)], capture_output=True, text=True,
+                             env=cli_env, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    trials = _study(search_dir).trials
+    assert sum(t.state in FINISHED for t in trials) == 3
+    rerun = [t for t in trials if t.user_attrs.get("requeued_from") == stopped[0].number]
+    assert rerun[0].state in FINISHED and rerun[0].params == stopped[0].params
+    table = pd.read_csv(search_dir / "trials.csv")
+    assert table.set_index("number").loc[stopped[0].number, "state"] == "interrupted"

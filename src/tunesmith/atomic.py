@@ -3,10 +3,13 @@ A kill at any moment leaves the old version or the new one, never half of one.""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from .errors import TunesmithError
 
 
 def _umask() -> int:
@@ -60,3 +63,10 @@ def recover_dir(target: Path) -> None:
     old = target.with_name(target.name + ".old")
     if not target.exists() and old.exists():
         os.replace(old, target)
+
+
+def write_failed(path: Path, exc: OSError, what: str = "") -> TunesmithError:
+    """One line for a write that failed (a full disk, a read-only file system, no permission, no folder)."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    hint = "; free some space and try again" if exc.errno == errno.ENOSPC else ""
+    return TunesmithError(f"{path}: cannot write{' ' + what if what else ''} ({reason}){hint}")

@@ -78,8 +78,11 @@ def cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> int:
         for name, row in metrics["per_class"].items():
             print(f"{name:>20}  " + "  ".join(f"{v:>9.4f}" if isinstance(v, float) else f"{v:>9}" for v in row.values()))
     if args.output:
-        from .atomic import write_text_atomic
-        write_text_atomic(Path(args.output), json.dumps(metrics, indent=1))
+        from .atomic import write_failed, write_text_atomic
+        try:
+            write_text_atomic(Path(args.output), json.dumps(metrics, indent=1))
+        except OSError as exc:
+            raise write_failed(Path(args.output), exc) from None
     return 0
 
 

@@ -16,7 +16,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
-from .errors import TunesmithError
+from .errors import TunesmithError, not_found
 
 
 class _Section(BaseModel):
@@ -633,7 +633,7 @@ def load_config(source: str | Path | dict | Config, overrides: dict[str, Any] | 
         path = Path(source)
         origin = str(path)
         if not path.is_file():
-            raise TunesmithError(f"{path}: config file not found")
+            raise not_found(path, "config file")
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
         except OSError as exc:  # no read permission, an I/O error

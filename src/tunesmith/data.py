@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from . import inputs
-from .errors import TunesmithError
+from .errors import TunesmithError, not_found
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq")
 
@@ -54,7 +54,7 @@ def read_table(path: str | Path) -> Table:
         return Table(frame, name, None, rows)
     path = Path(path)
     if not path.exists():
-        raise TunesmithError(f"{path}: file not found")
+        raise not_found(path)
     if path.is_dir():
         raise TunesmithError(f"{path}: is a folder, expected a .csv, .tsv, .jsonl or .parquet file")
     suffix = path.suffix.lower()
@@ -99,6 +99,9 @@ def _read_delimited(path: Path, text: str, sep: str) -> Table:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
     try:
         header = next(reader)
+        if sep == "," and len(header) == 1 and "\t" in header[0]:  # a TSV file named .csv
+            raise TunesmithError(f"{path}, line 1: one column named {header[0][:60]!r}: the file looks "
+                                 "tab-separated; name it .tsv")
         rows, lines = [], []
         start = reader.line_num + 1
         for row in reader:

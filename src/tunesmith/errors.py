@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 
@@ -18,6 +20,18 @@ def where(path: str | Path, line: int | None = None, column: str | None = None,
     if column is not None:
         parts.append(f"column '{column}'")
     return ", ".join(parts)
+
+
+def not_found(path: Path, what: str = "file") -> TunesmithError:
+    """'file not found', unless the path is there but cannot be followed: a symlink loop, a broken link."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return TunesmithError(f"{path}: symlink loop (the link leads back to itself); point it at the {what}")
+        if path.is_symlink():
+            return TunesmithError(f"{path}: broken symlink (it points to {os.readlink(path)}, which is not there)")
+    return TunesmithError(f"{path}: {what} not found")
 
 
 class Interrupted(TunesmithError):

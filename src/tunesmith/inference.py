@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import SafetensorError
 
 from . import inputs
-from .atomic import recover_dir, replace_dir, temp_dir_beside, temp_file_beside
+from .atomic import recover_dir, replace_dir, temp_dir_beside, temp_file_beside, write_failed
 from .config import Config, config_to_yaml, load_config
 from .errors import TunesmithError
-from .models import resolve_model
+from .models import resolve_model, weights_options
 from .strategies import load_adapter, save_weights
 from .tasks import TASKS
 
@@ -139,7 +140,12 @@ def load_model_dir(model_dir: Path, task, labels, cfg: Config) -> tuple[torch.nn
 
 
 def write_frame_atomic(df: pd.DataFrame, path: Path) -> None:
-    tmp = temp_file_beside(path)
+    """A table written under a temporary name, then renamed; a failed write (full disk, read-only place)
+    is one error line and leaves nothing behind."""
+    try:
+        tmp = temp_file_beside(path)
+    except OSError as exc:
+        raise write_failed(path, exc) from None
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
             df.to_parquet(tmp, index=False)
@@ -148,8 +154,10 @@ def write_frame_atomic(df: pd.DataFrame, path: Path) -> None:
         else:
             df.to_csv(tmp, index=False, sep="\t" if path.suffix.lower() == ".tsv" else ",")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_failed(path, exc) from None
         raise
 
 
@@ -170,7 +178,13 @@ class LoadedRun:
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        self.model, self.processor = load_model_dir(model_dir, self.task, self.labels, self.cfg)
+        weights_options(str(model_dir), self.cfg.model.allow_pickle)  # pickled weights only: refused, as train does
+        try:
+            self.model, self.processor = load_model_dir(model_dir, self.task, self.labels, self.cfg)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # e.g. weights cut short by a full disk
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TunesmithError(f"{model_dir}: the model cannot be loaded ({first}); its files may be damaged or "
+                                 "incomplete: train again (or --resume the run if it kept its checkpoints)") from None
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         self.precision = choose_precision(precision, self.device, sum(p.numel() for p in self.model.parameters()))

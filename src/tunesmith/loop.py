@@ -23,7 +23,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from .checkpoint import (TrainState, latest_checkpoint, load_checkpoint, read_state, resumable_checkpoint,
+                         save_checkpoint)
 from .errors import Interrupted, TunesmithError
 from .evaluate import is_improvement, scalar_metrics
 from .features import build_feature_cache
@@ -223,7 +224,7 @@ def _start(run) -> _Loop:
 
 
 def _resume(run, model: torch.nn.Module, optimizer, scheduler) -> TrainState:
-    ckpt = latest_checkpoint(run.run_dir)
+    ckpt = resumable_checkpoint(run.run_dir)  # the newest whole one: damaged newer ones are skipped, with a warning
     if ckpt is None:
         raise TunesmithError(f"{run.run_dir}: no checkpoint to resume from")
     for layer in unfreeze_due(run.strategy, read_state(ckpt).step):  # the optimizer groups the checkpoint has

@@ -40,7 +40,8 @@ def truncate_jsonl(path: Path, step: int) -> None:
         except json.JSONDecodeError:
             torn.append(number)
             continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
+        # the test line is written at the end, after the last checkpoint: the resumed run writes it again
+        if isinstance(record, dict) and record.get("step", 0) <= step and record.get("type") != "test":
             keep.append(line)
     if torn:
         warn(f"{path}: dropped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:5]))}"

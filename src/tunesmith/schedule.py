@@ -15,7 +15,11 @@ import math
 from dataclasses import dataclass
 
 from .config import Config
+from .errors import TunesmithError
 
+# 10 million steps: at 20 steps a second (a small model on a GPU) almost six days; a plan beyond it without a
+# time limit is a typo (epochs: 1e9), refused before anything is written
+MAX_PLANNED_STEPS = 10_000_000
 AUTO_MIN_STEPS = 300        # optimizer steps planned at least with epochs: auto
 AUTO_SMALL_BATCH, AUTO_BATCH = 16, 32  # batch_size: auto: 16 while 300 steps of 16 do not reach one pass
 AUTO_SMALL_DATA = AUTO_MIN_STEPS * AUTO_SMALL_BATCH  # 4,800 training inputs
@@ -74,6 +78,10 @@ def make_plan(cfg: Config, task, train_features: int, validation_examples: int) 
     else:
         total = max(1, math.ceil(tcfg.epochs * steps_per_epoch))
         reason = f"train.epochs {tcfg.epochs:g}"
+    if total > MAX_PLANNED_STEPS and not tcfg.time_limit:
+        raise TunesmithError(f"{reason}: {total:,} optimizer steps planned ({steps_per_epoch:,} per epoch); more "
+                             f"than {MAX_PLANNED_STEPS:,} is taken for a mistake: lower it, or set train.time_limit "
+                             "to train for a fixed time")
     eval_every = _eval_every(tcfg.eval_every_steps, auto, total, validation_examples, batch_size)
     patience = tcfg.early_stopping_patience
     if patience == "auto":

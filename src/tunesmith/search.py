@@ -14,8 +14,10 @@ ordinary training run (or a cross-validation, with search.objective: cv) in the 
 The study lives in the database, and a trial is written there the moment it finishes: a killed
 search loses only the trials that were running. Running the same command again (or --resume DIR)
 continues until search.trials trials are finished (complete or pruned); the trials a killed worker
-left RUNNING are marked failed and their parameters queued again. Several workers (processes or
-machines) given the same storage and config share one study.
+left RUNNING are marked failed and their parameters queued again. Ctrl-C or SIGTERM stops the search
+after the running trial's current step; that trial is queued again (shown as 'interrupted') and
+`tunesmith search --resume DIR` continues. Several workers (processes or machines) given the same
+storage and config share one study.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ import math
 import os
 import random
 import shutil
+import signal
 import socket
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +42,7 @@ import yaml
 from . import inputs
 from .atomic import write_text_atomic
 from .config import Config, SearchParam, StrategyConfig, apply_overrides, deep_copy, config_to_yaml, load_config
-from .errors import TunesmithError
+from .errors import Interrupted, Terminated, TunesmithError
 from .cv import fold_indices, new_folder
 from .evaluate import LOWER_IS_BETTER
 from .inference import write_frame_atomic
@@ -128,21 +133,29 @@ def _search(config, overrides, trials, storage, resume) -> SearchResult:
     # no exists() check first: two workers starting together would both see no folder, and the
     # second mkdir would fail (seen in the test suite under load)
     created = new_folder(search_dir, exist_ok=True)
-    cfg = inputs.persist(cfg, search_dir)
-    base_raw = cfg.model_dump(mode="json")  # trials read the data from the search folder's copy
-    if not saved_config.is_file() or resume is not None:
-        write_text_atomic(saved_config, config_to_yaml(cfg))
     url = scfg.storage or f"sqlite:///{(search_dir / 'study.db').resolve()}"
-    store = _storage(url)
-    study = optuna.create_study(
-        storage=store, study_name=study_name, load_if_exists=True,
-        direction="minimize" if metric in LOWER_IS_BETTER else "maximize",
-        sampler=optuna.samplers.TPESampler(seed=scfg.seed + len(_trials_of(store, study_name)),
-                                           n_startup_trials=scfg.startup_trials),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=scfg.startup_trials,
-                                           n_warmup_steps=scfg.pruning_warmup_steps)
-        if scfg.pruning else optuna.pruners.NopPruner())
-    _requeue_dead_trials(study, store, study_name)
+    try:
+        cfg = inputs.persist(cfg, search_dir)
+        base_raw = cfg.model_dump(mode="json")  # trials read the data from the search folder's copy
+        if not saved_config.is_file() or resume is not None:
+            write_text_atomic(saved_config, config_to_yaml(cfg))
+        with _database_errors(url):
+            store = _storage(url)
+            study = optuna.create_study(
+                storage=store, study_name=study_name, load_if_exists=True,
+                direction="minimize" if metric in LOWER_IS_BETTER else "maximize",
+                sampler=optuna.samplers.TPESampler(seed=scfg.seed + len(_trials_of(store, study_name)),
+                                                   n_startup_trials=scfg.startup_trials),
+                pruner=optuna.pruners.MedianPruner(n_startup_trials=scfg.startup_trials,
+                                                   n_warmup_steps=scfg.pruning_warmup_steps)
+                if scfg.pruning else optuna.pruners.NopPruner())
+            _requeue_dead_trials(study, store, study_name, search_dir)
+    except BaseException:
+        # a search that could not start (a bad or read-only storage) leaves no folder: its config.yaml
+        # would name the bad storage, and the same command with a good one be refused as another search
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished))
@@ -176,18 +189,28 @@ def _search(config, overrides, trials, storage, resume) -> SearchResult:
 
     if done < scfg.trials:
         try:
-            study.optimize(objective, catch=(_TrialFailed,),
-                           callbacks=[progress, optuna.study.MaxTrialsCallback(scfg.trials, states=finished)])
+            with _database_errors(url):
+                study.optimize(objective, catch=(_TrialFailed,),
+                               callbacks=[progress, optuna.study.MaxTrialsCallback(scfg.trials, states=finished)])
+        except (Interrupted, KeyboardInterrupt) as exc:
+            # Ctrl-C or SIGTERM, inside a trial's training (Interrupted) or between trials: the search,
+            # not the trial, is what to continue
+            signum = exc.signum if isinstance(exc, Interrupted) else \
+                signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+            raise Interrupted(f"interrupted ({signal.Signals(signum).name}); finished trials are kept, the trial "
+                              f"that was running runs again; continue with: tunesmith search --resume {search_dir}",
+                              signum) from None
         except TunesmithError:
             # A setting the checks above could not see (e.g. an unknown train.metric): if this call
             # started the search and nothing finished, leave nothing behind.
-            if created is not None and not study.get_trials(deepcopy=False, states=finished):
-                optuna.delete_study(study_name=study_name, storage=store)
-                shutil.rmtree(created, ignore_errors=True)
+            if created is not None:
+                try:
+                    if not study.get_trials(deepcopy=False, states=finished):
+                        optuna.delete_study(study_name=study_name, storage=store)
+                        shutil.rmtree(created, ignore_errors=True)
+                except Exception:  # the database may be what failed: a read-only one cannot forget the study
+                    shutil.rmtree(created, ignore_errors=True)
             raise
-        except KeyboardInterrupt:
-            raise TunesmithError(f"interrupted; finished trials are kept; continue with: "
-                                 f"tunesmith search --resume {search_dir}") from None
     result = _summarise(study, search_dir, base_raw, cfg, metric)
     if len(failures_in_a_row) >= MAX_FAILURES_IN_A_ROW:
         raise TunesmithError(f"search stopped: {len(failures_in_a_row)} trials in a row failed "
@@ -199,7 +222,7 @@ def _objective(cfg: Config, base_raw: dict, search_dir: Path, metric: str, space
     """One trial: sample, train (or cross-validate) in search_dir/trial-NNNN, return the metric."""
     import optuna
 
-    scfg, task = cfg.search, TASKS[cfg.task]
+    scfg = cfg.search
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
@@ -218,20 +241,15 @@ def _objective(cfg: Config, base_raw: dict, search_dir: Path, metric: str, space
                 return True
             return False
 
-        if scfg.objective == "cv":
-            from .cv import cross_validate
-            result = cross_validate(trial_cfg, cv_dir=search_dir / f"trial-{trial.number:04d}",
-                                    keep_models=False, on_fold=report)
-            value = result.mean.get(metric)
-        else:
-            trial_splits = task.load_splits(trial_cfg)
-            trial_splits.test = None  # the test split never takes part in choosing
-            result = train(trial_cfg, splits=trial_splits,
-                           on_evaluate=lambda step, scores: report(step, scores.get(metric)))
-            shutil.rmtree(result.run_dir / "checkpoints", ignore_errors=True)
-            if not scfg.keep_models:
-                shutil.rmtree(result.run_dir / "model", ignore_errors=True)
-            value = json.loads((result.run_dir / "metrics.json").read_text())["best_validation"][metric]
+        try:
+            value = _run_trial(scfg, trial_cfg, search_dir / f"trial-{trial.number:04d}", metric, report)
+        except (Interrupted, KeyboardInterrupt):
+            # stopped by a signal, not by its parameters: queued again (Optuna records this one as failed;
+            # trials.csv says 'interrupted') and its half-trained folder removed
+            trial.set_user_attr("interrupted", True)
+            trial.study.enqueue_trial(params, user_attrs={"requeued_from": trial.number})
+            shutil.rmtree(search_dir / f"trial-{trial.number:04d}", ignore_errors=True)
+            raise
         if pruned:
             raise optuna.TrialPruned(f"pruned at step {pruned[0]}")
         if value is None or math.isnan(value):
@@ -240,6 +258,20 @@ def _objective(cfg: Config, base_raw: dict, search_dir: Path, metric: str, space
         return float(value)
 
     return objective
+
+
+def _run_trial(scfg, trial_cfg: Config, folder: Path, metric: str, report) -> float | None:
+    """Train (or cross-validate) one trial in `folder`; its validation `metric` (None when undefined)."""
+    if scfg.objective == "cv":
+        from .cv import cross_validate
+        return cross_validate(trial_cfg, cv_dir=folder, keep_models=False, on_fold=report).mean.get(metric)
+    trial_splits = TASKS[trial_cfg.task].load_splits(trial_cfg)
+    trial_splits.test = None  # the test split never takes part in choosing
+    result = train(trial_cfg, splits=trial_splits, on_evaluate=lambda step, scores: report(step, scores.get(metric)))
+    shutil.rmtree(result.run_dir / "checkpoints", ignore_errors=True)
+    if not scfg.keep_models:
+        shutil.rmtree(result.run_dir / "model", ignore_errors=True)
+    return json.loads((result.run_dir / "metrics.json").read_text())["best_validation"][metric]
 
 
 # ---------------------------------------------------------------- the space
@@ -374,6 +406,21 @@ def _storage(url: str):
     raise AssertionError("unreachable")
 
 
+@contextmanager
+def _database_errors(url: str) -> Iterator[None]:
+    """The study database failing (read-only, locked, gone) is one line naming it, not SQLAlchemy's
+    chained tracebacks. Optuna wraps the database's own error in a generic StorageInternalError."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+        cause = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ else exc
+        reason = str(getattr(cause, "orig", None) or cause).splitlines()[0]
+        raise TunesmithError(f"search.storage {_shown_url(url)}: the study database failed ({reason})") from None
+
+
 def _retry():
     """Queue a cut-off trial's parameters once more (not forever: a trial that kills its worker
     every time would otherwise come back endlessly)."""
@@ -391,9 +438,10 @@ def _trials_of(store, study_name: str) -> list:
         return []
 
 
-def _requeue_dead_trials(study, store, study_name: str) -> None:
+def _requeue_dead_trials(study, store, study_name: str, search_dir: Path) -> None:
     """Trials left RUNNING by a killed worker of this machine: failed now, their parameters queued
-    again (the heartbeat does the same for other machines, after the grace period)."""
+    again, their half-trained folders removed (the heartbeat requeues those of other machines after the
+    grace period)."""
     import optuna
 
     here, study_id = socket.gethostname(), store.get_study_id_from_name(study_name)
@@ -404,6 +452,7 @@ def _requeue_dead_trials(study, store, study_name: str) -> None:
         trial_id = store.get_trial_id_from_study_id_trial_number(study_id, t.number)
         if store.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL):
             _retry()(study, store.get_trial(trial_id))
+            shutil.rmtree(search_dir / f"trial-{t.number:04d}", ignore_errors=True)
             log(f"trial {t.number} was cut off (worker {worker.get('pid')} is gone): marked failed, "
                  "its parameters queued again")
 
@@ -442,7 +491,8 @@ def _summarise(study, search_dir: Path, base_raw: dict, cfg: Config, metric: str
     for t in study.get_trials(deepcopy=False):
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
             if t.datetime_complete and t.datetime_start else None
-        rows.append({"number": t.number, "state": t.state.name.lower(), "value": t.value,
+        state = "interrupted" if t.user_attrs.get("interrupted") else t.state.name.lower()  # Optuna says FAIL
+        rows.append({"number": t.number, "state": state, "value": t.value,
                      "seconds": None if seconds is None else round(seconds, 1), "params": dict(t.params)})
     frame = pd.DataFrame([{**{k: v for k, v in r.items() if k != "params"},
                            **{f"param {k}": v for k, v in r["params"].items()}} for r in rows])

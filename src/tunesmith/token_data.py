@@ -14,7 +14,7 @@ import pandas as pd
 
 from .data import _decode_utf8, read_table, text_values
 from . import inputs
-from .errors import TunesmithError
+from .errors import TunesmithError, not_found
 
 RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".pq")
 
@@ -70,7 +70,7 @@ def read_sentences(path: str | Path, fmt: str, tokens_column: str, tags_column: 
         return _read_records(path, tokens_column, tags_column, text_column, require_tags)
     path = Path(path)
     if not path.is_file():
-        raise TunesmithError(f"{path}: file not found" if not path.exists() else f"{path}: is a folder, expected a file")
+        raise not_found(path) if not path.exists() else TunesmithError(f"{path}: is a folder, expected a file")
     if resolve_format(path, fmt) == "conll":
         return _read_conll(path, require_tags)
     return _read_records(path, tokens_column, tags_column, text_column, require_tags)

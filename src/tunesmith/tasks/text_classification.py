@@ -114,7 +114,7 @@ def build_model(source: str, labels: LabelSpace, cfg: Config):
 
 def load_model(folder: str | Path, cfg: Config):
     """A model this task saved (a plain Hugging Face folder), ready for evaluate/predict."""
-    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
     first_token_only(model)
     return model, text.load_tokenizer(folder, cfg)
 

@@ -204,7 +204,7 @@ def build_model(source: str, labels: LabelSpace, cfg: Config):
 
 def load_model(folder: str | Path, cfg: Config):
     """A model this task saved (a plain Hugging Face folder), ready for evaluate/predict."""
-    return AutoModelForTokenClassification.from_pretrained(folder), text.load_tokenizer(folder, cfg)
+    return AutoModelForTokenClassification.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code), text.load_tokenizer(folder, cfg)
 
 
 def save_processor(tokenizer, folder: Path) -> None:
