@@ -92,7 +92,7 @@ def test_auto_epochs_train_small_data_and_stop_early(tiny_model_dir, sentiment_c
 
 def test_refit_trains_again_on_all_rows_keeps_that_model_and_resumes(tiny_model_dir, sentiment_csv, tmp_path, capsys):
     train, test = sentiment_csv
-    cfg = tiny_config(tiny_model_dir, train, test, tmp_path / "runs", epochs="auto", batch_size="auto")
+    cfg = tiny_config(tiny_model_dir, train, test, tmp_path / "runs", epochs="auto", batch_size="auto", refit=True)
     result = tunesmith.train(cfg)
     err = capsys.readouterr().err
     run = result.run_dir
@@ -127,8 +127,10 @@ def test_refit_trains_again_on_all_rows_keeps_that_model_and_resumes(tiny_model_
 
 def test_refit_only_where_the_validation_rows_came_from_the_training_file(tiny_model_dir, sentiment_csv, tmp_path):
     train, test = sentiment_csv
-    off = tiny_config(tiny_model_dir, train, test, tmp_path / "runs", epochs="auto", max_steps=20, refit=False)
+    off = tiny_config(tiny_model_dir, train, test, tmp_path / "runs", epochs="auto", max_steps=20)  # the default
     assert "refit" not in json.loads((tunesmith.train(off).run_dir / "metrics.json").read_text())
+    budget = tiny_config(tiny_model_dir, train, test, tmp_path / "runs", max_steps=20, refit=True, time_limit="10m")
+    assert "refit" not in json.loads((tunesmith.train(budget).run_dir / "metrics.json").read_text())
     own_file = tiny_config(tiny_model_dir, train, test, tmp_path / "runs", epochs="auto", max_steps=20, refit=True)
     own_file["data"]["validation"] = str(test)
     assert "refit" not in json.loads((tunesmith.train(own_file).run_dir / "metrics.json").read_text())
