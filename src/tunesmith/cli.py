@@ -4,6 +4,7 @@ and exit with code 2."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -247,6 +248,14 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + exc.signum
     except TunesmithError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # the disk filled up somewhere without a message of its own: every write is atomic or resumable
+        print(f"error: {exc.filename or 'a file'}: {exc.strerror}; free some space, then run the command again "
+              "(a run continues where its last checkpoint is with: tunesmith train CONFIG --resume RUN)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, Terminated)

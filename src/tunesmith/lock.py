@@ -40,8 +40,11 @@ class FolderLock:
             os.close(fd)
             raise TunesmithError(f"{folder}: in use: another tunesmith process (pid {holder}) {command}; "
                                  "wait for it to end, or stop it first") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:  # the pid only names the holder in the message above; the flock is what locks
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
         return cls(Path(folder), fd)
 
     def release(self) -> None:

@@ -167,7 +167,7 @@ def setup(config, overrides=None, resume=None, splits=None, locks: ExitStack | N
         if locks is not None:
             locks.enter_context(FolderLock.acquire(run_dir, "is training in it"))
         cfg = inputs.persist(cfg, run_dir)  # in-memory data: a copy in the run folder, for --resume
-        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+        write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))  # never a half-written config
     run = Setup(cfg, task, run_dir, resume is not None, splits, labels, model, processor,
                 train_enc, val_enc, balance, metric, precision, strategy, plan, started, encode_seconds)
     _log_setup(run)
@@ -304,7 +304,7 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
         write_frame_atomic(task.predictions_frame(splits.test, test_logits, labels), run_dir / "test_predictions.csv")
         append_jsonl(run_dir / "metrics.jsonl", {"type": "test", "step": state.step,
                                                  "test": scalar_metrics(result_metrics)})
-    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(run_dir / "metrics.json", json.dumps(summary, indent=1))
     if not cfg.train.keep_checkpoints:  # the run is complete: model/ and the logs are what it keeps
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if result_metrics:
