@@ -64,12 +64,13 @@ def read_table(path: str | Path) -> Table:
         raise TunesmithError(f"{path}: file is empty")
     if suffix in (".parquet", ".pq"):
         table = _read_parquet(path)
+    elif suffix in (".jsonl", ".json"):
+        table = _read_jsonl(path)
     else:
         text = _decode_utf8(path)
         if not text.strip():
             raise TunesmithError(f"{path}: file is empty")
-        table = _read_jsonl(path, text) if suffix in (".jsonl", ".json") else \
-            _read_delimited(path, text, "\t" if suffix == ".tsv" else ",")
+        table = _read_delimited(path, text, "\t" if suffix == ".tsv" else ",")
     if len(table.df) == 0:
         raise TunesmithError(f"{path}: no data rows (only a header?)")
     return table
@@ -123,20 +124,41 @@ def _read_delimited(path: Path, text: str, sep: str) -> Table:
     return Table(pd.DataFrame(rows, columns=header, dtype=object), path, lines)
 
 
-def _read_jsonl(path: Path, text: str) -> Table:
-    records, lines = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TunesmithError(f"{path}, line {number}, char {exc.colno}: invalid JSON: {exc.msg}") from None
-        if not isinstance(record, dict):
-            raise TunesmithError(f"{path}, line {number}: expected a JSON object per line, got {type(record).__name__}")
-        records.append(record)
-        lines.append(number)
-    return Table(pd.DataFrame.from_records(records), path, lines)
+def _read_jsonl(path: Path) -> Table:
+    """One JSON object per line, read a line at a time into columns: the file is never held whole (as
+    bytes, text or a list of lines), which kept several copies of a large file in memory."""
+    columns: dict[str, list] = {}
+    lines: list[int] = []
+    try:
+        f = open(path, "rb")
+    except OSError as exc:  # no read permission, a file that vanished, an I/O error
+        raise TunesmithError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    with f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise TunesmithError(f"{path}, line {number}, byte {exc.start + 1}: not valid UTF-8 "
+                                     f"(byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TunesmithError(f"{path}, line {number}, char {exc.colno}: invalid JSON: {exc.msg}") from None
+            except RecursionError:
+                raise TunesmithError(f"{path}, line {number}: values nested too deeply") from None
+            if not isinstance(record, dict):
+                raise TunesmithError(f"{path}, line {number}: expected a JSON object per line, got {type(record).__name__}")
+            for key in record:
+                if key not in columns:  # a key first seen here: earlier rows lack it
+                    columns[key] = [None] * len(lines)
+            for key, values in columns.items():
+                values.append(record.get(key))
+            lines.append(number)
+    if not lines:
+        raise TunesmithError(f"{path}: file is empty")
+    return Table(pd.DataFrame(columns), path, lines)
 
 
 def _read_parquet(path: Path) -> Table:
