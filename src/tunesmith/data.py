@@ -132,6 +132,8 @@ def _read_jsonl(path: Path, text: str) -> Table:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise TunesmithError(f"{path}, line {number}, char {exc.colno}: invalid JSON: {exc.msg}") from None
+        except RecursionError:  # the json module parses nested arrays recursively: thousands of '[' exhaust the stack
+            raise TunesmithError(f"{path}, line {number}: values nested too deeply") from None
         if not isinstance(record, dict):
             raise TunesmithError(f"{path}, line {number}: expected a JSON object per line, got {type(record).__name__}")
         records.append(record)
