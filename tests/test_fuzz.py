@@ -250,6 +250,7 @@ def test_token_data_from_arbitrary_bytes(name, content):
 @FUZZ
 @given(conll(), st.sampled_from(["auto", "BIO", "IOB1", "BIOES"]), st.booleans())
 @example(b"EU\tB-ORG\n\nrejects\tO\n", "auto", False)
+@example(b"0\tI-0\n\n\n0\t0", "auto", False)  # a scheme error, then a bad tag in a later sentence: was a ValueError
 def test_token_data_from_structured_conll(content, scheme, repair):
     _read_token_examples("d.conll", content, tag_scheme=scheme, repair_tags=repair)
 
