@@ -26,7 +26,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.tasks import text_classification, token_classification
 
 EXAMPLES = int(os.environ.get("TUNESMITH_FUZZ_EXAMPLES", "40"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=timedelta(seconds=5), derandomize=EXAMPLES <= 100,
+FUZZ = settings(max_examples=EXAMPLES, deadline=timedelta(seconds=10), derandomize=EXAMPLES <= 100,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], database=None)
 # the whole test: generous for the long campaign, still a bound on a hang
 pytestmark = pytest.mark.timeout(max(120, EXAMPLES * 2))
@@ -202,8 +202,9 @@ def test_a_huge_field_reads_within_a_memory_bound(name, make, tmp_path):
     finally:
         tracemalloc.stop()
     assert len(examples.texts[0]) == 2_000_000
-    # a few copies of the text (bytes, decoded str, the cell) are expected; a runaway is not
-    assert peak < 12 * len(content), f"{name}: peak {peak:,} bytes for a {len(content):,}-byte file"
+    # measured: 7.2x the file for CSV/TSV (the csv module buffers a field at 4 bytes per character; 11.2x
+    # before the reader stopped copying the text into a StringIO), 3.0x for JSONL
+    assert peak < 8 * len(content), f"{name}: peak {peak:,} bytes for a {len(content):,}-byte file"
 
 
 # ---------------------------------------------------------------- token classification (CoNLL, JSONL)
