@@ -6,7 +6,7 @@ The kill moments are drawn (seeded) over the measured duration of the uninterrup
 itself killed again when its draw comes before it finishes, so one chain of kills crosses every phase; a
 chain ends when a run finishes, is compared with the reference, and the next chain starts a new run.
 
-Default: 9 kills (about a minute). TUNESMITH_FAULT_KILLS=40 runs the long campaign (docs/reliability.md).
+Default: 9 kills (about 90 s). TUNESMITH_FAULT_KILLS=40 runs the long campaign (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -190,8 +190,10 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(tiny_model_dir, tm
     run = train(_small_run(tiny_model_dir, tmp_path, "done")).run_dir
     (run / "checkpoints" / "step-0000005").mkdir(parents=True)  # a kill while they were being removed
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    (run / ".test_predictions.csv.k1ll3d_x").write_text("text,")  # a temporary file of an earlier kill
     result = train(None, resume=run)
     assert "the run has finished already (metrics.json); nothing to resume" in capsys.readouterr().err
     assert result.metrics == json.loads((run / "metrics.json").read_text())["test"]
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
     assert not (run / "checkpoints").exists()
+    assert _leftovers(run) == []

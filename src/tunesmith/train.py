@@ -21,7 +21,7 @@ import torch
 import transformers
 
 from . import inputs
-from .atomic import recover_dir, replace_dir, write_text_atomic
+from .atomic import recover_dir, remove_stale_temps, replace_dir, write_text_atomic
 from .checkpoint import latest_checkpoint
 from .config import Config, config_to_yaml, load_config, locate
 from .errors import TunesmithError
@@ -368,6 +368,7 @@ def _finished_result(run_dir: Path) -> TrainResult:
         cfg = load_config(run_dir / "config.yaml", saved=True)
         if not cfg.train.keep_checkpoints:  # a kill may have come while they were being removed
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        remove_stale_temps(run_dir)
     summary = json.loads((run_dir / "metrics.json").read_text())
     log(f"{run_dir}: the run has finished already (metrics.json); nothing to resume")
     return TrainResult(run_dir, summary.get("test") or summary.get("validation") or {}, summary.get("validation"),
