@@ -116,6 +116,7 @@ def test_resume_past_a_damaged_checkpoint_ends_as_the_uninterrupted_run(tiny_mod
     reference = json.loads((run / "metrics.json").read_text())
     newest, older = sorted((run / "checkpoints").glob("step-*"), reverse=True)[:2]
     _cut(newest / "model.safetensors")
+    (run / "metrics.json").unlink()  # as if killed before the end (a finished run has nothing to resume)
     capsys.readouterr()
 
     assert main(["train", str(cfg_path), "--resume", str(run)]) == 0
@@ -127,6 +128,7 @@ def test_resume_past_a_damaged_checkpoint_ends_as_the_uninterrupted_run(tiny_mod
 
     for ckpt in (run / "checkpoints").glob("step-*"):
         _cut(ckpt / "state.json")
+    (run / "metrics.json").unlink()
     assert main(["train", str(cfg_path), "--resume", str(run)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no usable checkpoint to resume from" in errors[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -45,6 +46,20 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# what temp_file_beside / temp_dir_beside name: '.' + the target's name + '.' + mkstemp's 8 random characters
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}")
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Remove the temporary files and folders of writes a kill cut short. Only for a folder whose lock this
+    process holds: no write of another process can be in progress there."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if _TEMP_NAME.fullmatch(path.name):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def replace_dir(tmp: Path, target: Path) -> None:

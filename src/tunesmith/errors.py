@@ -7,8 +7,16 @@ import os
 from pathlib import Path
 
 
+# Every character str.splitlines() breaks on, written as an escape: a message that quotes the user's data (a
+# column name or a token holding a newline) stays one line.
+_LINE_BREAKS = {ord(c): c.encode("unicode_escape").decode() for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
 class TunesmithError(Exception):
     """A problem with the user's input (file, config, data). The CLI prints it as one line, exit 2."""
+
+    def __init__(self, message: str = "", *args: object):
+        super().__init__(str(message).translate(_LINE_BREAKS), *args)
 
 
 def where(path: str | Path, line: int | None = None, column: str | None = None,

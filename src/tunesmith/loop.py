@@ -23,9 +23,10 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from .atomic import remove_stale_temps
 from .checkpoint import (TrainState, latest_checkpoint, load_checkpoint, read_state, resumable_checkpoint,
                          save_checkpoint)
-from .errors import Interrupted, TunesmithError
+from .errors import Interrupted
 from .evaluate import is_improvement, scalar_metrics
 from .features import build_feature_cache
 from .inference import example_outputs, pad_multiple, save_model_dir
@@ -202,14 +203,18 @@ def _start(run) -> _Loop:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(plan, tcfg.scheduler))
     model, optimizer = accelerator.prepare(run.model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    state = _resume(run, unwrapped, optimizer, scheduler) if run.resuming else TrainState()
+    state = _resume(run, unwrapped, optimizer, scheduler) if run.resuming else None
+    fresh = state is None
+    if fresh and run.resuming:  # killed before its first checkpoint: nothing was trained, the log starts again
+        (run.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    state = state or TrainState()
     trainable, total = count_parameters(model)
     log(f"model {cfg.model.name}: {count(total)} parameters, {count(trainable)} trainable; "
         f"precision {run.precision}; device {device}")
     groups = describe_groups(optimizer)
     log(f"strategy {cfg.strategy.name}; learning rate per layer: "
         + ", ".join(f"{g['name']} {g['lr']:.3g}" for g in groups))
-    if not run.resuming:
+    if fresh:
         append_jsonl(run.run_dir / "metrics.jsonl", {
             "type": "setup", "step": 0, "strategy": cfg.strategy.name, "param_groups": groups,
             "trainable_parameters": trainable, "total_parameters": total,
@@ -223,10 +228,14 @@ def _start(run) -> _Loop:
     return _Loop(run, accelerator, model, unwrapped, optimizer, scheduler, collate, state, budget, cache, cache_seconds)
 
 
-def _resume(run, model: torch.nn.Module, optimizer, scheduler) -> TrainState:
+def _resume(run, model: torch.nn.Module, optimizer, scheduler) -> TrainState | None:
+    """The state of the newest whole checkpoint, loaded; None when the run was stopped before its first one."""
+    for folder in (run.run_dir, run.run_dir / "checkpoints"):  # we hold the run's lock: no write is in progress
+        remove_stale_temps(folder)
     ckpt = resumable_checkpoint(run.run_dir)  # the newest whole one: damaged newer ones are skipped, with a warning
     if ckpt is None:
-        raise TunesmithError(f"{run.run_dir}: no checkpoint to resume from")
+        log(f"{run.run_dir}: no checkpoint yet (stopped before the first one); training from step 0")
+        return None
     for layer in unfreeze_due(run.strategy, read_state(ckpt).step):  # the optimizer groups the checkpoint has
         unfreeze(run.strategy, model, optimizer, scheduler, layer)
     state = load_checkpoint(ckpt, model, optimizer, scheduler)

@@ -21,7 +21,7 @@ import torch
 import transformers
 
 from . import inputs
-from .atomic import recover_dir, replace_dir, write_text_atomic
+from .atomic import recover_dir, remove_stale_temps, replace_dir, write_text_atomic
 from .checkpoint import latest_checkpoint
 from .config import Config, config_to_yaml, load_config, locate
 from .errors import TunesmithError
@@ -105,6 +105,8 @@ def train(config: str | Path | dict | Config | None, overrides: dict[str, Any] |
     (hyperparameter search prunes a bad trial this way).
     """
     with inputs.in_memory_data(config, overrides) as (config, overrides), ExitStack() as locks:
+        if resume is not None and _finished(Path(resume)):  # killed after its last write: nothing left to do
+            return _finished_result(Path(resume))
         if resume is not None and _refit_pending(Path(resume)):  # killed while training again on all rows
             locks.enter_context(FolderLock.acquire(Path(resume), "is training in it"))
             return refit(Path(resume))
@@ -304,7 +306,7 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
         write_frame_atomic(task.predictions_frame(splits.test, test_logits, labels), run_dir / "test_predictions.csv")
         append_jsonl(run_dir / "metrics.jsonl", {"type": "test", "step": state.step,
                                                  "test": scalar_metrics(result_metrics)})
-    write_text_atomic(run_dir / "metrics.json", json.dumps(summary, indent=1))
+    write_text_atomic(run_dir / "metrics.json", json.dumps(summary, indent=1))  # it marks the run finished
     if not cfg.train.keep_checkpoints:  # the run is complete: model/ and the logs are what it keeps
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if result_metrics:
@@ -344,6 +346,29 @@ def _wants_refit(run: Setup, degenerate: bool) -> bool:
     if skipped:
         log(f"train.refit: skipped, {skipped}")
     return skipped is None
+
+
+def _finished(run_dir: Path) -> bool:
+    """metrics.json is written (atomically) once the run has its model and test predictions; a refit still
+    pending means it is not done."""
+    try:
+        summary = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and summary.get("refit", {}).get("status") != "pending"
+
+
+def _finished_result(run_dir: Path) -> TrainResult:
+    """--resume of a finished run (a kill after its last write): say so, finish the clean-up, change nothing."""
+    with FolderLock.acquire(run_dir, "is training in it"):
+        cfg = load_config(run_dir / "config.yaml", saved=True)
+        if not cfg.train.keep_checkpoints:  # a kill may have come while they were being removed
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        remove_stale_temps(run_dir)
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    log(f"{run_dir}: the run has finished already (metrics.json); nothing to resume")
+    return TrainResult(run_dir, summary.get("test") or summary.get("validation") or {}, summary.get("validation"),
+                       summary.get("train", {}).get("samples_per_second", 0.0))
 
 
 def _refit_pending(run_dir: Path) -> bool:

@@ -80,13 +80,15 @@ class Examples:
 
 def _bio_tags(sents: Sentences, repair: bool, scheme: str) -> list[list[str]]:
     """Check every tag against the scheme and rewrite it as BIO; errors name the line."""
-    out = []
-    for i, (tags, lines) in enumerate(zip(sents.tags, sents.lines)):
+    # every tag well formed first: counting the problems of the later sentences below reads all their tags
+    for i, tags in enumerate(sents.tags):
         for j, tag in enumerate(tags):
             try:
                 tagging.split_tag(tag)
             except ValueError as exc:
                 raise TunesmithError(f"{sents.where(i, j)}: {exc}") from None
+    out = []
+    for i, tags in enumerate(sents.tags):
         spans, problems = tagging.to_spans(tags, scheme)
         if problems and not repair:
             j, message = problems[0]
