@@ -105,16 +105,17 @@ def train(config: str | Path | dict | Config | None, overrides: dict[str, Any] |
     (hyperparameter search prunes a bad trial this way).
     """
     with inputs.in_memory_data(config, overrides) as (config, overrides), ExitStack() as locks:
-        if resume is not None and _finished(Path(resume)):  # killed after its last write: nothing left to do
+        state = _run_state(Path(resume)) if resume is not None else None
+        if state == "finished":  # killed after its last write: nothing left to do
             return _finished_result(Path(resume))
-        if resume is not None and _refit_pending(Path(resume)):  # killed while training again on all rows
+        if state == "refit pending":  # killed while training again on all rows
             locks.enter_context(FolderLock.acquire(Path(resume), "is training in it"))
             return refit(Path(resume))
         run = setup(config, overrides, resume, splits, locks)
         outcome = fit(run, on_evaluate)
         # cross-validation folds (splits) and search trials (on_evaluate) are scored on their validation rows
         result = finish(run, outcome, refit_allowed=splits is None and on_evaluate is None)
-        return refit(run.run_dir) if _refit_pending(run.run_dir) else result
+        return refit(run.run_dir) if _run_state(run.run_dir) == "refit pending" else result
 
 
 # ---------------------------------------------------------------- setup
@@ -348,14 +349,16 @@ def _wants_refit(run: Setup, degenerate: bool) -> bool:
     return skipped is None
 
 
-def _finished(run_dir: Path) -> bool:
-    """metrics.json is written (atomically) once the run has its model and test predictions; a refit still
-    pending means it is not done."""
+def _run_state(run_dir: Path) -> str | None:
+    """'finished' once metrics.json is written (atomically: the run has its model and test predictions),
+    'refit pending' while a refit has still to run or finish, None before."""
     try:
         summary = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(summary, dict) and summary.get("refit", {}).get("status") != "pending"
+        return None
+    if not isinstance(summary, dict):
+        return None
+    return "refit pending" if summary.get("refit", {}).get("status") == "pending" else "finished"
 
 
 def _finished_result(run_dir: Path) -> TrainResult:
@@ -369,13 +372,6 @@ def _finished_result(run_dir: Path) -> TrainResult:
     log(f"{run_dir}: the run has finished already (metrics.json); nothing to resume")
     return TrainResult(run_dir, summary.get("test") or summary.get("validation") or {}, summary.get("validation"),
                        summary.get("train", {}).get("samples_per_second", 0.0))
-
-
-def _refit_pending(run_dir: Path) -> bool:
-    try:
-        return json.loads((run_dir / "metrics.json").read_text()).get("refit", {}).get("status") == "pending"
-    except (OSError, ValueError):
-        return False
 
 
 def refit(run_dir: Path) -> TrainResult:
