@@ -103,6 +103,14 @@ def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
+    from .report import write_report
+
+    path = write_report(args.runs, args.output)
+    print(f"tunesmith: report in {path}", file=sys.stderr)
+    return 0
+
+
 def cmd_fetch(args: argparse.Namespace, extra: list[str]) -> int:
     from . import catalog
 
@@ -216,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(func=cmd_predict)
         p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
         p.add_argument("--batch-size", type=int, default=128)
+
+    p = sub.add_parser("report", help="one self-contained HTML page of plots and tables for runs, cv or search "
+                                      "folders (several: side by side)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run, cv or search folder(s)")
+    p.add_argument("--output", help="HTML file to write (default: RUN/report.html for one folder, "
+                                    "report.html here for several)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("augment", help="show training examples before and after augmentation")
     p.add_argument("config", help="YAML config file with an augment: list")

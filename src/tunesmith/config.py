@@ -489,6 +489,20 @@ class Config(_Section):
     text_classification: TextClassificationConfig = TextClassificationConfig()
     token_classification: TokenClassificationConfig = TokenClassificationConfig()
     image_classification: ImageClassificationConfig = ImageClassificationConfig()
+    report: bool = Field(
+        True, description="write report.html (curves, confusion matrix, errors, config; see docs/report.md) into "
+                          "the run, cv or search folder when it finishes; a report that fails is a warning only")
+    tracking: list[Literal["tensorboard", "mlflow"]] = Field(
+        [], description="also log metrics, the resolved config and the report to these trackers when the run "
+                        "finishes (tensorboard: event files in <output.dir>/tensorboard/<run>; mlflow: tracking_uri)")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking server URL or store URI (e.g. http://127.0.0.1:5000, sqlite:///mlflow.db); "
+                          "default: a local file store in <output.dir>/mlruns")
+
+    @field_validator("tracking", mode="before")
+    @classmethod
+    def _one_tracker(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # `tracking: mlflow` means [mlflow]
 
     @model_validator(mode="after")
     def _settings_fit_the_task(self) -> "Config":
@@ -506,6 +520,8 @@ class Config(_Section):
         for name in TASK_NAMES:
             if name != self.task and getattr(self, name) != defaults[name]:
                 raise ValueError(f"section '{name}' applies to task {name}, not '{self.task}'")
+        if self.tracking_uri is not None and "mlflow" not in self.tracking:
+            raise ValueError("tracking_uri is for MLflow: add mlflow to tracking (tracking: [mlflow])")
         return self
 
 

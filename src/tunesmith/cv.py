@@ -37,7 +37,7 @@ from .tasks import TASKS
 from .runlog import log
 from .tasks.base import Splits, resolve_data_config, split_train
 from .tasks.base import fold_indices as base_fold_indices
-from .train import new_run_dir, train
+from .train import new_run_dir, publish, train
 
 
 
@@ -139,6 +139,8 @@ def _cross_validate(config, overrides, folds, keep_models, cv_dir, on_fold) -> C
                "keep_models": cfg.cv.keep_models, "test_ensemble": test_metrics,
                "predictions": oof_path.name}
     write_text_atomic(cv_dir / CV_INFO, json.dumps(summary, indent=1))
+    if on_fold is None:  # a search's cv trial is shown in the search's report
+        publish(cv_dir, cfg)
     return CVResult(cv_dir, fold_metrics, mean, std, pooled, test_metrics)
 
 

@@ -39,6 +39,7 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel we
 BUDGET_EVERY_STEPS = 10     # a time budget re-plans the run this often (and after every evaluation) ...
 BUDGET_PACE_STEPS = 50      # ... at the pace of the latest steps, not of the slower first ones
 FINISH_SECONDS = 0.5        # loading the best model back and writing the summary (time budget)
+TRAIN_LOG_POINTS = 100      # about this many {"type": "train"} lines (loss, lr) per run: the report's curves
 
 
 @dataclass
@@ -297,6 +298,7 @@ def _optimizer_step(lp: _Loop) -> None:
         if len(lp.paced) > 2 and state.step % BUDGET_EVERY_STEPS == 0:
             _fit_the_budget(lp, "over the latest steps")
     lp.progress.update(1)
+    _log_training(lp)
     if state.step % 10 == 0:
         lp.progress.set_postfix(loss=f"{_read_losses(lp)[-1]:.4f}", refresh=False)
     if lp.progress.disable and state.step % max(1, run.plan.total_steps // 20) == 0:  # a log file, not a terminal
@@ -309,6 +311,20 @@ def _optimizer_step(lp: _Loop) -> None:
         append_jsonl(lp.metrics_log, {"type": "unfreeze", "step": state.step, "layer": layer, "lr": lr,
                                       "trainable_parameters": now_trainable})
         log(f"step {state.step}: unfroze {layer} (lr {lr:.3g}); {count(now_trainable)} trainable")
+
+
+def _log_training(lp: _Loop) -> None:
+    """Every planned_steps / TRAIN_LOG_POINTS steps, the mean loss of those steps and the learning rate
+    (of the first layer group; the schedule scales every group alike) to metrics.jsonl, for the report's
+    loss and learning-rate curves. 100 short lines; reading the losses syncs a GPU once per line."""
+    state, every = lp.state, max(1, lp.run.plan.planned_steps // TRAIN_LOG_POINTS)
+    if state.step % every:
+        return
+    # running holds the losses since the last evaluation (checkpointed): a resumed run writes the same lines
+    recent = _read_losses(lp)[-every * lp.run.cfg.train.grad_accum_steps:]
+    if recent:
+        append_jsonl(lp.metrics_log, {"type": "train", "step": state.step, "loss": float(np.mean(recent)),
+                                      "lr": lp.scheduler.get_last_lr()[0]})
 
 
 def _end_epoch(lp: _Loop) -> None:

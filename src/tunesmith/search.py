@@ -51,7 +51,7 @@ from .tasks import TASKS
 from .runlog import log
 from .tasks.base import resolve_data_config
 from .schedule import auto_steps, resolve_batch_size, resolve_lr
-from .train import train
+from .train import publish, train
 
 # A worker writes a heartbeat this often; a RUNNING trial whose heartbeat is older than the grace
 # period belonged to a dead worker (on any machine) and is failed and retried by the next worker.
@@ -212,6 +212,7 @@ def _search(config, overrides, trials, storage, resume) -> SearchResult:
                     shutil.rmtree(created, ignore_errors=True)
             raise
     result = _summarise(study, search_dir, base_raw, cfg, metric)
+    publish(search_dir, cfg)
     if len(failures_in_a_row) >= MAX_FAILURES_IN_A_ROW:
         raise TunesmithError(f"search stopped: {len(failures_in_a_row)} trials in a row failed "
                              f"({failures_in_a_row[-1]}); see {search_dir / 'trials.csv'}")

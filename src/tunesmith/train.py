@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -110,12 +111,19 @@ def train(config: str | Path | dict | Config | None, overrides: dict[str, Any] |
             return _finished_result(Path(resume))
         if state == "refit pending":  # killed while training again on all rows
             locks.enter_context(FolderLock.acquire(Path(resume), "is training in it"))
-            return refit(Path(resume))
+            result = refit(Path(resume))
+            publish(Path(resume), load_config(Path(resume) / "config.yaml", saved=True))
+            return result
         run = setup(config, overrides, resume, splits, locks)
         outcome = fit(run, on_evaluate)
         # cross-validation folds (splits) and search trials (on_evaluate) are scored on their validation rows
-        result = finish(run, outcome, refit_allowed=splits is None and on_evaluate is None)
-        return refit(run.run_dir) if _run_state(run.run_dir) == "refit pending" else result
+        standalone = splits is None and on_evaluate is None
+        result = finish(run, outcome, refit_allowed=standalone)
+        if _run_state(run.run_dir) == "refit pending":
+            result = refit(run.run_dir)
+        if standalone:  # a fold or a trial is shown in the report of its cv or search
+            publish(run.run_dir, run.cfg)
+        return result
 
 
 # ---------------------------------------------------------------- setup
@@ -263,6 +271,7 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
         "train": {"steps": state.step, "seconds": round(outcome.train_seconds, 2),
                   "samples_per_second": round(outcome.samples_per_second, 2), "precision": run.precision,
                   "trainable_parameters": trainable, "total_parameters": total},
+        "hardware": hardware(device),
         "imbalance": run.balance.summary,
         "augment": [op.model_dump() for op in cfg.augment],
         "data": {"train": len(splits.train),
@@ -317,6 +326,33 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
         f"strategy {cfg.strategy.name}: {count(outcome.trainable_parameters)} of {count(total)} parameters "
         f"trainable, {summary['strategy']['seconds_per_epoch']:.1f}s per epoch; model in {run_dir / 'model'}")
     return TrainResult(run_dir, result_metrics, validation_metrics, outcome.samples_per_second, test_logits)
+
+
+def hardware(device: torch.device) -> dict:
+    """What the run trained on, for the report (speeds mean little without it)."""
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux names the CPU model here; platform.processor() is often empty
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"device": str(device), "cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def publish(folder: Path, cfg: Config) -> None:
+    """The end of a finished run, cv or search: report.html (config `report`) and the trackers
+    (`tracking`). Neither can fail what has finished: their errors are warnings."""
+    report_path = None
+    if cfg.report:
+        from .report import report_after
+        report_path = report_after(folder)
+    if cfg.tracking:
+        from .tracking import track_after
+        track_after(folder, cfg, report_path)
 
 
 def _warn_if_degenerate(task, metrics: dict, labels) -> bool:
@@ -395,7 +431,8 @@ def refit(run_dir: Path) -> TrainResult:
             cfg = load_config(run_dir / "config.yaml", {
                 "data.validation_fraction": 0.0, "train.refit": False, "train.max_steps": spec["steps"],
                 "train.batch_size": spec["batch_size"], "train.lr": spec["lr"], "train.keep_checkpoints": False,
-                "output.dir": str(run_dir), "output.name": REFIT_DIR}, saved=True)
+                "output.dir": str(run_dir), "output.name": REFIT_DIR,
+                "report": False, "tracking": [], "tracking_uri": None}, saved=True)  # the run reports, not refit/
             result = train(cfg)
     refit_summary = json.loads((refit_dir / "metrics.json").read_text())
     # the refit model and its test predictions replace the first run's (each move is a rename)
