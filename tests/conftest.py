@@ -69,8 +69,9 @@ def tiny_config(model_dir: Path, train: Path, test: Path | None, out: Path, **tr
     data = {"train": str(train), "validation_fraction": 0.2}
     if test is not None:
         data["test"] = str(test)
+    # report: false keeps the suite's many tiny runs at their old cost; test_report.py checks the default (on)
     return {"model": {"name": str(model_dir), "max_length": 32}, "data": data, "train": train_cfg,
-            "output": {"dir": str(out)}}
+            "output": {"dir": str(out)}, "report": False}
 
 
 @pytest.fixture
