@@ -28,6 +28,7 @@ REPORT_NAME = "report.html"
 MAX_CLASSES_DRAWN = 40      # a confusion matrix or bar chart with more classes is unreadable: a table instead
 MAX_OVERLAID = 12           # curves drawn in one overlay plot (the rest are listed, not drawn)
 IMAGE_GRID = 16
+MAX_METRICS_DRAWN = 4       # validation metrics in the training plot (all of them are in the tables)
 CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
 h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:28px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;
@@ -96,7 +97,7 @@ def _folder(run: rd.RunData) -> list[str]:
 def _run(run: rd.RunData) -> list[str]:
     out = _part("Metrics", lambda: _metrics_table(run))
     data = rd.curves(run.records)
-    out += _part("Training", lambda: _curves_figure(data, run.summary.get("best_step")))
+    out += _part("Training", lambda: _curves_figure(data, run.summary.get("best_step"), _main_metric(run)))
     out += _part("Learning rate", lambda: _lr_figure(data))
     out += _classification_parts(run, "test" if run.summary.get("test") else "validation")
     out += _part("Run facts", lambda: _table(pd.DataFrame(rd.facts(run), columns=["", ""]), header=False))
@@ -151,7 +152,7 @@ def _per_class(metrics: dict) -> str | None:
 
 # ---------------------------------------------------------------- figures
 
-def _curves_figure(data: dict, best_step: int | None) -> str | None:
+def _curves_figure(data: dict, best_step: int | None, main_metric: str | None) -> str | None:
     if not data["loss"] and not data["validation"]:
         return None
     plt = _plt()
@@ -165,10 +166,11 @@ def _curves_figure(data: dict, best_step: int | None) -> str | None:
     axes[0].set_xlabel("optimizer step")
     axes[0].set_title("loss", fontsize=10)
     axes[0].legend(fontsize=8)
-    for metric, points in data["validation"].items():
-        if metric != "loss":
-            steps, values = zip(*points)
-            axes[1].plot(steps, values, "o-", label=metric, markersize=3)
+    # the metric that picks the best checkpoint, then a few others (weighted_* and the like crowd the plot)
+    shown = sorted((m for m in data["validation"] if m != "loss"), key=lambda m: (m != main_metric, "_" in m))
+    for metric in shown[:MAX_METRICS_DRAWN]:
+        steps, values = zip(*data["validation"][metric])
+        axes[1].plot(steps, values, "o-", label=metric, markersize=3)
     if best_step is not None:
         axes[1].axvline(best_step, color="grey", linestyle=":", label=f"best step {best_step}")
     axes[1].set_xlabel("optimizer step")
