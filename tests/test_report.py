@@ -156,3 +156,17 @@ def test_a_failing_report_is_a_warning_and_report_false_skips_it(tiny_model_dir,
     monkeypatch.undo()
     result = tunesmith.train({**cfg, "report": False})
     assert not (result.run_dir / "report.html").exists() and "report in" not in capsys.readouterr().err
+
+
+def test_data_in_the_page_is_escaped():
+    from tunesmith import report_data as rd
+    from tunesmith.report import render
+
+    frame = pd.DataFrame({"text": ["<script>alert(1)</script>", "fine"], "label": ["neg", "pos"],
+                          "predicted_label": ["pos", "pos"], "prob_neg": [0.1, 0.2], "prob_pos": [0.9, 0.8]})
+    run = rd.RunData(Path("<b>run</b>"), "run", {"data": {"label_column": "label"}, "note": "</pre><i>x</i>"},
+                     {"test": {"accuracy": 0.5}}, predictions=frame)
+    page = render([run])
+    assert "Most confident mistakes (test)" in _parts(page)
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<b>run</b>" not in page and "<i>x</i>" not in page

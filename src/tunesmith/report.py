@@ -318,9 +318,10 @@ def _cv(cv: rd.RunData) -> list[str]:
 def _search(search: rd.RunData) -> list[str]:
     s = search.summary
     best = s.get("best") or {}
+    value = best.get("value")
     intro = (f"<p>{len(s.get('trials') or [])} trials; objective {_e(s.get('objective'))} {_e(s.get('metric'))} "
-             f"({_e(s.get('direction'))}); best value {_e(best.get('value'))} with "
-             f"{_e(', '.join(f'{k}={v}' for k, v in (best.get('params') or {}).items()))}</p>")
+             f"({_e(s.get('direction'))}); best value {'none yet' if value is None else f'{value:.4f}'} with "
+             f"{_e(', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in (best.get('params') or {}).items()))}</p>")
     out = [intro] + _part("Trial values", lambda: _trials_figure(search))
     out += _part("Parameter importance", lambda: _importance_figure(search))
     out += _part("Trials", lambda: _table(_trials_frame(search)))
@@ -341,6 +342,7 @@ def _trials_figure(search: rd.RunData) -> str | None:
         ax.scatter(number[mask], value[mask], marker=marker, label=state)
     ax.step(number, data["best_so_far"], where="post", color="tab:green", label="best so far")
     ax.set(xlabel="trial (in the order they started)", ylabel=search.summary.get("metric"))
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)
     return _img(fig)
 

@@ -122,7 +122,7 @@ def read_predictions(path: Path) -> pd.DataFrame | None:
         if first and isinstance(first[0], str) and first[0][:1] in "[{":
             try:
                 frame[column] = [ast.literal_eval(v) if isinstance(v, str) else v for v in frame[column]]
-            except (ValueError, SyntaxError):
+            except (ValueError, SyntaxError, RecursionError):  # text that only looks like a list
                 pass
     return frame
 
