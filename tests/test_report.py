@@ -170,3 +170,14 @@ def test_data_in_the_page_is_escaped():
     assert "Most confident mistakes (test)" in _parts(page)
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<b>run</b>" not in page and "<i>x</i>" not in page
+
+
+def test_the_learning_rate_part_marks_unfreeze_events():
+    from tunesmith import report_data as rd
+    from tunesmith.report import render
+
+    records = [{"type": "train", "step": s, "loss": 1.0 / s, "lr": 1e-3 * (1 - s / 10)} for s in range(1, 10)]
+    records += [{"type": "unfreeze", "step": 3, "layer": "layer.1"}, {"type": "unfreeze", "step": 6, "layer": "layer.0"}]
+    page = render([rd.RunData(Path("gradual"), "run", {}, {}, records=records)])
+    assert _parts(page) == ["Training", "Learning rate"]
+    assert "unfrozen: layer.1 at step 3, layer.0 at step 6" in page

@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import yaml
 
@@ -79,7 +80,7 @@ def to_mlflow(folder: Path, cfg: Config, report: Path | None) -> str:
     from mlflow.tracking import MlflowClient
 
     uri = cfg.tracking_uri or default_mlflow_uri(cfg)
-    if uri.startswith("file:"):
+    if urlparse(uri).scheme in ("", "file"):  # a folder: MLflow's file store
         # MLflow 3 keeps its file store in maintenance mode and refuses it unless this is set; a local
         # store needs no server and starts at once (a new SQLite store spends ~13 s creating its tables)
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
