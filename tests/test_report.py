@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import sentiment_rows, tiny_config
 from PIL import Image
+from test_tasks import CASES
 
 import tunesmith
-from conftest import sentiment_rows, tiny_config
-from test_tasks import CASES
 from tunesmith.cli import main
 from tunesmith.report import write_report
 
@@ -57,7 +57,7 @@ def test_finishing_writes_a_report_for_every_task_cv_and_search(runs):
     for name, page in pages.items():
         assert "could not draw" not in page, name
         assert "configuration" in " ".join(_parts(page)).lower(), name
-        assert "http" not in re.sub(r"<pre>.*?</pre>", "", page, flags=re.S).replace("http-equiv", ""), \
+        assert "http" not in re.sub(r"<pre>.*?</pre>", "", page, flags=re.DOTALL).replace("http-equiv", ""), \
             f"{name}: the page must not load anything"
     for name in CASES:
         assert {"Metrics", "Training", "Run facts"} <= set(_parts(pages[name])), name

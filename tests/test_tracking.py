@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_config
 
 import tunesmith
-from conftest import tiny_config
 from tunesmith.config import load_config
 from tunesmith.report_data import RunData
 from tunesmith.tracking import series, track_after
@@ -38,14 +38,16 @@ def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
     env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}
+    log = (root / "log").open("w")
     proc = subprocess.Popen([str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                              "--backend-store-uri", (root / "store").as_uri(),
                              "--artifacts-destination", str(root / "artifacts")],
-                            cwd=root, env=env, stdout=open(root / "log", "w"), stderr=subprocess.STDOUT,
+                            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)  # its own process group: the server and its uvicorn child
     yield {"proc": proc, "url": f"http://127.0.0.1:{port}", "log": root / "log"}
     os.killpg(proc.pid, signal.SIGKILL)  # a test server: nothing to shut down gracefully (SIGTERM took 4 s)
     proc.wait()
+    log.close()
 
 
 def _wait_for(server) -> bool:

@@ -33,7 +33,7 @@ class RunData:
     summary: dict                     # metrics.json, cv.json or search.json
     records: list[dict] = field(default_factory=list)    # metrics.jsonl (a run)
     predictions: pd.DataFrame | None = None              # test (run) or out-of-fold (cv) predictions
-    children: list["RunData"] = field(default_factory=list)  # the folds of a cv, the trials of a search
+    children: list[RunData] = field(default_factory=list)  # the folds of a cv, the trials of a search
 
     @property
     def name(self) -> str:
@@ -298,8 +298,8 @@ def facts(run: RunData) -> list[tuple[str, str]]:
         if counts:
             out.append((f"classes ({split})", ", ".join(f"{k} {v:,}" for k, v in counts.items())))
     if train:
-        out.append(("training", f"{train.get('steps')} steps in {train.get('seconds')} s, "
-                                f"{train.get('samples_per_second')} samples/s, precision {train.get('precision')}"))
+        out.append(("training", (f"{train.get('steps')} steps in {train.get('seconds')} s, "
+                                f"{train.get('samples_per_second')} samples/s, precision {train.get('precision')}")))
         if train.get("trainable_parameters"):
             out.append(("parameters", f"{train['trainable_parameters']:,} trainable of {train['total_parameters']:,}"))
     if "test_samples_per_second" in s:
@@ -310,8 +310,8 @@ def facts(run: RunData) -> list[tuple[str, str]]:
         out.append(("stopped by", s["plan"]["stopped"]))
     hw = s.get("hardware") or {}
     if hw:
-        out.append(("hardware", f"{hw.get('device')}; {hw.get('gpu') or hw.get('cpu')}; {hw.get('cpu_cores')} cores, "
-                                f"{hw.get('torch_threads')} torch threads; torch {hw.get('torch')}"))
+        out.append(("hardware", (f"{hw.get('device')}; {hw.get('gpu') or hw.get('cpu')}; {hw.get('cpu_cores')} cores, "
+                                f"{hw.get('torch_threads')} torch threads; torch {hw.get('torch')}")))
     return out
 
 
