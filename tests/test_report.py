@@ -36,7 +36,7 @@ def runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
         cfg = {**case["config"], "data": {"train": str(case["train"]), "test": str(case["test"]),
                                           "validation_fraction": 0.2},
                "output": {"dir": str(root / "runs"), "name": name}}
-        cfg["train"] = {**cfg["train"], "epochs": 2}
+        cfg["train"] = {**cfg["train"], "epochs": 1, "eval_every_steps": 4}
         out[name] = tunesmith.train(cfg).run_dir
     pd.DataFrame(sentiment_rows(96, seed=7)).to_csv(root / "train.csv", index=False)
     cfg = tiny_config(tiny_model_dir, root / "train.csv", None, root / "runs", epochs=1, eval_every_steps=2)
@@ -106,11 +106,11 @@ def test_reports_render_in_headless_chromium(runs, tmp_path):
 
 def test_cli_report_side_by_side_and_bad_input(runs, tmp_path, capsys):
     out = tmp_path / "both.html"
-    assert main(["report", str(runs["text_classification"]), str(runs["cv"]), "--output", str(out)]) == 0
+    assert main(["report", str(runs["token_classification"]), str(runs["search"]), "--output", str(out)]) == 0
     page = out.read_text()
     assert _parts(page)[0] == "Side by side" and page.count("<details>") == 2
     table = page.split("<h2>Side by side</h2>")[1].split("</table>")[0]
-    assert "text_classification" in table and ">cv<" in table and "macro_f1 (mean)" in table
+    assert "token_classification" in table and ">search<" in table and "best macro_f1" in table
     assert capsys.readouterr().err.strip() == f"tunesmith: report in {out}"
 
     assert main(["report", str(tmp_path / "missing")]) == 2
