@@ -41,7 +41,8 @@ def runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     pd.DataFrame(sentiment_rows(96, seed=7)).to_csv(root / "train.csv", index=False)
     cfg = tiny_config(tiny_model_dir, root / "train.csv", None, root / "runs", epochs=1, eval_every_steps=2)
     del cfg["report"]
-    out["cv"] = tunesmith.cv({**cfg, "output": {**cfg["output"], "name": "cv"}}, folds=2).cv_dir
+    out["cv"] = tunesmith.cv({**cfg, "output": {**cfg["output"], "name": "cv"}, "tracking": ["tensorboard"]},
+                             folds=2).cv_dir
     cfg["search"] = {"trials": 2, "startup_trials": 1, "pruning": False,
                      "space": {"train.lr": {"low": 1e-4, "high": 5e-3, "log": True}}}
     out["search"] = tunesmith.search({**cfg, "output": {**cfg["output"], "name": "search"}}).search_dir
@@ -72,6 +73,22 @@ def test_finishing_writes_a_report_for_every_task_cv_and_search(runs):
             "Confusion matrix (out-of-fold)"} <= set(_parts(pages["cv"]))
     assert {"Trial values", "Parameter importance", "Trials", "Trials overlaid"} <= set(_parts(pages["search"]))
     assert pages["text_classification"].count("data:image/png;base64,") >= 6
+    image_preds = pd.read_csv(runs["image_classification"] / "test_predictions.csv")
+    if (image_preds["predicted_label"] != image_preds["label"]).any():  # one epoch: usually some
+        grid = pages["image_classification"].split("<h2>Misclassified images (test)</h2>")[1]
+        assert grid.startswith("<div class=grid><figure><img alt='' src='data:image/png;base64,")
+
+
+def test_a_cv_folder_is_tracked_as_one_run(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(runs["cv"].parent / "tensorboard" / "cv"))
+    events.Reload()
+    info = json.loads((runs["cv"] / "cv.json").read_text())
+    assert [(e.step, e.value) for e in events.Scalars("fold/macro_f1")] == \
+        [(i, pytest.approx(f["macro_f1"])) for i, f in enumerate(info["per_fold"], start=1)]
+    assert events.Scalars("cv_mean/accuracy")[0].value == pytest.approx(info["mean"]["accuracy"])
+    assert (runs["cv"].parent / "tensorboard" / "cv" / "report.html").is_file()
 
 
 def _screenshot(page: Path, png: Path, profile: Path) -> subprocess.Popen:
