@@ -35,6 +35,9 @@ def _free_port() -> int:
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on a free loopback port. Started when the module starts: it needs ~10 s to
     come up, which the first test's training overlaps."""
+    if not MLFLOW.is_file():
+        yield None
+        return
     root = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
     env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}
@@ -121,6 +124,8 @@ def test_a_run_logs_to_tensorboard_and_the_local_mlflow_store(tracked_run):
 
 
 def test_a_real_mlflow_server_on_loopback(tracked_run, mlflow_server, tmp_path, capsys):
+    if mlflow_server is None:
+        pytest.skip(f"no mlflow command at {MLFLOW}")
     if not _wait_for(mlflow_server):
         pytest.skip(f"mlflow server did not start: {mlflow_server['log'].read_text()[-500:]}")
     cfg = load_config(tracked_run / "config.yaml", {"tracking": ["mlflow"], "tracking_uri": mlflow_server["url"]},
