@@ -198,3 +198,20 @@ def test_the_learning_rate_part_marks_unfreeze_events():
     page = render([rd.RunData(Path("gradual"), "run", {}, {}, records=records)])
     assert _parts(page) == ["Training", "Learning rate"]
     assert "unfrozen: layer.1 at step 3, layer.0 at step 6" in page
+
+
+def test_many_classes_give_tables_instead_of_unreadable_plots():
+    from tunesmith import report_data as rd
+    from tunesmith.report import MAX_CLASSES_DRAWN, render
+
+    n = MAX_CLASSES_DRAWN + 1
+    matrix = np.eye(n, dtype=int) * 3
+    matrix[0, 1] = 2
+    names = [f"c{i}" for i in range(n)]
+    metrics = {"accuracy": 0.9, "confusion_matrix": matrix.tolist(),
+               "per_class": {c: {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 3} for c in names}}
+    page = render([rd.RunData(Path("many"), "run", {}, {"test": metrics})])
+    confusion = page.split("<h2>Confusion matrix (test)</h2>")[1].split("<h2>")[0]
+    assert f"{n} classes: the most frequent confusions" in confusion and "<img" not in confusion
+    assert "<td>c0</td>" in confusion and "<td>c1</td>" in confusion and "<td>2</td>" in confusion
+    assert "<img" not in page.split("<h2>Per class (test)</h2>")[1]

@@ -85,6 +85,9 @@ def test_confusion_and_per_class_from_saved_metrics():
     assert names == ["a", "b"] and matrix.tolist() == [[1, 1], [0, 1]]
     assert rd.per_class(metrics)[0] == {"name": "a", "precision": 1.0, "recall": 0.5, "f1": 0.667, "support": 2}
     assert rd.confusion({"per_class": metrics["per_class"]}) is None  # NER: per type, no matrix
+    many = np.diag([5, 5, 5]) + np.array([[0, 3, 0], [1, 0, 0], [0, 7, 0]])
+    assert rd.top_confusions(many, ["a", "b", "c"], k=2).values.tolist() == [["c", "b", 7], ["a", "b", 3]]
+    assert rd.top_confusions(np.diag([2, 2]), ["a", "b"]).empty
 
 
 def test_tag_errors_list_sentences_with_wrong_tags_most_confident_first():

@@ -25,7 +25,7 @@ from .errors import TunesmithError
 from .runlog import log, warn
 
 REPORT_NAME = "report.html"
-MAX_CLASSES_DRAWN = 40      # a confusion matrix or bar chart with more classes is unreadable: a table instead
+MAX_CLASSES_DRAWN = 40      # a confusion matrix or bar chart with more classes is unreadable: tables instead
 MAX_OVERLAID = 12           # curves drawn in one overlay plot (the rest are listed, not drawn)
 IMAGE_GRID = 16
 MAX_METRICS_DRAWN = 4       # validation metrics in the training plot (all of them are in the tables)
@@ -202,7 +202,8 @@ def _confusion_figure(metrics: dict) -> str | None:
         return None
     matrix, names = found
     if len(names) > MAX_CLASSES_DRAWN:
-        return _table(pd.DataFrame(matrix, index=names, columns=names), index=True)
+        return f"<p class=note>{len(names)} classes: the most frequent confusions</p>" + \
+            (_table(rd.top_confusions(matrix, names)) or "<p>none</p>")
     size = min(10, 2.5 + 0.45 * len(names))
     fig, ax = _plt().subplots(figsize=(size, size * 0.85))
     image = ax.imshow(matrix, cmap="Blues")

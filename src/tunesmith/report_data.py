@@ -186,6 +186,16 @@ def confusion(metrics: dict) -> tuple[np.ndarray, list[str]] | None:
     return np.asarray(matrix), list(per_class)
 
 
+def top_confusions(matrix: np.ndarray, names: list[str], k: int = 20) -> pd.DataFrame:
+    """The k largest off-diagonal cells (true class, predicted class, count): the readable part of a
+    confusion matrix with too many classes to draw."""
+    off = matrix.astype(float).copy()
+    np.fill_diagonal(off, 0)
+    flat = np.argsort(-off, axis=None, kind="stable")[:k]
+    rows = [(names[i], names[j], int(matrix[i, j])) for i, j in zip(*np.unravel_index(flat, off.shape)) if off[i, j] > 0]
+    return pd.DataFrame(rows, columns=["true", "predicted", "count"])
+
+
 def per_class(metrics: dict) -> list[dict]:
     """One row per class (or entity type): precision, recall, F1, support, as saved."""
     return [{"name": name, **row} for name, row in (metrics.get("per_class") or {}).items() if isinstance(row, dict)]
