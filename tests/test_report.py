@@ -72,6 +72,8 @@ def test_finishing_writes_a_report_for_every_task_cv_and_search(runs):
     assert {"Folds (mean and sample standard deviation)", "Folds overlaid",
             "Confusion matrix (out-of-fold)"} <= set(_parts(pages["cv"]))
     assert {"Trial values", "Parameter importance", "Trials", "Trials overlaid"} <= set(_parts(pages["search"]))
+    trials = json.loads((runs["search"] / "search.json").read_text())["trials"]
+    assert all(t["started"] for t in trials) and "<th>started</th>" in pages["search"]  # values over time
     assert pages["text_classification"].count("data:image/png;base64,") >= 6
     image_preds = pd.read_csv(runs["image_classification"] / "test_predictions.csv")
     if (image_preds["predicted_label"] != image_preds["label"]).any():  # one epoch: usually some

@@ -136,6 +136,11 @@ def test_trial_values_best_so_far_follows_the_direction():
     assert np.isnan(up["value"][3])
     down = rd.trial_values(rd.RunData(None, "search", {}, {"trials": trials, "direction": "minimize"}))
     assert down["best_so_far"] == [0.6, 0.6, 0.6, 0.6, 0.5]
+    assert up["minutes"] is None  # a search.json from before trials recorded their start
+    for t, start in zip(trials, ["10:00:00", "10:00:30", "10:01:30", "10:03:00", "10:04:00"]):
+        t["started"] = f"2026-12-01T{start}"
+    timed = rd.trial_values(rd.RunData(None, "search", {}, {"trials": trials[::-1], "direction": "maximize"}))
+    assert timed["number"] == [0, 1, 2, 3, 4] and timed["minutes"] == [0.0, 0.5, 1.5, 3.0, 4.0]
 
 
 def test_fold_table_and_comparison():

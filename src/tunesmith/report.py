@@ -337,13 +337,15 @@ def _trials_figure(search: rd.RunData) -> str | None:
     if not data["number"]:
         return None
     fig, ax = _plt().subplots(figsize=(8, 3.2))
-    number, value = np.asarray(data["number"]), np.asarray(data["value"])
+    x, value = np.asarray(data["minutes"] or data["number"]), np.asarray(data["value"])
     for state, marker in (("complete", "o"), ("pruned", "x")):
         mask = np.asarray([st == state for st in data["state"]])
-        ax.scatter(number[mask], value[mask], marker=marker, label=state)
-    ax.step(number, data["best_so_far"], where="post", color="tab:green", label="best so far")
-    ax.set(xlabel="trial (in the order they started)", ylabel=search.summary.get("metric"))
-    ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.scatter(x[mask], value[mask], marker=marker, label=state)
+    ax.step(x, data["best_so_far"], where="post", color="tab:green", label="best so far")
+    ax.set(xlabel="minutes after the first trial started" if data["minutes"] else "trial (in the order they started)",
+           ylabel=search.summary.get("metric"))
+    if not data["minutes"]:
+        ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)
     return _img(fig)
 

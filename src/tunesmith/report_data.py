@@ -383,7 +383,8 @@ def fold_table(cv: RunData) -> pd.DataFrame:
 
 
 def trial_values(search: RunData) -> dict:
-    """Trial number, value and state of every trial, and the best value so far (by the study's direction)."""
+    """Trial number, value and state of every trial, the best value so far (by the study's direction), and
+    when each trial started (minutes after the first; None for searches that did not record it)."""
     trials = sorted(search.summary.get("trials") or [], key=lambda t: t["number"])
     maximize = search.summary.get("direction", "maximize") == "maximize"
     numbers, values, states, best_so_far, best = [], [], [], [], None
@@ -395,7 +396,12 @@ def trial_values(search: RunData) -> dict:
         if value is not None and t.get("state") == "complete":
             best = value if best is None else max(best, value) if maximize else min(best, value)
         best_so_far.append(np.nan if best is None else float(best))
-    return {"number": numbers, "value": values, "state": states, "best_so_far": best_so_far}
+    starts = [t.get("started") for t in trials]
+    minutes = None
+    if trials and all(starts):  # searches written before trials recorded their start: by number only
+        first = min(pd.Timestamp(x) for x in starts)
+        minutes = [round((pd.Timestamp(x) - first).total_seconds() / 60, 3) for x in starts]
+    return {"number": numbers, "value": values, "state": states, "best_so_far": best_so_far, "minutes": minutes}
 
 
 def importance(search: RunData) -> dict[str, float]:

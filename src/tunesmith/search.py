@@ -494,7 +494,9 @@ def _summarise(study, search_dir: Path, base_raw: dict, cfg: Config, metric: str
             if t.datetime_complete and t.datetime_start else None
         state = "interrupted" if t.user_attrs.get("interrupted") else t.state.name.lower()  # Optuna says FAIL
         rows.append({"number": t.number, "state": state, "value": t.value,
-                     "seconds": None if seconds is None else round(seconds, 1), "params": dict(t.params)})
+                     "seconds": None if seconds is None else round(seconds, 1),
+                     "started": t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else None,
+                     "params": dict(t.params)})
     frame = pd.DataFrame([{**{k: v for k, v in r.items() if k != "params"},
                            **{f"param {k}": v for k, v in r["params"].items()}} for r in rows])
     write_frame_atomic(frame, search_dir / "trials.csv")
