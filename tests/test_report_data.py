@@ -177,3 +177,18 @@ def test_load_folder_refuses_what_is_not_a_finished_folder(tmp_path):
     (tmp_path / "half" / "metrics.jsonl").write_text('{"type": "eval", "step": 1}\n{"type": "ev')  # torn last line
     run = rd.load_folder(tmp_path / "half")
     assert run.kind == "run" and run.records == [{"type": "eval", "step": 1}] and run.predictions is None
+
+
+def test_facts_name_sizes_classes_speed_hardware_and_a_refit():
+    summary = {"data": {"train": 900, "validation": 100, "test": 300},
+               "imbalance": {"distribution": {"train": {"neg": 450, "pos": 450}}},
+               "train": {"steps": 60, "seconds": 12.5, "samples_per_second": 76.8, "precision": "fp32",
+                         "trainable_parameters": 10, "total_parameters": 20},
+               "refit": {"status": "done", "rows": 1000, "steps": 60, "seconds": 13.0},
+               "hardware": {"device": "cpu", "cpu": "AMD EPYC", "cpu_cores": 2, "torch_threads": 2, "torch": "2.14.1"}}
+    facts = dict(rd.facts(rd.RunData(None, "run", {}, summary)))
+    assert facts["examples"] == "train 900, validation 100, test 300"
+    assert facts["classes (train)"] == "neg 450, pos 450"
+    assert facts["training"] == "60 steps in 12.5 s, 76.8 samples/s, precision fp32"
+    assert facts["refit"].startswith("trained again on 1000 rows (train + validation) for 60 steps")
+    assert facts["hardware"] == "cpu; AMD EPYC; 2 cores, 2 torch threads; torch 2.14.1"

@@ -316,6 +316,9 @@ def facts(run: RunData) -> list[tuple[str, str]]:
         out.append(("evaluation speed", f"{s['test_samples_per_second']} samples/s (test split)"))
     if s.get("best_step") is not None:
         out.append(("best checkpoint", f"step {s['best_step']} ({_shown(s.get('best_validation'))})"))
+    if (s.get("refit") or {}).get("status") == "done":  # the curves are the first run's; the model and test are the refit's
+        out.append(("refit", (f"trained again on {s['refit'].get('rows')} rows (train + validation) for "
+                             f"{s['refit'].get('steps')} steps in {s['refit'].get('seconds')} s; the test metrics are its")))
     if (s.get("plan") or {}).get("stopped"):
         out.append(("stopped by", s["plan"]["stopped"]))
     hw = s.get("hardware") or {}
