@@ -289,6 +289,10 @@ def _bad(change: str, cfg: dict) -> dict:
         cfg["distill"]["alpha"] = 1.5
     elif change == "image augmentation":
         cfg["task"], cfg["augment"] = "image_classification", [{"op": "flip"}]
+    elif change == "label smoothing":
+        cfg["task"], cfg["image_classification"] = "image_classification", {"label_smoothing": 0.1}
+    elif change == "oversample with unlabeled":
+        cfg["data"]["unlabeled"], cfg["imbalance"] = "u.csv", {"method": "oversample"}
     elif change == "regression":
         cfg["data"]["problem_type"] = "regression"
     return cfg
@@ -301,6 +305,8 @@ def _bad(change: str, cfg: dict) -> dict:
     ("alpha above 1", "distill.alpha: Input should be less than or equal to 1"),
     ("image augmentation", "distill.teacher with image augmentation is not supported"),
     ("regression", "not problem_type 'regression'"),
+    ("label smoothing", "label_smoothing both soften the targets"),
+    ("oversample with unlabeled", "oversample draws labelled examples only: not with data.unlabeled"),
 ])
 def test_bad_distill_settings_are_one_line_errors(text_teacher, tmp_path, change, message):
     cfg = _bad(change, _student_cfg(text_teacher, tmp_path / "runs", "bad"))
@@ -351,3 +357,22 @@ def test_kill_and_resume_with_a_teacher_ends_as_an_uninterrupted_run(text_teache
     from safetensors.torch import load_file
     a, b = load_file(ref / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+# ---------------------------------------------------------------- images
+
+def test_image_distillation_uses_the_teachers_outputs_per_image(tmp_path):
+    from test_tasks import _image_case
+    case = _image_case(tmp_path)
+    cfg = {**case["config"], "data": {"train": str(case["train"]), "test": str(case["test"]),
+                                      "validation_fraction": 0.2},
+           "output": {"dir": str(tmp_path / "runs")}}
+    cfg["train"] = {**cfg["train"], "max_steps": 2}
+    teacher = tunesmith.train({**cfg, "output": {**cfg["output"], "name": "teacher"}}).run_dir
+    student = {**cfg, "distill": {"teacher": str(teacher)}, "output": {**cfg["output"], "name": "student"}}
+    run = _setup(student)
+    fresh = LoadedRun(teacher, precision="fp32").logits(run.splits.train)
+    np.testing.assert_allclose(np.stack(run.teacher.targets), np.asarray(fresh), atol=1e-5)
+    result = tunesmith.train(student)
+    d = json.loads((result.run_dir / "metrics.json").read_text())["distill"]
+    assert d["teacher"] == str(teacher) and "accuracy" in d["teacher_test"]

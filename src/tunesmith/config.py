@@ -546,6 +546,9 @@ class Config(_Section):
         if self.task == "image_classification" and self.augment:
             raise ValueError("distill.teacher with image augmentation is not supported: the teacher's outputs are "
                              "computed once per image, and augmentation changes the image every epoch")
+        if self.image_classification.label_smoothing:
+            raise ValueError("distill.teacher and image_classification.label_smoothing both soften the targets: "
+                             "use one (the teacher's are per image)")
         if self.data.unlabeled is not None and self.imbalance.method == "oversample":
             raise ValueError("imbalance.method oversample draws labelled examples only: not with data.unlabeled")
 

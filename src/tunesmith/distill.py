@@ -272,7 +272,10 @@ def _joined(enc: Encoded, extra: Encoded) -> Encoded:
 def _check_words(teacher: Teacher, task, examples, student_enc: Encoded) -> None:
     """Token classification: every word the student learns should have the teacher's output; words past
     the teacher's max_length have none (they learn from their labels only), said once."""
-    missing = sum(int(np.isnan(t).any(axis=-1).sum()) for t in teacher.targets if np.ndim(t) == 2)
+    per_word = [t for t in teacher.targets if np.ndim(t) == 2]
+    if not per_word:  # one row per input: nothing to line up
+        return
+    missing = sum(int(np.isnan(t).any(axis=-1).sum()) for t in per_word)
     teacher.summary["words_without_soft_target"] = missing
     if missing:
         warn(f"distill: {missing} word(s) lie past the teacher's max_length ({teacher.cfg.model.max_length} "

@@ -293,6 +293,8 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
     }
     if run.teacher is not None:
         summary["distill"] = distill.summary(run.teacher, cfg)
+    elif cfg.distill.student_layers:
+        summary["distill"] = {"student_layers": cfg.distill.student_layers}
     result_metrics: dict = {}
     validation_metrics, test_logits = None, None
     if run.val_enc is not None:
