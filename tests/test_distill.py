@@ -376,3 +376,22 @@ def test_image_distillation_uses_the_teachers_outputs_per_image(tmp_path):
     result = tunesmith.train(student)
     d = json.loads((result.run_dir / "metrics.json").read_text())["distill"]
     assert d["teacher"] == str(teacher) and "accuracy" in d["teacher_test"]
+
+
+def test_with_augmentation_only_the_changed_inputs_go_through_the_teacher(text_teacher, tmp_path):
+    cfg = _student_cfg(text_teacher, tmp_path, "aug")
+    cfg["augment"] = [{"op": "swap", "p": 0.3}, {"op": "delete", "p": 0.3, "rate": 0.2}]
+    run = _setup(cfg)
+    t, n = run.teacher, len(run.splits.train)
+    before = t.summary["forward_inputs"]
+    enc1 = run.task.encode(run.processor, run.splits.train, run.cfg, train=True, epoch=1)
+    distill.epoch_inputs(t, run.task, run.processor, run.splits.train, enc1, run.cfg, epoch=1)
+    new = t.summary["forward_inputs"] - before
+    assert 0 < new < n  # some inputs changed between epochs 0 and 1, and only those went through the teacher
+    # the targets are the teacher's outputs on epoch 1's augmented inputs, as a fresh pass gives them
+    from tunesmith.inference import predict_outputs
+    teacher_enc = t.task.encode(t.processor, run.splits.train, t.cfg, train=True, epoch=1)
+    fresh, _ = predict_outputs(t.model, t.task, teacher_enc.features, teacher_enc.lengths,
+                               t.task.make_collate(t.processor, 1), 64, t.device, "fp32")
+    np.testing.assert_allclose(np.stack(t.targets), np.stack(fresh), atol=1e-5)
+    assert [f["input_ids"] for f in enc1.features] != [f["input_ids"] for f in run.train_enc.features]
