@@ -4,10 +4,10 @@ loss = alpha * T^2 * KL(p_teacher || p_student, both at temperature T) + (1 - al
 The T^2 keeps the soft term's gradients at the hard term's scale whatever T is (Hinton et al. 2015).
 
 The teacher's outputs are computed once, before training: one forward pass over the training inputs
-(and data.unlabeled), kept per input and reused every epoch. Text inputs are keyed by their token ids, so
-they are also kept on disk ($TUNESMITH_CACHE/teacher_outputs, read memory-mapped) for a resumed run or the
-next run with the same teacher; with text augmentation, only the inputs an epoch's augmentation changed
-go through the teacher again. The teacher reads the examples with its own tokenizer: for token
+(and data.unlabeled), kept in memory per input and reused every epoch. Text inputs are keyed by their token
+ids, so they are also kept on disk ($TUNESMITH_CACHE/teacher_outputs, one file per teacher and input set) for
+a resumed run or the next run with the same teacher and inputs; with text augmentation, only the inputs an
+epoch's augmentation changed go through the teacher again. The teacher reads the examples with its own tokenizer: for token
 classification the two sides meet at the words (both read the same words; each word's soft target sits
 on the student's first sub-token of that word), so different tokenizers line up.
 """
