@@ -261,18 +261,17 @@ def test_student_layers_trains_a_smaller_model(text_teacher, tmp_path):
 
 # ---------------------------------------------------------------- refused up front, in one line
 
-def test_a_teacher_with_other_labels_is_refused_in_one_line(text_teacher, tmp_path, cli_env):
+def test_a_teacher_with_other_labels_is_refused_in_one_line(text_teacher, tmp_path):
+    # (the CLI prints a TunesmithError as this one line with exit code 2: tests/test_tasks.py)
     rows = pd.DataFrame(sentiment_rows(60, seed=3))
     rows["label"] = rows["label"].map({"pos": "good", "neg": "bad"})
     rows.to_csv(tmp_path / "other.csv", index=False)
     cfg = _student_cfg(text_teacher, tmp_path / "runs", "x")
     cfg["data"] = {"train": str(tmp_path / "other.csv")}
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run(TUNESMITH + ["train", str(tmp_path / "cfg.yaml")], capture_output=True, text=True,
-                          env=cli_env, cwd=tmp_path)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: distill.teacher {text_teacher['run']}: its labels (neg, pos) are not the training data's "
+    with pytest.raises(TunesmithError) as err:
+        tunesmith.train(cfg)
+    assert str(err.value) == (
+        f"distill.teacher {text_teacher['run']}: its labels (neg, pos) are not the training data's "
         "(bad, good); the teacher must predict the same label names")
     assert not (tmp_path / "runs").exists()
 

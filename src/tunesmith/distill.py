@@ -30,10 +30,10 @@ from . import catalog, inputs
 from .atomic import temp_file_beside
 from .config import Config
 from .errors import TunesmithError, not_found
-from .inference import RUN_INFO, LoadedRun, pad_multiple, predict_outputs
+from .inference import RUN_INFO, LoadedRun, choose_precision, pad_multiple, predict_outputs
 from .layouts import find_layout
 from .models import count_parameters, weights_options
-from .runlog import count, log, warn
+from .runlog import count, warn
 from .tasks.base import IGNORE, Encoded
 
 
@@ -77,7 +77,7 @@ def keep_blocks(model: torch.nn.Module, n: int, name: str) -> list[int]:
 
 # ---------------------------------------------------------------- loading and checking the teacher
 
-def load_teacher(cfg: Config, task, labels, precision: str) -> Teacher:
+def load_teacher(cfg: Config, task, labels) -> Teacher:
     """The teacher model, checked: same task, same label names (in any order), weights loaded safely."""
     source = cfg.distill.teacher
     path = Path(source)
@@ -107,6 +107,7 @@ def load_teacher(cfg: Config, task, labels, precision: str) -> Teacher:
                              f"({_shown(labels.names)}); the teacher must predict the same label names")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
+    precision = choose_precision(cfg.train.precision, device, count_parameters(model)[1], task.cpu_bf16_needs_amx())
     # the teacher reads as it was trained to (its max_length...), and augments as this run does
     teacher_cfg = teacher_cfg.model_copy(update={"augment": cfg.augment, "train": teacher_cfg.train.model_copy(
         update={"seed": cfg.train.seed})})

@@ -154,9 +154,7 @@ def setup(config, overrides=None, resume=None, splits=None, locks: ExitStack | N
         log(f"distill.student_layers: kept blocks {', '.join(map(str, kept))} of {cfg.model.name}")
     teacher = None
     if cfg.distill.teacher is not None:  # checked (task, labels) before anything is computed or written
-        teacher = distill.load_teacher(cfg, task, labels, "fp32")
-        teacher.precision = choose_precision(tcfg.precision, parameters=count_parameters(teacher.model)[1],
-                                             cpu_needs_amx=task.cpu_bf16_needs_amx())
+        teacher = distill.load_teacher(cfg, task, labels)
     encode_started = time.perf_counter()  # tokenizing, or decoding the images once
     train_enc = task.encode(processor, splits.train, cfg, train=True)
     val_enc = task.encode(processor, splits.validation, cfg) if splits.validation else None
@@ -345,7 +343,7 @@ def _teacher_test(run: Setup) -> dict:
     seconds = time.perf_counter() - started
     scores = scalar_metrics(run.task.compute_metrics(outputs, run.splits.test.targets, run.labels))
     log("distill: teacher on the test split: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
-        + f" ({len(enc.features)} inputs in {seconds:.1f}s, teacher outputs cached after the first run)")
+        + f" ({len(enc.features)} inputs in {seconds:.1f}s)")
     return scores
 
 
