@@ -253,6 +253,12 @@ def test_student_layers_keeps_evenly_spread_blocks_and_saves_a_plain_model(tmp_p
 
 def test_student_layers_trains_a_smaller_model(text_teacher, tmp_path):
     cfg = _student_cfg(text_teacher, tmp_path, "small", student_layers=1)
+    # starting from the teacher's own blocks: model.name is the teacher's model folder
+    from_teacher = {**cfg, "model": {**cfg["model"], "name": str(text_teacher["run"] / "model")}}
+    run = _setup(from_teacher)
+    teacher_block = LoadedRun(text_teacher["run"]).model.bert.encoder.layer[0].state_dict()
+    assert len(run.model.bert.encoder.layer) == 1
+    assert all(torch.equal(v, teacher_block[k]) for k, v in run.model.bert.encoder.layer[0].state_dict().items())
     result = tunesmith.train({**cfg, "train": {**cfg["train"], "max_steps": 4}})
     saved = json.loads((result.run_dir / "model" / "config.json").read_text())
     assert saved["num_hidden_layers"] == 1
