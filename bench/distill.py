@@ -9,7 +9,7 @@ has metrics.json is read, not trained again, so the teacher can be trained first
   minilm             minilm-l6 (22.7M) trained alone on the same rows, defaults
   distill            minilm-l6 distilled from the teacher (labelled rows only)
   distill_unlabeled  the same plus the plot synopses of the training films (their first two sentences) as
-                     data.unlabeled: 850 texts the teacher labels; no label is ever read from them
+                     data.unlabeled: 849 texts the teacher labels; no label is ever read from them
   student3           minilm-l6 cut to 3 of its 6 blocks (distill.student_layers: 3), distilled, labelled rows
   student3_alone     the same 3-block student trained on the labels alone (no teacher)
   student3_unlabeled the 3-block student distilled with the unlabelled texts too
@@ -66,6 +66,7 @@ def prepare(work: Path, train_rows: int, test_rows: int) -> dict:
     # a synopsis averages 110 words (most cut at 128 tokens); its first two sentences keep the teacher's
     # pass over them as short as the reviews'
     plots["text"] = plots["text"].str.split(r"(?<=[.!?])\s+", regex=True).str[:2].str.join(" ")
+    plots = plots[plots["text"].fillna("").str.strip().astype(bool)]  # one synopsis is empty
     plots[["text"]].to_csv(data / "unlabeled.csv", index=False)
     return {"train": data / "train.csv", "test": data / "test.csv", "unlabeled": data / "unlabeled.csv",
             "n_train": len(train), "n_test": len(test), "n_unlabeled": len(plots)}
