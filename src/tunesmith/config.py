@@ -68,6 +68,9 @@ class DataConfig(_Section):
     label_separator: str = Field("|", description="separates labels of a multi-label row in CSV/TSV")
     validation_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="share of train held out for validation when no file is given")
+    unlabeled: str | None = Field(
+        None, description="extra inputs without labels (texts, sentences or images, read like train) that "
+                          "distill.teacher labels: the student learns them from the teacher's soft targets only")
 
     @model_validator(mode="after")
     def _needs_some_data(self) -> "DataConfig":
@@ -362,6 +365,27 @@ class CutmixOp(_AugmentOp):
     alpha: float = Field(1.0, gt=0, description="pasted-box area share drawn from Beta(alpha, alpha)")
 
 
+class DistillConfig(_Section):
+    """Knowledge distillation (see distill.py): the student (model.name) learns from a teacher's soft targets."""
+    teacher: str | None = Field(
+        None, description="a tunesmith run folder (or its model/) or a model folder with the same label names; "
+                          "null: no teacher")
+    temperature: float = Field(2.0, gt=0, description="softens both sides' probabilities in the soft-target term")
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="loss = alpha x T^2 x KL(teacher || student at temperature T) + (1 - alpha) "
+                                     "x the hard-label loss (unlabeled inputs: the soft term only)")
+    student_layers: int | None = Field(
+        None, ge=1, description="keep this many of model.name's transformer blocks, evenly spread (the first and "
+                                "the last included), as the student's start; null: all of them")
+
+    @model_validator(mode="after")
+    def _settings_need_a_teacher(self) -> "DistillConfig":
+        for key in ("temperature", "alpha"):
+            if self.teacher is None and getattr(self, key) != type(self).model_fields[key].default:
+                raise ValueError(f"'{key}' applies with a teacher: set distill.teacher")
+        return self
+
+
 TEXT_AUGMENT_OPS = ("swap", "delete", "insert", "synonym", "contextual")
 IMAGE_AUGMENT_OPS = ("random_resized_crop", "flip", "rotate", "randaugment", "trivialaugment", "mixup", "cutmix")
 AugmentOp = Annotated[SwapOp | DeleteOp | InsertOp | SynonymOp | ContextualOp | RandomResizedCropOp | FlipOp
@@ -482,6 +506,7 @@ class Config(_Section):
     cv: CVConfig = CVConfig()
     search: SearchConfig = SearchConfig()
     imbalance: ImbalanceConfig = ImbalanceConfig()
+    distill: DistillConfig = DistillConfig()
     augment: list[AugmentOp] = Field(
         [], description="operations applied on the fly to training examples, in order, each with probability p "
                         "(text: swap, delete, insert, synonym, contextual; images: random_resized_crop, flip, "
@@ -516,6 +541,7 @@ class Config(_Section):
             if op.op in wrong:
                 raise ValueError(f"augment: '{op.op}' is for {'images' if op.op in IMAGE_AUGMENT_OPS else 'text'}, "
                                  f"not task {self.task}")
+        self._check_distill()
         defaults = {name: type(getattr(self, name))() for name in TASK_NAMES}
         for name in TASK_NAMES:
             if name != self.task and getattr(self, name) != defaults[name]:
@@ -523,6 +549,24 @@ class Config(_Section):
         if self.tracking_uri is not None and "mlflow" not in self.tracking:
             raise ValueError("tracking_uri is for MLflow: add mlflow to tracking (tracking: [mlflow])")
         return self
+
+    def _check_distill(self) -> None:
+        teacher = self.distill.teacher
+        if self.data.unlabeled is not None and teacher is None:
+            raise ValueError("data.unlabeled needs distill.teacher (the teacher labels those inputs)")
+        if teacher is None:
+            return
+        if self.task != "token_classification" and self.data.problem_type != "single_label":
+            raise ValueError(f"distill.teacher works with single-label classes, not problem_type "
+                             f"'{self.data.problem_type}'")
+        if self.task == "image_classification" and self.augment:
+            raise ValueError("distill.teacher with image augmentation is not supported: the teacher's outputs are "
+                             "computed once per image, and augmentation changes the image every epoch")
+        if self.image_classification.label_smoothing:
+            raise ValueError("distill.teacher and image_classification.label_smoothing both soften the targets: "
+                             "use one (the teacher's are per image)")
+        if self.data.unlabeled is not None and self.imbalance.method == "oversample":
+            raise ValueError("imbalance.method oversample draws labelled examples only: not with data.unlabeled")
 
 
 # ---------------------------------------------------------------- reading YAML

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .atomic import remove_stale_temps
 from .checkpoint import (TrainState, latest_checkpoint, load_checkpoint, read_state, resumable_checkpoint,
                          save_checkpoint)
+from .distill import distill_loss, epoch_inputs
 from .errors import Interrupted
 from .evaluate import is_improvement, scalar_metrics
 from .features import build_feature_cache
@@ -252,6 +253,9 @@ def _train_epoch(lp: _Loop, on_evaluate) -> bool:
     train_enc = run.train_enc
     if run.cfg.augment:  # this epoch's copy, seeded by (seed, epoch, example): a resume redoes it
         train_enc = run.task.encode(run.processor, run.splits.train, run.cfg, train=True, epoch=state.epoch)
+        if run.teacher is not None:  # unlabeled inputs too; the teacher sees only the inputs this epoch changed
+            train_enc = epoch_inputs(run.teacher, run.task, run.processor, run.splits.train, train_enc, run.cfg,
+                                     state.epoch)
     weights = run.balance.sample_weights
     if weights is not None and train_enc.doc_index is not None:  # chunked: a window weighs as its text
         weights = weights[np.asarray(train_enc.doc_index)]
@@ -276,10 +280,15 @@ def _train_epoch(lp: _Loop, on_evaluate) -> bool:
 def _forward_backward(lp: _Loop, train_enc, indices: list[int]) -> None:
     run = lp.run
     device = lp.accelerator.device
-    batch = lp.collate([train_enc.features[i] for i in indices])
+    features = [train_enc.features[i] for i in indices]
+    batch = lp.collate(features)
     batch = {k: v.to(device) for k, v in batch.items()}
     with lp.cache.replay(indices, batch) if lp.cache else nullcontext():
-        loss = _training_loss(run.task, lp.model, batch, run.balance.loss)
+        if run.teacher is not None:
+            loss = distill_loss(run.task, lp.model, batch, features, [run.teacher.targets[i] for i in indices],
+                                run.cfg, run.balance.loss)
+        else:
+            loss = _training_loss(run.task, lp.model, batch, run.balance.loss)
     lp.accelerator.backward(loss / run.cfg.train.grad_accum_steps)
     lp.pending_loss.append(loss.detach())
     lp.state.samples_seen += len(indices)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import transformers
 
-from . import inputs
+from . import distill, inputs
 from .atomic import recover_dir, remove_stale_temps, replace_dir, write_text_atomic
 from .checkpoint import latest_checkpoint
 from .config import Config, config_to_yaml, load_config, locate
@@ -70,6 +70,7 @@ class Setup:
     plan: TrainingPlan
     started: float             # time.perf_counter() when train() began (the time budget counts from here)
     encode_seconds: float      # preparing the train and validation inputs (tokenizing, decoding images)
+    teacher: Any = None        # distill.Teacher: soft targets for every training input (distill.teacher)
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -156,10 +157,18 @@ def setup(config, overrides=None, resume=None, splits=None, locks: ExitStack | N
     splits = task.load_splits(cfg) if splits is None else splits
     labels = splits.labels
     model, processor = task.build_model(resolve_model(cfg.model.name), labels, cfg)
+    if cfg.distill.student_layers:
+        kept = distill.keep_blocks(model, cfg.distill.student_layers, cfg.model.name)
+        log(f"distill.student_layers: kept blocks {', '.join(map(str, kept))} of {cfg.model.name}")
+    teacher = None
+    if cfg.distill.teacher is not None:  # checked (task, labels) before anything is computed or written
+        teacher = distill.load_teacher(cfg, task, labels)
     encode_started = time.perf_counter()  # tokenizing, or decoding the images once
     train_enc = task.encode(processor, splits.train, cfg, train=True)
     val_enc = task.encode(processor, splits.validation, cfg) if splits.validation else None
     encode_seconds = time.perf_counter() - encode_started
+    if teacher is not None:  # data.unlabeled joins the training inputs; the teacher's outputs for all of them
+        train_enc = distill.prepare(teacher, task, processor, splits, train_enc, cfg, labels)
     try:
         balance = setup_imbalance(task, cfg, splits, labels)
     except TunesmithError as exc:  # a hand weight naming no class: point at the key in the config file
@@ -180,7 +189,7 @@ def setup(config, overrides=None, resume=None, splits=None, locks: ExitStack | N
         cfg = inputs.persist(cfg, run_dir)  # in-memory data: a copy in the run folder, for --resume
         write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))  # never a half-written config
     run = Setup(cfg, task, run_dir, resume is not None, splits, labels, model, processor,
-                train_enc, val_enc, balance, metric, precision, strategy, plan, started, encode_seconds)
+                train_enc, val_enc, balance, metric, precision, strategy, plan, started, encode_seconds, teacher)
     _log_setup(run)
     return run
 
@@ -207,6 +216,8 @@ def _log_setup(run: Setup) -> None:
             log(f"{name}: {len(ex)} examples{counts(name)}; {run.task.describe_inputs(enc, cfg)}")
     if splits.test is not None:
         log(f"test: {len(splits.test)} examples{counts('test')}")
+    if run.teacher is not None:
+        log(distill.describe(run.teacher, cfg, len(run.train_enc.features)))
     if run.balance.summary.get("weights") or cfg.imbalance.method != "none":
         shown = describe(run.balance.summary.get("weights", {}))
         log(f"imbalance {cfg.imbalance.method}" + (f"; class weights: {shown}" if shown else "")
@@ -287,6 +298,10 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
                      "seconds_per_epoch": round(outcome.train_seconds * run.plan.steps_per_epoch / max(1, state.step), 3),
                      "feature_cache": outcome.cache_summary},
     }
+    if run.teacher is not None:
+        summary["distill"] = distill.summary(run.teacher, cfg)
+    elif cfg.distill.student_layers:
+        summary["distill"] = {"student_layers": cfg.distill.student_layers}
     result_metrics: dict = {}
     validation_metrics, test_logits = None, None
     if run.val_enc is not None:
@@ -314,6 +329,9 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
         summary["test"] = result_metrics
         summary["test_samples_per_second"] = round(len(test_enc.features) / max(eval_seconds, 1e-9), 2)
         write_frame_atomic(task.predictions_frame(splits.test, test_logits, labels), run_dir / "test_predictions.csv")
+        if run.teacher is not None:  # the teacher's own score on the same test split, next to the student's
+            summary["distill"]["teacher_test"] = _teacher_test(run)
+            summary["distill"]["student_test"] = scalar_metrics(result_metrics)
         append_jsonl(run_dir / "metrics.jsonl", {"type": "test", "step": state.step,
                                                  "test": scalar_metrics(result_metrics)})
     write_text_atomic(run_dir / "metrics.json", json.dumps(summary, indent=1))  # it marks the run finished
@@ -353,6 +371,16 @@ def publish(folder: Path, cfg: Config) -> None:
     if cfg.tracking:
         from .tracking import track_after
         track_after(folder, cfg, report_path)
+
+
+def _teacher_test(run: Setup) -> dict:
+    started = time.perf_counter()
+    outputs, enc = distill.teacher_outputs(run.teacher, run.splits.test)
+    seconds = time.perf_counter() - started
+    scores = scalar_metrics(run.task.compute_metrics(outputs, run.splits.test.targets, run.labels))
+    log("distill: teacher on the test split: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+        + f" ({len(enc.features)} inputs in {seconds:.1f}s)")
+    return scores
 
 
 def _warn_if_degenerate(task, metrics: dict, labels) -> bool:

@@ -80,6 +80,7 @@ class Task(Protocol):
     def cpu_bf16_needs_amx(self) -> bool: ...
     def split_outputs(self, logits: np.ndarray, features: list[dict]) -> list: ...
     def merge_windows(self, outputs: list, enc: Encoded, aggregation: str) -> Any: ...
+    def window_targets(self, outputs: Any, enc: Encoded) -> list: ...   # merge_windows inverted (distillation)
 
     # ---- metrics and predictions
     def default_metric(self, labels: Any) -> str: ...
@@ -200,6 +201,14 @@ def split_train(train_all: Any, classes: np.ndarray | None, cfg: Config, source:
 def row_outputs(logits: np.ndarray, features: list[dict]) -> list[np.ndarray]:
     """One output row per input (sequence and image classification)."""
     return list(logits)
+
+
+def row_targets(outputs: Any, enc: Encoded) -> list[np.ndarray]:
+    """One example's output row per input (a chunked document's windows all get their document's row):
+    the teacher's per-example outputs as soft targets of the student's inputs (sequence and image
+    classification)."""
+    docs = enc.doc_index if enc.doc_index is not None else range(len(enc.features))
+    return [np.asarray(outputs[d], dtype=np.float32) for d in docs]
 
 
 def hf_forward(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:

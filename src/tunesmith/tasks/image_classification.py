@@ -27,7 +27,7 @@ from ..errors import TunesmithError
 from ..models import hub_reachable as _hub_reachable
 from ..schedule import AUTO_MIN_STEPS
 from . import classes
-from .base import Encoded, Splits, row_outputs
+from .base import Encoded, Splits, row_outputs, row_targets
 from .classes import (LabelSpace, class_ids, compute_metrics, default_metric, degenerate_predictions,  # noqa: F401
                       has_classes, labels_from_dict, metric_names)
 
@@ -364,6 +364,10 @@ def split_outputs(logits: np.ndarray, features: list[dict]) -> list:
 
 def merge_windows(outputs: list, enc: Encoded, aggregation: str = "mean") -> np.ndarray:
     return classes.merge_rows(outputs, None, enc.num_examples, aggregation)
+
+
+def window_targets(outputs, enc: Encoded) -> list[np.ndarray]:
+    return row_targets(outputs, enc)
 
 
 def predictions_frame(examples: Examples, logits: np.ndarray, labels: LabelSpace) -> pd.DataFrame:

@@ -23,7 +23,7 @@ from ..errors import TunesmithError
 from ..models import first_token_only, from_pretrained, weights_options
 from ..schedule import AUTO_MIN_STEPS
 from . import classes, text
-from .base import Encoded, Splits, hf_forward, row_outputs
+from .base import Encoded, Splits, hf_forward, row_outputs, row_targets
 from .classes import (LabelSpace, class_ids, compute_metrics, default_metric, degenerate_predictions,  # noqa: F401
                       has_classes, labels_from_dict, metric_names)
 
@@ -207,6 +207,10 @@ def split_outputs(logits: np.ndarray, features: list[dict]) -> list:
 def merge_windows(outputs: list, enc: Encoded, aggregation: str = "mean") -> np.ndarray:
     """One row of logits per example: a chunked document's windows combined by mean or max."""
     return classes.merge_rows(outputs, enc.doc_index, enc.num_examples, aggregation)
+
+
+def window_targets(outputs, enc: Encoded) -> list[np.ndarray]:
+    return row_targets(outputs, enc)
 
 
 def predictions_frame(examples: Examples, logits: np.ndarray, labels: LabelSpace) -> pd.DataFrame:

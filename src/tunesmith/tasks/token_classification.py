@@ -318,6 +318,23 @@ def merge_windows(logits: list[np.ndarray], enc: Encoded, aggregation: str = "me
     return merged
 
 
+def window_targets(outputs: list[np.ndarray], enc: Encoded) -> list[np.ndarray]:
+    """merge_windows inverted: each input's (positions, tags) rows of its sentence's per-word outputs, in the
+    order of its output_positions. Words are matched by their number in the sentence, so a teacher with
+    another tokenizer lines up word for word; a word the outputs do not reach (the teacher's max_length cut
+    it) gets a NaN row (no soft target)."""
+    docs = enc.doc_index if enc.doc_index is not None else range(len(enc.features))
+    targets = []
+    for feat, doc in zip(enc.features, docs):
+        words = np.asarray(list(feat.get("output_words", range(len(feat["output_positions"])))), dtype=np.int64)
+        sentence = np.asarray(outputs[doc], dtype=np.float32)
+        rows = np.full((len(words), sentence.shape[-1]), np.nan, dtype=np.float32)
+        reached = words < len(sentence)
+        rows[reached] = sentence[words[reached]]
+        targets.append(rows)
+    return targets
+
+
 def _truncate(ids: list[int], word_ids: list[int | None], max_length: int) -> tuple[list[int], list[int | None]]:
     """Keep the special tokens at both ends and the first sub-tokens up to max_length.
 
