@@ -111,7 +111,7 @@ def _export_graph(loaded: LoadedRun, examples, path: Path, opset: int) -> dict[s
                           input_names=names, output_names=["logits"], dynamic_axes=axes, opset_version=opset,
                           dynamo=False)
     loaded.model.eval()
-    return {n: [axes[n].get(d, str(s)) for d, s in enumerate(t.shape)] for n, t in batch.items()}
+    return {n: [axes[n].get(d, int(s)) for d, s in enumerate(t.shape)] for n, t in batch.items()}
 
 
 def _parity(loaded: LoadedRun, examples, folder: Path, batch_size: int, quantize: str | None,
