@@ -380,7 +380,11 @@ def serve(run: str | Path, overrides: dict | None = None) -> int:
     except OSError as exc:
         sock.close()
         raise TunesmithError(f"serve: cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc})") from None
-    app = create_app(run, settings)  # the model loads here, once, before the first request is accepted
+    try:
+        app = create_app(run, settings)  # the model loads here, once, before the first request is accepted
+    except BaseException:
+        sock.close()
+        raise
     host, port = sock.getsockname()[:2]
     if not is_loopback(settings.host):
         print(f"tunesmith: warning: listening on {settings.host}, reachable from other machines; there is no "
