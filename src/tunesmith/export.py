@@ -190,6 +190,9 @@ class OnnxRun:
             self.processor = self.task.load_processor(folder, self.cfg)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
+        # as many threads as PyTorch uses (OMP_NUM_THREADS): on a 2-core machine shared with other jobs, 2 spinning
+        # threads per process made PyTorch 15x slower than 1 (bench/README.md); ONNX Runtime spins the same way
+        options.intra_op_num_threads = torch.get_num_threads()
         try:
             self.session = ort.InferenceSession(str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a damaged file
