@@ -43,7 +43,7 @@ def test_export_matches_pytorch_and_predicts_the_same(name, tiny_run, tmp_path):
     plain = export(run, tmp_path / "fp32")
     assert "onnx_int8" not in plain
     onnx_frame = tunesmith.predict(tmp_path / "fp32", case["test"], batch_size=7, backend="onnx")
-    label = [c for c in torch_frame.columns if c.startswith("predicted_")][0]
+    label = next(c for c in torch_frame.columns if c.startswith("predicted_"))
     assert onnx_frame[label].tolist() == torch_frame[label].tolist()
     probs = [c for c in torch_frame.columns if c.startswith("prob_")]
     if probs:
@@ -74,7 +74,7 @@ def _error(argv: list[str], capsys) -> str:
 
 
 def test_export_bad_inputs_are_one_line(tiny_run, tmp_path, capsys, monkeypatch):
-    run, case = tiny_run("text_classification")
+    run, _ = tiny_run("text_classification")
     assert "not a tunesmith run folder" in _error(["export", str(tmp_path)], capsys)
     assert "no ONNX export" in _error(["predict", str(tmp_path), "--backend", "onnx", "--text", "x"], capsys)
     # a labelled file for the parity check must be labelled
