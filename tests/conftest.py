@@ -94,3 +94,24 @@ def encode_cfg(max_length: int, stride: int | None = None, task: str = "text_cla
     model = {"max_length": max_length} if stride is None else {"max_length": max_length, "long_text": "chunk",
                                                                "stride": stride}
     return cfg.model_copy(update={"model": cfg.model.model_copy(update=model)})
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """get(task name) -> (run folder, case): one small run per registered task on test_tasks.CASES' tiny model
+    and data, trained once per session (export and serve tests share them)."""
+    made: dict = {}
+
+    def get(name: str):
+        if name not in made:
+            import tunesmith
+            from test_tasks import CASES
+            root = tmp_path_factory.mktemp(name)
+            case = CASES[name](root)
+            cfg = {**case["config"], "data": {"train": str(case["train"]), "test": str(case["test"]),
+                                              "validation_fraction": 0.2},
+                   "output": {"dir": str(root / "runs"), "name": "run"}}
+            cfg["train"] = {**cfg["train"], "epochs": 2}
+            made[name] = (tunesmith.train(cfg).run_dir, case)
+        return made[name]
+    return get

@@ -71,7 +71,7 @@ def cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> int:
     from .evaluate import scalar_metrics
     from .inference import evaluate
 
-    metrics = evaluate(args.run, args.data, precision=args.precision, batch_size=args.batch_size)
+    metrics = evaluate(args.run, args.data, precision=args.precision, batch_size=args.batch_size, backend=args.backend)
     for key, value in scalar_metrics(metrics).items():
         print(f"{key:>20}  {value:.4f}")
     if "per_class" in metrics:
@@ -95,7 +95,7 @@ def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
     if args.input is not None and args.output is None:
         raise TunesmithError("predict: --input needs --output (where to write the predictions)")
     frame = predict(args.run, args.input, args.output, precision=args.precision, batch_size=args.batch_size,
-                    texts=args.text)
+                    texts=args.text, backend=args.backend)
     if args.text is not None:  # one JSON object per text on stdout
         print(frame.to_json(orient="records", lines=True, force_ascii=False).strip())
     if args.output:
@@ -109,6 +109,26 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     path = write_report(args.runs, args.output)
     print(f"tunesmith: report in {path}", file=sys.stderr)
     return 0
+
+
+def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
+    from .export import export, format_report
+
+    report = export(args.run, args.output, quantize=args.quantize, data=args.data, batch_size=args.batch_size)
+    print(f"parity on {report['examples']} examples of {report['parity_data']}:")
+    print(format_report(report))
+    print(f"tunesmith: wrote {report['output']} ({report['seconds']:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
+    from .serve import serve
+
+    overrides = _parse_overrides(extra)
+    for key in ("host", "port", "backend"):
+        if getattr(args, key) is not None:
+            overrides[f"serve.{key}"] = getattr(args, key)
+    return serve(args.run, overrides)
 
 
 def cmd_fetch(args: argparse.Namespace, extra: list[str]) -> int:
@@ -224,6 +244,26 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(func=cmd_predict)
         p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
         p.add_argument("--batch-size", type=int, default=128)
+        p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                       help="onnx: run the export of `tunesmith export` (RUN/onnx) with ONNX Runtime")
+
+    p = sub.add_parser("export", help="export a run's model to ONNX, checked against PyTorch on the test split")
+    p.add_argument("run", help="run folder (runs/<name>)")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--quantize", choices=["int8"], help="int8: dynamic int8 quantization (ONNX Runtime)")
+    p.add_argument("--output", help="export folder (default: RUN/onnx)")
+    p.add_argument("--data", help="labelled file for the parity check (default: the run's test split)")
+    p.add_argument("--batch-size", type=int, help="batch size of the parity runs (default: export.batch_size)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="serve a run over HTTP (FastAPI + uvicorn): POST /predict, GET /health, "
+                                     "GET /metadata, /docs",
+                       epilog="any serve.* key can be set too, e.g. --serve.max_batch_size 64 --serve.max_queue 512")
+    p.add_argument("run", help="run folder (runs/<name>)")
+    p.add_argument("--host", help="interface to listen on (default: serve.host, 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="TCP port (default: serve.port, 8000)")
+    p.add_argument("--backend", choices=["torch", "onnx"], help="default: serve.backend (torch)")
+    p.set_defaults(func=cmd_serve, allow_extra=True)
 
     p = sub.add_parser("report", help="one self-contained HTML page of plots and tables for runs, cv or search "
                                       "folders (several: side by side)")

@@ -455,7 +455,7 @@ def _searchable_key(key: str) -> str:
     """A search parameter must name one setting of the config, e.g. 'train.lr' or 'strategy.lora.r'."""
     leaves = _config_leaves(Config, "")
     if key in leaves:
-        if key.split(".")[0] in ("search", "cv", "output"):
+        if key.split(".")[0] in ("search", "cv", "output", "export", "serve"):
             raise ValueError(f"'{key}' cannot be searched")
         return key
     close = difflib.get_close_matches(key, leaves, n=1)
@@ -493,6 +493,45 @@ class SearchConfig(_Section):
     keep_models: bool = Field(False, description="keep every trial's model/ (default: only its logs and metrics)")
 
 
+class ExportConfig(_Section):
+    """`tunesmith export RUN --format onnx` (flags on the command line override these)."""
+    format: Literal["onnx"] = Field("onnx", description="the export format (ONNX, run by ONNX Runtime)")
+    quantize: Literal["int8"] | None = Field(
+        None, description="int8: dynamic int8 quantization of the weights (ONNX Runtime quantize_dynamic); "
+                          "the parity report gives its accuracy change on the test split")
+    opset: int = Field(18, ge=14, description="ONNX opset of the exported graph")
+    batch_size: int = Field(64, ge=1, description="batch size of the parity run (PyTorch and ONNX Runtime)")
+    max_abs_diff: float = Field(
+        1e-3, gt=0, description="the fp32 export is refused when any output differs from PyTorch's by more")
+
+
+class ServeConfig(_Section):
+    """`tunesmith serve RUN` (any key: --serve.max_queue 512; --host, --port, --backend on the command line)."""
+    host: str = Field("127.0.0.1", description="interface to listen on; loopback by default (0.0.0.0: every "
+                                               "interface, reachable from the network)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+    backend: Literal["torch", "onnx"] = Field("torch", description="onnx: run the export of `tunesmith export` "
+                                                                   "(RUN/onnx) with ONNX Runtime")
+    max_batch_size: int = Field(32, ge=1, description="inputs run together in one model call (micro-batching)")
+    batch_window_ms: float = Field(
+        5.0, ge=0, description="how long the first waiting request waits for others to join its batch")
+    max_queue: int = Field(
+        256, ge=1, description="inputs waiting or running at most; beyond it a request gets 503 with Retry-After")
+    retry_after_s: int = Field(1, ge=1, description="the Retry-After of a 503 answer (seconds)")
+    max_inputs_per_request: int = Field(64, ge=1, description="more inputs in one request: 413")
+    max_chars_per_input: int = Field(10_000, ge=1, description="a longer text: 413")
+    max_image_bytes: int = Field(10 * 2**20, ge=1, description="a larger image (decoded from base64 or uploaded): 413")
+    graceful_timeout_s: float = Field(
+        30.0, gt=0, description="on SIGTERM / Ctrl-C: stop accepting, then wait this long for requests in flight")
+
+    @model_validator(mode="after")
+    def _a_request_fits_the_queue(self) -> "ServeConfig":
+        if self.max_inputs_per_request > self.max_queue:
+            raise ValueError(f"max_inputs_per_request ({self.max_inputs_per_request}) is larger than max_queue "
+                             f"({self.max_queue}): such a request could never be queued")
+        return self
+
+
 TASK_NAMES = ("text_classification", "token_classification", "image_classification")
 
 
@@ -523,6 +562,8 @@ class Config(_Section):
     tracking_uri: str | None = Field(
         None, description="MLflow tracking server URL or store URI (e.g. http://127.0.0.1:5000, sqlite:///mlflow.db); "
                           "default: a local file store in <output.dir>/mlruns")
+    export: ExportConfig = ExportConfig()
+    serve: ServeConfig = ServeConfig()
 
     @field_validator("tracking", mode="before")
     @classmethod

@@ -77,11 +77,13 @@ def pad_multiple(setting: int | str, device: torch.device) -> int:
 
 
 @torch.inference_mode()
-def predict_outputs(model: torch.nn.Module, task, features: list[dict], lengths: list[int],
+def predict_outputs(model: torch.nn.Module | None, task, features: list[dict], lengths: list[int],
                     collate: Callable[[list[dict]], dict], batch_size: int, device: torch.device,
-                    precision: str, with_loss: bool = False) -> tuple[list, float | None]:
+                    precision: str, with_loss: bool = False,
+                    forward: Callable[[dict], torch.Tensor] | None = None) -> tuple[list, float | None]:
     """The model's output for every input, in input order (what one output is, the task says: a row of
-    logits, or a (words, tags) array). Batches are formed by length so padding is minimal."""
+    logits, or a (words, tags) array). Batches are formed by length so padding is minimal. `forward`
+    (a batch -> logits) replaces the PyTorch model, e.g. an ONNX Runtime session (export.py)."""
     order = np.argsort(lengths, kind="stable")
     outputs: list = [None] * len(features)
     loss_sum = 0.0
@@ -91,7 +93,10 @@ def predict_outputs(model: torch.nn.Module, task, features: list[dict], lengths:
             batch = collate([features[i] for i in idx])
             if not with_loss:
                 batch.pop("labels", None)
-            logits, loss = task.forward(model, {k: v.to(device) for k, v in batch.items()})
+            if forward is not None:
+                logits, loss = forward(batch), None
+            else:
+                logits, loss = task.forward(model, {k: v.to(device) for k, v in batch.items()})
             if with_loss:
                 loss_sum += loss.float().item() * len(idx)
             for i, out in zip(idx, task.split_outputs(logits.float().cpu().numpy(), [features[i] for i in idx])):
@@ -99,13 +104,14 @@ def predict_outputs(model: torch.nn.Module, task, features: list[dict], lengths:
     return outputs, (loss_sum / max(1, len(order)) if with_loss else None)
 
 
-def example_outputs(model: torch.nn.Module, task, enc, collate: Callable[[list[dict]], dict], batch_size: int,
+def example_outputs(model: torch.nn.Module | None, task, enc, collate: Callable[[list[dict]], dict], batch_size: int,
                     device: torch.device, precision: str, aggregation: str = "mean",
-                    with_loss: bool = False) -> tuple[Any, float | None]:
+                    with_loss: bool = False,
+                    forward: Callable[[dict], torch.Tensor] | None = None) -> tuple[Any, float | None]:
     """predict_outputs per example: a chunked document's windows are combined into one prediction,
     so metrics count documents, not windows (the loss is the mean over windows)."""
     outputs, loss = predict_outputs(model, task, enc.features, enc.lengths, collate, batch_size, device, precision,
-                                    with_loss)
+                                    with_loss, forward)
     return task.merge_windows(outputs, enc, aggregation), loss
 
 
@@ -189,14 +195,20 @@ class LoadedRun:
         self.model.to(self.device).eval()
         self.precision = choose_precision(precision, self.device, sum(p.numel() for p in self.model.parameters()))
 
-    def logits(self, examples, batch_size: int = 128):
-        enc = self.task.encode(self.processor, examples, self.cfg)
-        if enc.truncated:
-            print(f"tunesmith: {self.task.describe_inputs(enc, self.cfg)}", file=sys.stderr)
-        collate = self.task.make_collate(self.processor, pad_multiple(self.cfg.train.pad_to_multiple_of, self.device))
-        outputs, _ = example_outputs(self.model, self.task, enc, collate, batch_size, self.device, self.precision,
-                                     self.cfg.model.chunk_aggregation)
-        return outputs
+    def logits(self, examples, batch_size: int = 128, quiet: bool = False):
+        """One output per example (quiet: no note on stderr about long inputs, e.g. inside a server)."""
+        return run_logits(self, examples, batch_size, quiet)
+
+
+def run_logits(run, examples, batch_size: int, quiet: bool = False, forward: Callable | None = None):
+    """A loaded run's outputs for examples: encode, batch by length, run the model (or `forward`), merge windows."""
+    enc = run.task.encode(run.processor, examples, run.cfg)
+    if enc.truncated and not quiet:
+        print(f"tunesmith: {run.task.describe_inputs(enc, run.cfg)}", file=sys.stderr)
+    collate = run.task.make_collate(run.processor, pad_multiple(run.cfg.train.pad_to_multiple_of, run.device))
+    outputs, _ = example_outputs(getattr(run, "model", None), run.task, enc, collate, batch_size, run.device,
+                                 run.precision, run.cfg.model.chunk_aggregation, forward=forward)
+    return outputs
 
 
 CV_INFO = "cv.json"  # the summary of a cross-validation folder (cv.py writes it)
@@ -237,35 +249,45 @@ class CVEnsemble:
         first = self.members[0]
         self.task, self.labels, self.cfg = first.task, first.labels, first.cfg
 
-    def logits(self, examples, batch_size: int = 128):
-        return ensemble_logits([m.logits(examples, batch_size) for m in self.members], self.labels.problem_type)
+    def logits(self, examples, batch_size: int = 128, quiet: bool = False):
+        return ensemble_logits([m.logits(examples, batch_size, quiet) for m in self.members], self.labels.problem_type)
 
 
 def is_cv_dir(path: str | Path) -> bool:
     return (Path(path) / CV_INFO).is_file()
 
 
-def load_run(run: str | Path, precision: str = "auto"):
-    """A run folder, or a cross-validation folder whose fold models predict as one ensemble."""
+def load_run(run: str | Path, precision: str = "auto", backend: str = "torch"):
+    """A run folder, or a cross-validation folder whose fold models predict as one ensemble; with backend
+    'onnx', the run's ONNX export (tunesmith export) run by ONNX Runtime."""
+    if backend == "onnx":
+        if is_cv_dir(run):
+            raise TunesmithError(f"{run}: a cross-validation ensemble has no ONNX export; export a run folder")
+        from .export import OnnxRun
+        return OnnxRun(run)
+    if backend != "torch":
+        raise TunesmithError(f"backend '{backend}': use torch or onnx")
     return CVEnsemble(run, precision) if is_cv_dir(run) else LoadedRun(run, precision)
 
 
-def evaluate(run: str | Path, data, precision: str = "auto", batch_size: int = 128) -> dict:
+def evaluate(run: str | Path, data, precision: str = "auto", batch_size: int = 128, backend: str = "torch") -> dict:
     """Metrics of a trained model on labelled data: a file, a DataFrame, a list of dicts or a Dataset."""
-    loaded = load_run(run, precision)
+    loaded = load_run(run, precision, backend)
     with inputs.in_memory_input(data, "data", loaded.cfg.data.text_column) as source:
         examples = loaded.task.read_examples(source, loaded.cfg, loaded.labels, require_labels=True)
     return loaded.task.compute_metrics(loaded.logits(examples, batch_size), examples.targets, loaded.labels)
 
 
 def predict(run: str | Path, input=None, output: str | Path | None = None,
-            precision: str = "auto", batch_size: int = 128, texts: list[str] | None = None) -> pd.DataFrame:
+            precision: str = "auto", batch_size: int = 128, texts: list[str] | None = None,
+            backend: str = "torch") -> pd.DataFrame:
     """Predictions for every row of `input` (a file, a DataFrame, a list of dicts or texts, or a Dataset;
     labels are optional there), or for raw `texts`: label and per-class probabilities; for token
-    classification, tags and entities. Returns a DataFrame, also written to `output` when given."""
+    classification, tags and entities. Returns a DataFrame, also written to `output` when given. backend
+    'onnx' runs the run's ONNX export with ONNX Runtime instead of PyTorch."""
     if (input is None) == (texts is None):
         raise TunesmithError("predict needs an input (a file, a DataFrame, a list) or texts (one of them)")
-    loaded = load_run(run, precision)
+    loaded = load_run(run, precision, backend)
     name = "input" if texts is None else "texts"
     if isinstance(texts, str):
         texts = [texts]

@@ -90,6 +90,19 @@ class Task(Protocol):
     def predictions_frame(self, examples: Any, outputs: Any, labels: Any) -> pd.DataFrame: ...
 
 
+class Exportable(Protocol):
+    """What a task adds so that `tunesmith export` and `tunesmith serve` work with it (optional: a task without
+    these names is refused by both with one line). Export and serve need nothing else task-specific: they
+    encode, collate, run and read outputs through the Task functions above."""
+    INPUT_KIND: str  # what one raw input is: "text" (a string) or "image" (an image file's bytes)
+
+    def load_processor(self, folder: Path, cfg: Config) -> Any: ...  # the processor saved in folder, no weights
+
+
+def exportable(task: Any) -> bool:
+    return all(hasattr(task, n) for n in ("INPUT_KIND", "load_processor"))
+
+
 # ---------------------------------------------------------------- data (every task)
 
 def resolve_data_config(data: DataConfig) -> DataConfig:

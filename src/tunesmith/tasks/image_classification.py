@@ -32,6 +32,7 @@ from .classes import (LabelSpace, class_ids, compute_metrics, default_metric, de
                       has_classes, labels_from_dict, metric_names)
 
 NAME = "image_classification"
+INPUT_KIND = "image"  # serve: one raw input is an image file's bytes (an upload or base64)
 TORCHVISION = "torchvision/"   # model.name prefix of a torchvision architecture
 TOP_K = 5                      # predictions list the k likeliest classes
 # Peak learning rate per strategy when train.lr is auto (AdamW, batch 32): convolutional and ViT backbones
@@ -260,12 +261,23 @@ def load_model(folder: str | Path, cfg: Config):
     info = json.loads((Path(folder) / "config.json").read_text())
     labels = LabelSpace(cfg.data.problem_type, info.get("label_names", []))
     model, library, architecture = _create(str(folder), info["num_classes"], True, None)
-    processor = _processor(model, library, architecture, labels, cfg)
-    pre = info.get("pretrained_cfg", {})
-    if "input_size" in pre:  # the pixels it was trained on
-        processor = Processor(images.PixelConfig.from_info(pre), library, architecture, [], cfg.train.seed, 0.0,
-                              processor.memory_limit, info["num_classes"], labels.names)
+    if "input_size" in info.get("pretrained_cfg", {}):  # the pixels it was trained on
+        processor = load_processor(folder, cfg)
+    else:
+        processor = _processor(model, library, architecture, labels, cfg)
     return model.to(memory_format=CHANNELS_LAST), processor
+
+
+def load_processor(folder: str | Path, cfg: Config) -> Processor:
+    """The evaluation-time processor saved in config.json (pixels, labels), without the weights (export, ONNX)."""
+    path = Path(folder) / "config.json"
+    info = json.loads(path.read_text())
+    pre = info.get("pretrained_cfg", {})
+    if "input_size" not in pre:
+        raise TunesmithError(f"{path}: no pixel settings (pretrained_cfg.input_size); export the run's model/ folder")
+    return Processor(images.PixelConfig.from_info(pre), info.get("library", "timm"), info["architecture"], [],
+                     cfg.train.seed, 0.0, cfg.image_classification.decoded_cache_mb * 2**20, info["num_classes"],
+                     info.get("label_names", []))
 
 
 def save_processor(processor: Processor, folder: Path) -> None:

@@ -28,6 +28,7 @@ from .classes import (LabelSpace, class_ids, compute_metrics, default_metric, de
                       has_classes, labels_from_dict, metric_names)
 
 NAME = "text_classification"
+INPUT_KIND = "text"  # serve: one raw input is a string
 
 
 @dataclass
@@ -117,6 +118,11 @@ def load_model(folder: str | Path, cfg: Config):
     model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
     first_token_only(model)
     return model, text.load_tokenizer(folder, cfg)
+
+
+def load_processor(folder: str | Path, cfg: Config):
+    """The tokenizer saved beside the model (export, the ONNX backend)."""
+    return text.load_tokenizer(folder, cfg)
 
 
 def save_processor(tokenizer, folder: Path) -> None:

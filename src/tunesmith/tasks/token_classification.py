@@ -31,6 +31,7 @@ from . import text
 from .base import IGNORE, Encoded, Splits, hf_forward, resolve_data_config, split_train, with_data
 
 NAME = "token_classification"
+INPUT_KIND = "text"  # serve: one raw input is a string (entities come back with character offsets)
 
 
 @dataclass
@@ -207,6 +208,11 @@ def build_model(source: str, labels: LabelSpace, cfg: Config):
 def load_model(folder: str | Path, cfg: Config):
     """A model this task saved (a plain Hugging Face folder), ready for evaluate/predict."""
     return AutoModelForTokenClassification.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code), text.load_tokenizer(folder, cfg)
+
+
+def load_processor(folder: str | Path, cfg: Config):
+    """The tokenizer saved beside the model (export, the ONNX backend)."""
+    return text.load_tokenizer(folder, cfg, need_fast="token classification (it maps sub-tokens to words)")
 
 
 def save_processor(tokenizer, folder: Path) -> None:

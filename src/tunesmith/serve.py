@@ -1,0 +1,401 @@
+"""`tunesmith serve RUN`: a trained run behind HTTP (FastAPI + uvicorn); the model loads once, at start.
+
+POST /predict takes one input or a list: JSON {"inputs": "a text" | ["text", ...]} (images: base64 strings
+there, or multipart file uploads). Requests are micro-batched: the first waiting request waits up to
+serve.batch_window_ms for others, and up to serve.max_batch_size inputs run in one model call, in one worker
+thread beside the event loop, so throughput rises with load. At most serve.max_queue inputs wait or run; past
+that a request gets 503 with Retry-After instead of growing memory. Too many inputs or too long an input is
+413, a malformed body or a wrong field 422 naming the field. SIGTERM / Ctrl-C stops accepting and finishes
+the requests in flight (uvicorn's graceful shutdown) before the batcher stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import email.parser
+import email.policy
+import io
+import ipaddress
+import json
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from .config import ServeConfig, load_config
+from .errors import TunesmithError
+from .inference import RUN_INFO, load_run
+from .tasks.base import exportable
+
+
+class Busy(Exception):
+    """The queue is full: the request is answered 503 with Retry-After."""
+
+
+class Batcher:
+    """Micro-batching of concurrent requests into model calls of up to max_batch inputs (a request larger
+    than that runs alone), each after the first input has waited at most window_s for company."""
+
+    def __init__(self, predict: Callable[[list], list], max_batch: int, window_s: float, max_queue: int):
+        self.predict, self.max_batch, self.window_s, self.max_queue = predict, max_batch, window_s, max_queue
+        self.waiting: collections.deque = collections.deque()  # (inputs, future) in arrival order
+        self.waiting_inputs = 0
+        self.pending = 0              # inputs waiting or running: what max_queue bounds
+        self.batches = 0
+        self.largest_batch = 0
+        self.arrived = asyncio.Event()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="tunesmith-model")  # one model call at a time
+
+    async def submit(self, inputs: list) -> list:
+        """The predictions of `inputs`, in order (raises Busy when the queue cannot take them)."""
+        if self.pending + len(inputs) > self.max_queue:
+            raise Busy()
+        self.pending += len(inputs)
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((inputs, future))
+        self.waiting_inputs += len(inputs)
+        self.arrived.set()
+        try:
+            return await future
+        finally:
+            self.pending -= len(inputs)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self.waiting:
+                self.arrived.clear()
+                await self.arrived.wait()
+            deadline = loop.time() + self.window_s
+            while self.waiting_inputs < self.max_batch and (left := deadline - loop.time()) > 0:
+                self.arrived.clear()
+                try:
+                    await asyncio.wait_for(self.arrived.wait(), left)
+                except TimeoutError:
+                    break
+            group = [self.waiting.popleft()]
+            while self.waiting and len(group[0][0]) + sum(len(g[0]) for g in group[1:]) + \
+                    len(self.waiting[0][0]) <= self.max_batch:
+                group.append(self.waiting.popleft())
+            self.waiting_inputs -= sum(len(inputs) for inputs, _ in group)
+            await self._run(group)
+
+    async def _run(self, group: list) -> None:
+        """One model call for the group; if it fails, each request alone (one bad input fails only its own)."""
+        loop = asyncio.get_running_loop()
+        live = [(inputs, fut) for inputs, fut in group if not fut.done()]  # a client that left is skipped
+        if not live:
+            return
+        inputs = [x for batch, _ in live for x in batch]
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(inputs))
+        try:
+            results = await loop.run_in_executor(self.executor, self.predict, inputs)
+        except Exception as exc:  # noqa: BLE001 - handed to the request(s) it belongs to
+            if len(live) > 1:
+                for one in live:
+                    await self._run([one])
+            elif not live[0][1].done():
+                live[0][1].set_exception(exc)
+            return
+        start = 0
+        for batch, fut in live:
+            if not fut.done():
+                fut.set_result(results[start:start + len(batch)])
+            start += len(batch)
+
+
+class PredictBody(BaseModel):
+    """POST /predict as JSON: one input or a list (texts; for image models, base64-encoded image files)."""
+    model_config = ConfigDict(extra="forbid")
+    inputs: list[str]
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class RequestProblem(Exception):
+    """A bad request: answered with `status` and the one-line message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Model:
+    """The loaded run and how raw inputs become prediction rows."""
+
+    def __init__(self, run: str | Path, settings: ServeConfig):
+        self.run = load_run(run, backend=settings.backend)
+        self.task, self.cfg, self.labels = self.run.task, self.run.cfg, self.run.labels
+        if not exportable(self.task):
+            raise TunesmithError(f"task {self.task.NAME}: serving is not available for it yet")
+        self.kind, self.settings = self.task.INPUT_KIND, settings
+
+    def predict(self, inputs: list) -> list[dict]:
+        """Prediction rows (the task's prediction frame as JSON records) for raw texts or image paths."""
+        examples = self.task.read_examples(inputs, self.cfg, self.labels, require_labels=False)
+        frame = self.task.predictions_frame(examples, self.run.logits(examples, self.settings.max_batch_size,
+                                                                      quiet=True), self.labels)
+        return json.loads(frame.to_json(orient="records", force_ascii=False))
+
+    def metadata(self) -> dict:
+        s = self.settings
+        return {"task": self.task.NAME, "labels": list(getattr(self.labels, "names", [])),
+                "problem_type": self.labels.problem_type, "model": self.cfg.model.name,
+                "max_length": self.cfg.model.max_length if self.kind == "text" else None, "input": self.kind,
+                "backend": s.backend,
+                "limits": {"max_inputs_per_request": s.max_inputs_per_request,
+                           "max_chars_per_input": s.max_chars_per_input, "max_image_bytes": s.max_image_bytes,
+                           "max_queue": s.max_queue},
+                "batching": {"max_batch_size": s.max_batch_size, "batch_window_ms": s.batch_window_ms}}
+
+    def body_limit(self) -> int:
+        """Bytes a valid request can take: every input at its limit (JSON escapes take up to 6 bytes a
+        character, base64 4 bytes per 3), plus room for the rest of the body."""
+        s = self.settings
+        per_input = s.max_chars_per_input * 6 if self.kind == "text" else s.max_image_bytes * 4 // 3 + 1024
+        return s.max_inputs_per_request * per_input + 65536
+
+
+def create_app(run: str | Path, settings: ServeConfig) -> FastAPI:
+    """The FastAPI app serving `run` (its model is loaded here, once)."""
+    model = Model(run, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher = Batcher(model.predict, settings.max_batch_size, settings.batch_window_ms / 1000, settings.max_queue)
+        app.state.batcher = batcher
+        worker = asyncio.create_task(batcher.run())
+        yield  # uvicorn's graceful shutdown has finished the requests in flight when this returns
+        worker.cancel()
+        batcher.executor.shutdown(wait=True)
+
+    app = FastAPI(title="tunesmith", version="1", lifespan=lifespan,
+                  description=f"{model.task.NAME} model of {run} ({settings.backend})")
+    app.state.model = model
+
+    @app.get("/health")
+    async def health(request: Request) -> dict:
+        b = request.app.state.batcher
+        return {"status": "ok", "queued": b.pending, "batches": b.batches, "largest_batch": b.largest_batch}
+
+    @app.get("/metadata")
+    async def metadata() -> dict:
+        return model.metadata()
+
+    @app.post("/predict", openapi_extra=_predict_openapi())
+    async def predict(request: Request):
+        tmp = None
+        try:
+            inputs, names, tmp = await _read_inputs(request, model)
+            rows = await request.app.state.batcher.submit(inputs)
+        except RequestProblem as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        except Busy:
+            b = request.app.state.batcher
+            return JSONResponse({"detail": f"server busy: {b.pending} inputs queued (serve.max_queue "
+                                           f"{settings.max_queue}); retry after {settings.retry_after_s} s"},
+                                status_code=503, headers={"Retry-After": str(settings.retry_after_s)})
+        except TunesmithError as exc:  # an input the task refuses
+            return JSONResponse({"detail": str(exc) if tmp is None else str(exc).replace(str(tmp), "inputs")},
+                                status_code=422)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:  # image rows name the upload, not the temporary file
+            for row, name, path in zip(rows, names, inputs):
+                for key, value in row.items():
+                    if value == path:
+                        row[key] = name
+        return {"predictions": rows}
+
+    return app
+
+
+async def _read_inputs(request: Request, model: Model) -> tuple[list, list[str], Path | None]:
+    """(inputs for the model, their names, the temporary folder holding image files or None), checked
+    against the limits; raises RequestProblem (413, 415, 422)."""
+    s = model.settings
+    body = await _read_body(request, model.body_limit())
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        if model.kind != "image":
+            raise RequestProblem(415, "this model takes text: send JSON {\"inputs\": \"...\"} or a list of texts")
+        files = _multipart_files(body, content_type)
+        names = [name for name, _ in files]
+        data = [blob for _, blob in files]
+    elif content_type.split(";")[0].strip() in ("application/json", ""):
+        try:
+            parsed = PredictBody.model_validate(json.loads(body))
+        except json.JSONDecodeError as exc:
+            raise RequestProblem(422, f"body: malformed JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        except UnicodeDecodeError:
+            raise RequestProblem(422, "body: not UTF-8 text") from None
+        except ValidationError as exc:
+            raise RequestProblem(422, _field_problem(exc)) from None
+        names = [f"inputs[{i}]" for i in range(len(parsed.inputs))]
+        data = parsed.inputs
+    else:
+        raise RequestProblem(415, f"content type '{content_type}': send application/json"
+                                  + (" or multipart/form-data (image uploads)" if model.kind == "image" else ""))
+    if not data:
+        raise RequestProblem(422, "inputs: empty list (give one input or more)")
+    if len(data) > s.max_inputs_per_request:
+        raise RequestProblem(413, f"inputs: {len(data)} in one request; this server takes at most "
+                                  f"{s.max_inputs_per_request} (serve.max_inputs_per_request): split the request")
+    if model.kind == "text":
+        for name, text in zip(names, data):
+            if len(text) > s.max_chars_per_input:
+                raise RequestProblem(413, f"{name}: {len(text)} characters; this server takes at most "
+                                          f"{s.max_chars_per_input} per input (serve.max_chars_per_input)")
+            if not text.strip():
+                raise RequestProblem(422, f"{name}: empty text")
+        return list(data), names, None
+    return _image_files(data, names, s.max_image_bytes, from_json=not content_type.startswith("multipart/"))
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 once it passes `limit` bytes (before it is all read)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestProblem(413, f"body: {int(declared)} bytes; this server takes at most {limit} per request")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestProblem(413, f"body: more than {limit} bytes; this server takes at most {limit} per request")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _field_problem(exc: ValidationError) -> str:
+    """'inputs[2]: Input should be a valid string' for each problem (the first three)."""
+    def where(loc: tuple) -> str:
+        return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "body"
+    errors = exc.errors()
+    more = f"; and {len(errors) - 3} more" if len(errors) > 3 else ""
+    return "; ".join(f"{where(e['loc'])}: {e['msg']}" for e in errors[:3]) + more
+
+
+def _multipart_files(body: bytes, content_type: str) -> list[tuple[str, bytes]]:
+    """(file name, bytes) of each uploaded file. Parsed with the standard library's MIME reader
+    (python-multipart, FastAPI's usual parser, is not a dependency here); every part must be field 'files'."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    if not message.is_multipart():
+        raise RequestProblem(422, "body: malformed multipart/form-data")
+    files = []
+    for i, part in enumerate(message.iter_parts()):
+        field = part.get_param("name", header="content-disposition")
+        if field != "files":
+            raise RequestProblem(422, f"form field '{field}': unknown (upload images as field 'files')")
+        files.append((part.get_filename() or f"files[{i}]", part.get_payload(decode=True) or b""))
+    return files
+
+
+def _image_files(data: list, names: list[str], max_bytes: int, from_json: bool) -> tuple[list, list[str], Path]:
+    """Each image checked (size, decodable) and written to a temporary folder; returns their paths."""
+    from PIL import Image, UnidentifiedImageError
+    tmp = Path(tempfile.mkdtemp(prefix="tunesmith-serve-"))
+    paths = []
+    try:
+        for i, (name, item) in enumerate(zip(names, data)):
+            blob = item
+            if from_json:
+                text = item.split(",", 1)[1] if item.startswith("data:") else item  # a data: URI works too
+                if len(text) > max_bytes * 4 // 3 + 4:
+                    raise RequestProblem(413, f"{name}: image larger than {max_bytes} bytes (serve.max_image_bytes)")
+                try:
+                    blob = base64.b64decode(text, validate=True)
+                except (binascii.Error, ValueError):
+                    raise RequestProblem(422, f"{name}: not base64 (send each image file base64-encoded)") from None
+            if len(blob) > max_bytes:
+                raise RequestProblem(413, f"{name}: image of {len(blob)} bytes; this server takes at most "
+                                          f"{max_bytes} (serve.max_image_bytes)")
+            try:
+                with Image.open(io.BytesIO(blob)) as image:
+                    image.verify()
+                    suffix = "." + (image.format or "png").lower()
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+                raise RequestProblem(422, f"{name}: not a readable image ({exc})") from None
+            path = tmp / f"{i}{suffix}"
+            path.write_bytes(blob)
+            paths.append(str(path))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return paths, names, tmp
+
+
+def _predict_openapi() -> dict:
+    """The request body of POST /predict in the OpenAPI docs (it is read by hand: JSON or multipart)."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": PredictBody.model_json_schema(),
+                             "example": {"inputs": ["a gripping, beautifully shot film", "two hours I want back"]}},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _saved_config(folder: Path) -> Path:
+    """The config saved with the run's model (or with its ONNX export, or in an export folder)."""
+    for place in (folder / "model", folder, folder / "onnx"):
+        if (place / RUN_INFO).is_file() and (place / "tunesmith_config.yaml").is_file():
+            return place / "tunesmith_config.yaml"
+    raise TunesmithError(f"{folder}: not a tunesmith run folder (no model/{RUN_INFO})")
+
+
+def serve(run: str | Path, overrides: dict | None = None) -> int:
+    """Load the run's model once and serve it until SIGTERM / Ctrl-C (requests in flight are finished)."""
+    import uvicorn
+
+    settings = load_config(_saved_config(Path(run)), overrides, saved=True).serve
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        sock.close()
+        raise TunesmithError(f"serve: cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc})") from None
+    try:
+        app = create_app(run, settings)  # the model loads here, once, before the first request is accepted
+    except BaseException:
+        sock.close()
+        raise
+    host, port = sock.getsockname()[:2]
+    if not is_loopback(settings.host):
+        print(f"tunesmith: warning: listening on {settings.host}, reachable from other machines; there is no "
+              "authentication", file=sys.stderr)
+    print(f"tunesmith: serving {run} ({app.state.model.task.NAME}, {settings.backend}) on http://{host}:{port} "
+          f"(POST /predict, GET /health, GET /metadata, docs at /docs); Ctrl-C stops", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=settings.graceful_timeout_s))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn raises the stopping signal again once it has shut down gracefully
+        pass
+    print("tunesmith: server stopped", file=sys.stderr)
+    return 0
