@@ -57,6 +57,14 @@ def check_supported() -> None:
                              "checkpoints); launch without it for DDP, see docs/distributed.md")
 
 
+def one_process_only(command: str) -> None:
+    """cv and search write their own folders from one process (each fold or trial is a plain run)."""
+    if processes() > 1:
+        raise TunesmithError(f"tunesmith {command} runs in one process; start it without a launcher"
+                             + (" (several search workers: start the same command several times with one "
+                                "--storage)" if command == "search" else ""))
+
+
 def share(batch: list[int], n: int, index: int) -> list[int]:
     """Process `index`'s part of a global batch: contiguous, sizes differing by at most one. Contiguous
     keeps a length-grouped batch's similar lengths together on each process (little padding)."""

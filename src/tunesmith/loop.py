@@ -105,7 +105,7 @@ def make_accelerator(precision: str) -> Accelerator:
     # find_unused_parameters: a head or strategy may leave trained weights out of a forward pass (a pooler
     # that token classification never reads); DDP would wait for their gradients for ever without it
     return Accelerator(mixed_precision=wanted, cpu=not torch.cuda.is_available(),
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
 
 
 class _StopSignals:

@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from . import inputs
+from . import distributed, inputs
 from .atomic import write_text_atomic
 from .config import Config, SearchParam, StrategyConfig, apply_overrides, deep_copy, config_to_yaml, load_config
 from .errors import Interrupted, Terminated, TunesmithError
@@ -82,6 +82,7 @@ def search(config: str | Path | dict | Config | None, overrides: dict[str, Any] 
     """Run (or continue) the search the config declares; returns the trials and the best config."""
     import optuna
 
+    distributed.one_process_only("search")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own progress line per trial says it
     with inputs.in_memory_data(config, overrides) as (config, overrides):
         return _search(config, overrides, trials, storage, resume)
@@ -450,7 +451,11 @@ def _requeue_dead_trials(study, store, study_name: str, search_dir: Path) -> Non
         if worker.get("host") != here or _alive(worker.get("pid")):
             continue
         trial_id = store.get_trial_id_from_study_id_trial_number(study_id, t.number)
-        if store.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL):
+        try:
+            failed = store.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker starting at the same time did it
+            continue
+        if failed:
             _retry()(study, store.get_trial(trial_id))
             shutil.rmtree(search_dir / f"trial-{t.number:04d}", ignore_errors=True)
             log(f"trial {t.number} was cut off (worker {worker.get('pid')} is gone): marked failed, "
