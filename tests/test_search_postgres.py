@@ -20,6 +20,11 @@ import yaml
 
 from conftest import TUNESMITH
 from test_search import FINISHED, _config
+from tunesmith.search import _with_driver
+
+
+def _study(url: str) -> optuna.Study:
+    return optuna.load_study(study_name="s", storage=_with_driver(url))  # the driver installed (psycopg2)
 
 
 def _free_port() -> int:
@@ -70,7 +75,7 @@ def test_two_workers_on_postgresql_and_a_killed_workers_trial_queued_again(tiny_
     cfg_path = tmp_path / "search.yaml"
     cfg_path.write_text(yaml.safe_dump(_config(tmp_path, tiny_model_dir, trials=4)))
     search_dir = tmp_path / "runs" / "s"
-    cmd = TUNESMITH + ["search", str(cfg_path), "--storage", postgres_url]
+    cmd = TUNESMITH + ["search", str(cfg_path), "--storage", postgres_url]  # a plain postgresql:// URL
 
     # a first worker, killed while its first trial trains: the trial stays RUNNING in the database
     killed = subprocess.Popen(cmd, env=cli_env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -81,7 +86,7 @@ def test_two_workers_on_postgresql_and_a_killed_workers_trial_queued_again(tiny_
             break
         time.sleep(0.05)
     assert killed.wait() == -signal.SIGKILL, killed.stderr.read().decode()[-3000:]
-    study = optuna.load_study(study_name="s", storage=postgres_url)
+    study = _study(postgres_url)
     cut_off = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     assert [t.number for t in cut_off] == [0]
 
@@ -93,7 +98,7 @@ def test_two_workers_on_postgresql_and_a_killed_workers_trial_queued_again(tiny_
     assert sum("trial 0 was cut off" in err for _, err in outs) == 1, [err[-2000:] for _, err in outs]
     assert not (search_dir / "trial-0000").exists(), "the killed trial's folder is removed"
 
-    trials = optuna.load_study(study_name="s", storage=postgres_url).trials
+    trials = _study(postgres_url).trials
     assert trials[0].state == optuna.trial.TrialState.FAIL
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
     assert len(retry) == 1 and retry[0].params == cut_off[0].params and retry[0].state in FINISHED

@@ -384,9 +384,20 @@ def _check_space(base_raw: dict, space: dict[str, SearchParam]) -> None:
 
 # ---------------------------------------------------------------- storage and trials
 
+def _with_driver(url: str) -> str:
+    """SQLAlchemy 2.1 reads postgresql:// as the psycopg (3) driver; where only psycopg2 is installed (the one
+    this project depends on), the URL names it, so a plain postgresql:// URL works."""
+    from importlib.util import find_spec
+
+    if url.startswith("postgresql://") and find_spec("psycopg") is None and find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
+
+
 def _storage(url: str):
     import optuna
 
+    shown, url = _shown_url(url), _with_driver(url)
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_SECONDS}
@@ -399,7 +410,7 @@ def _storage(url: str):
                     heartbeat_stale_trial_callback=_retry())
         except Exception as exc:  # sqlalchemy raises many kinds for a bad URL or an unreachable database
             if attempt == STORAGE_ATTEMPTS - 1:
-                raise TunesmithError(f"search.storage: cannot open {_shown_url(url)}: "
+                raise TunesmithError(f"search.storage: cannot open {shown}: "
                                      f"{str(exc).splitlines()[0]}") from None
             # Workers starting together race to create the tables of a new database: one wins, the
             # others find them on the next attempt.
