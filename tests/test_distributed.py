@@ -98,7 +98,7 @@ def _assert_same_training(one: Path, two: Path) -> None:
     """Two runs took the same steps to the same place: steps, plan, validation losses, test metrics and the
     test predictions' probabilities."""
     m1, m2 = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
-    assert m1["train"]["steps"] == m2["train"]["steps"] == m1["plan"]["total_steps"] == m2["plan"]["total_steps"] == 66
+    assert m1["train"]["steps"] == m2["train"]["steps"] == m1["plan"]["total_steps"] == m2["plan"]["total_steps"]
     assert m1["plan"]["batch_size"] == m2["plan"]["batch_size"] == 32
     assert (m1["plan"]["processes"], m2["plan"]["processes"]) == (1, 2)
     e1, e2 = _evals(one), _evals(two)
@@ -161,6 +161,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(no_dropout_mode
     assert sorted(p.name for p in out.iterdir()) == ["one", "two"], "one run folder for the two processes"
     two = out / "two"
     _assert_same_training(single.run_dir, two)
+    assert json.loads((two / "metrics.json").read_text())["train"]["steps"] == 66  # 11 batches x 6 epochs
     log = done.stderr
     assert "2 processes (MULTI_CPU, gloo)" in log and "batch 32 (16 per process x 2 processes)" in log
     assert log.count("tunesmith: plan:") == 1 and log.count("step 20: validation") == 1, "the main process logs"
@@ -207,11 +208,13 @@ def test_gradual_unfreezing_oversampling_augmentation_and_resume_under_ddp(no_dr
         [json.loads(x)["type"] for x in finished["metrics.jsonl"].decode().splitlines()]
 
 
-def test_frozen_layers_feature_cache_under_ddp(no_dropout_model, uneven_data, tmp_path, cli_env):
+def test_frozen_layers_feature_cache_and_accumulation_under_ddp(no_dropout_model, uneven_data, tmp_path, cli_env):
     """Each process caches the frozen bottom's outputs (in its own file when memory is not enough: here the
-    memory limit is 0, so both write one) and trains the top like one process does."""
+    memory limit is 0, so both write one) and trains the top like one process does; with gradient
+    accumulation (2 micro-batches per step, the first under no_sync) too."""
     out = tmp_path / "runs"
-    extra = {"strategy": {"name": "freeze", "freeze_layers": 0.5, "cache_memory_mb": 0}}
+    extra = {"strategy": {"name": "freeze", "freeze_layers": 0.5, "cache_memory_mb": 0},
+             "train__grad_accum_steps": 2}
     single = tunesmith.train(_config(no_dropout_model, uneven_data, out, output={"dir": str(out), "name": "one"},
                                      **extra))
     done = _launch(_config(no_dropout_model, uneven_data, out, output={"dir": str(out), "name": "two"},
@@ -220,6 +223,7 @@ def test_frozen_layers_feature_cache_under_ddp(no_dropout_model, uneven_data, tm
     _assert_same_training(single.run_dir, out / "two")
     summary = json.loads((out / "two" / "metrics.json").read_text())
     assert summary["strategy"]["feature_cache"]["memory_mapped"] is True
+    assert summary["train"]["steps"] == 36  # ceil(11 micro-batches / 2) x 6 epochs
     assert not list((out / "two").glob("feature_cache*")), "every process removes its cache file"
 
 
