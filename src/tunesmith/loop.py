@@ -27,8 +27,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .atomic import remove_stale_temps
 from . import distributed
+from .atomic import remove_stale_temps
 from .checkpoint import (TrainState, latest_checkpoint, load_checkpoint, read_state, resumable_checkpoint,
                          rng_state, save_checkpoint)
 from .errors import Interrupted, TunesmithError
@@ -94,16 +94,15 @@ def make_accelerator(precision: str) -> Accelerator:
     the PartialState under it (device, process group of a distributed launch) is kept as it is.
     """
     from accelerate.state import AcceleratorState
-
-    wanted = "bf16" if precision == "bf16" else "no"
     from accelerate.utils import DistributedDataParallelKwargs
 
+    wanted = "bf16" if precision == "bf16" else "no"
     current = AcceleratorState._shared_state.get("_mixed_precision")
     if current is not None and current != wanted:
         AcceleratorState._reset_state(reset_partial_state=False)
     # cpu: without CUDA, the processes of a launch form a gloo group only when accelerate is told so.
-    # find_unused_parameters: a head or strategy may leave trained weights out of a forward pass (a pooler
-    # that token classification never reads); DDP would wait for their gradients for ever without it
+    # find_unused_parameters off (no extra pass over the graph every step): the heads and strategies here use
+    # every trainable weight in each forward pass (token classification models have no pooler)
     return Accelerator(mixed_precision=wanted, cpu=not torch.cuda.is_available(),
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
 
