@@ -25,20 +25,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(processes: int, steps: int, out: Path, name: str) -> dict:
+def run(processes: int, steps: int, out: Path, name: str, threads: int | None = None) -> dict:
     cmd = [sys.executable, "-m", "tunesmith", "train", str(ROOT / "configs" / "rotten_tomatoes.yaml"),
            "--train.max_steps", str(steps), "--train.batch_size", str(32 // processes),
            "--data.validation_fraction", "0", "--output.dir", str(out), "--output.name", name]
     if processes > 1:
         cmd += ["--processes", str(processes)]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # 2 threads alone, 1 each for two
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     m = json.loads((out / name / "metrics.json").read_text())
-    return {"processes": processes, "batch": f"{32 // processes} x {processes}", "steps": m["train"]["steps"],
+    return {"processes": processes, "threads": threads or max(1, (os.cpu_count() or 1) // processes),
+            "batch": f"{32 // processes} x {processes}", "steps": m["train"]["steps"],
             "train_s": m["train"]["seconds"], "train_sps": m["train"]["samples_per_second"],
             "test_sps": m["test_samples_per_second"], "accuracy": m["test"]["accuracy"], "wall_s": wall,
             "precision": m["train"]["precision"], "load": os.getloadavg()[0]}
@@ -48,24 +51,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--first", type=int, choices=(1, 2), default=1, help="processes of each round's first run")
+    parser.add_argument("--one-thread", action="store_true",
+                        help="also run one process with one thread (on a loaded host, two threads of one process "
+                             "wait on each other)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for n in (1, 2):
+            for n in ((1, 2) if args.first == 1 else (2, 1)):
                 rows.append(run(n, args.steps, Path(tmp), f"p{n}-r{r}"))
                 print(f"round {r}, {n} process(es): {rows[-1]}", file=sys.stderr)
+            if args.one_thread:
+                rows.append(run(1, args.steps, Path(tmp), f"p1t1-r{r}", threads=1))
+                print(f"round {r}, 1 process, 1 thread: {rows[-1]}", file=sys.stderr)
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, {args.steps} steps "
           f"of a global batch of 32, precision {rows[0]['precision']}")
-    print("| processes | batch per process x n | steps | train s | train samples/s | test samples/s | "
+    print("| processes | threads each | batch per process x n | steps | train s | train samples/s | test samples/s | "
           "test accuracy | wall s | load avg (1 min, at the end) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for x in rows:
-        print(f"| {x['processes']} | {x['batch']} | {x['steps']} | {x['train_s']:.1f} | {x['train_sps']:.1f} | "
+        print(f"| {x['processes']} | {x['threads']} | {x['batch']} | {x['steps']} | {x['train_s']:.1f} | {x['train_sps']:.1f} | "
               f"{x['test_sps']:.1f} | {x['accuracy']:.4f} | {x['wall_s']:.0f} | {x['load']:.1f} |")
-    for n in (1, 2):
-        mine = [x for x in rows if x["processes"] == n]
-        print(f"mean, {n} process(es): train {sum(x['train_sps'] for x in mine) / len(mine):.1f} samples/s, "
+    for n, t in sorted({(x["processes"], x["threads"]) for x in rows}):
+        mine = [x for x in rows if (x["processes"], x["threads"]) == (n, t)]
+        print(f"mean, {n} process(es) x {t} thread(s): train {sum(x['train_sps'] for x in mine) / len(mine):.1f} samples/s, "
               f"test {sum(x['test_sps'] for x in mine) / len(mine):.1f} samples/s, "
               f"wall {sum(x['wall_s'] for x in mine) / len(mine):.0f} s")
 
