@@ -232,3 +232,24 @@ def test_processes_must_be_positive(tmp_path, capsys):
 
     assert main(["train", str(tmp_path / "x.yaml"), "--processes", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --processes 0: give 1 or more"
+
+
+def test_what_a_several_process_launch_refuses(monkeypatch, tmp_path, capsys):
+    """FSDP / DeepSpeed launches (whole-model checkpoints), cv and search under a launcher, and --processes
+    inside a launch: one line each (a launch of 2 simulated: these checks run before any process group)."""
+    from types import SimpleNamespace
+
+    from tunesmith import distributed
+    from tunesmith.cli import main
+
+    monkeypatch.setattr(distributed, "processes", lambda: 2)
+    for kind, flag in (("FSDP", "--use_fsdp"), ("DEEPSPEED", "--use_deepspeed")):
+        monkeypatch.setattr(distributed, "_state", lambda kind=kind: SimpleNamespace(distributed_type=f"X.{kind}"))
+        with pytest.raises(TunesmithError, match=f"accelerate launch {flag}: not supported"):
+            distributed.check_supported()
+    with pytest.raises(TunesmithError, match="tunesmith cv runs in one process"):
+        tunesmith.cv(str(tmp_path / "x.yaml"))
+    with pytest.raises(TunesmithError, match="tunesmith search runs in one process; .* --storage"):
+        tunesmith.search(str(tmp_path / "x.yaml"))
+    assert main(["train", str(tmp_path / "x.yaml"), "--processes", "2"]) == 2
+    assert "already runs under a launcher" in capsys.readouterr().err
