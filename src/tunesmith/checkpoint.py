@@ -46,7 +46,10 @@ class TrainState:
     extra: dict = field(default_factory=dict)
 
 
-def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer, scheduler, state: TrainState) -> Path:
+def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer, scheduler, state: TrainState,
+                    rng_states: list[dict] | None = None) -> Path:
+    """rng_states: each process's random state, in rank order (several processes); this process's by default.
+    Process 0's is rng.pt, process r's rng-r.pt."""
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{state.step:07d}"
@@ -56,7 +59,8 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer, scheduler,
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
+        for r, rng in enumerate(rng_states or [rng_state()]):
+            torch.save(rng, tmp / ("rng.pt" if r == 0 else f"rng-{r}.pt"))
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
         write_manifest(tmp)  # last: a checkpoint with a manifest was complete when it was written
     except (OSError, RuntimeError, SafetensorError) as exc:
@@ -147,12 +151,13 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> TrainState:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, rank: int = 0) -> TrainState:
+    """Load everything into model, optimizer and scheduler; the random state is process `rank`'s."""
     try:
         load_model(model, str(path / "model.safetensors"))
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+        _set_rng_state(torch.load(path / ("rng.pt" if rank == 0 else f"rng-{rank}.pt"), weights_only=True))
         return read_state(path)
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise TunesmithError(f"{path}: checkpoint cannot be loaded ({str(exc).splitlines()[0]})") from None
@@ -163,7 +168,7 @@ def read_state(path: Path) -> TrainState:
     return TrainState(**json.loads((path / "state.json").read_text()))
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}

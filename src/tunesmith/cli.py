@@ -35,11 +35,21 @@ def _parse_overrides(extra: list[str]) -> dict:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from . import distributed
     from .train import train
 
     overrides = _parse_overrides(extra)
     if args.resume and overrides:
         raise TunesmithError("--resume continues the run as it was configured; overrides are not allowed")
+    if args.processes is not None:
+        if args.processes < 1:
+            raise TunesmithError(f"--processes {args.processes}: give 1 or more")
+        if distributed.processes() > 1:
+            raise TunesmithError("--processes: this command already runs under a launcher (accelerate launch, "
+                                 "torchrun); give the number of processes to the launcher only")
+        if args.processes > 1:  # the same command in N processes, started by accelerate's launcher
+            return distributed.launch(args.processes, ["train", args.config, *extra,
+                                                       *(["--resume", args.resume] if args.resume else [])])
     train(args.config, overrides, resume=args.resume)
     return 0
 
@@ -210,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config file")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--processes", type=int, metavar="N",
+                   help="train in N processes on this machine (DDP; accelerate's launcher starts them; "
+                        "train.batch_size is per process). Several machines: accelerate launch, see "
+                        "docs/distributed.md")
     p.set_defaults(func=cmd_train, allow_extra=True)
 
     p = sub.add_parser("cv", help="k-fold cross-validation: mean ± std of every metric, out-of-fold predictions")
@@ -299,10 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, extra)
     except Interrupted as exc:  # training stopped by a signal: the message says how to resume
-        print(f"error: {exc}", file=sys.stderr)
+        _print_error(exc)
         return 128 + exc.signum
     except TunesmithError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _print_error(exc)
         return 2
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -319,6 +333,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _print_error(exc: TunesmithError) -> None:
+    """One line, from the main process of a several-process launch only: the others read the same inputs and
+    stop with the same message."""
+    from .distributed import is_main
+
+    if is_main():
+        print(f"error: {exc}", file=sys.stderr)
 
 
 def _terminate(signum: int, frame) -> None:

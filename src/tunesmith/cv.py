@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import inputs
+from . import distributed, inputs
 from .atomic import write_text_atomic
 from .config import Config, load_config
 from .errors import TunesmithError
@@ -85,6 +85,7 @@ def cross_validate(config: str | Path | dict | Config, overrides: dict[str, Any]
     `on_fold(fold, mean_so_far)` (hyperparameter search) sees the mean of train.metric after each
     fold and may return True to stop early; the result then covers the folds run so far.
     """
+    distributed.one_process_only("cv")
     with inputs.in_memory_data(config, overrides) as (config, overrides):
         return _cross_validate(config, overrides, folds, keep_models, cv_dir, on_fold)
 

@@ -124,8 +124,9 @@ def run_model(model: nn.Module, batch: Mapping[str, torch.Tensor]):
 @torch.inference_mode()
 def build_feature_cache(plan: Plan, model: nn.Module, features: list[dict], lengths: list[int],
                         collate: Callable[[list[dict]], dict], batch_size: int, device: torch.device,
-                        precision: str, folder: Path) -> FeatureCache:
-    """Run the frozen bottom over every example once (batched by length) and keep its output."""
+                        precision: str, folder: Path, file_name: str = "feature_cache.f32") -> FeatureCache:
+    """Run the frozen bottom over every example once (batched by length) and keep its output (a file
+    folder/file_name when memory is not enough)."""
     last_frozen = plan.layout.module(plan.layout.blocks[plan.frozen_blocks - 1][-1])
     captured: dict = {}
 
@@ -156,7 +157,7 @@ def build_feature_cache(plan: Plan, model: nn.Module, features: list[dict], leng
                     offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
                     row_shape = hidden.shape[2:] if per_token else hidden.shape[1:]
                     store, file, reason = _allocate((int(offsets[-1]), *row_shape),
-                                                    plan.cfg.cache_memory_mb * 2**20, folder)
+                                                    plan.cfg.cache_memory_mb * 2**20, folder, file_name)
                     if store is None:
                         log(f"feature cache off: {reason}")
                         return FeatureCache(plan, None, None, per_token, False, device, None, reason)
@@ -177,7 +178,8 @@ def _rows_kept(per_token: bool, last_frozen: nn.Module, lengths: list[int]) -> l
     return [1] * len(lengths)
 
 
-def _allocate(shape: tuple[int, ...], memory_limit: int, folder: Path) -> tuple[np.ndarray | None, Path | None, str]:
+def _allocate(shape: tuple[int, ...], memory_limit: int, folder: Path,
+              file_name: str = "feature_cache.f32") -> tuple[np.ndarray | None, Path | None, str]:
     """In memory up to memory_limit bytes; else a memory-mapped file, up to half the free disk
     (the rest is left for checkpoints); else nothing, and why."""
     nbytes = int(np.prod(shape)) * 4
@@ -188,5 +190,5 @@ def _allocate(shape: tuple[int, ...], memory_limit: int, folder: Path) -> tuple[
         return None, None, (f"the frozen blocks' outputs would take {nbytes / 2**20:,.0f} MiB, more than "
                             f"strategy.cache_memory_mb ({memory_limit / 2**20:,.0f}) and half the free disk "
                             f"in {folder} ({free / 2**21:,.0f} MiB); the frozen blocks run every step")
-    file = folder / "feature_cache.f32"
+    file = folder / file_name
     return np.memmap(file, dtype=np.float32, mode="w+", shape=shape), file, ""

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from safetensors import SafetensorError
 
-from . import inputs
+from . import distributed, inputs
 from .atomic import recover_dir, replace_dir, temp_dir_beside, temp_file_beside, write_failed
 from .config import Config, config_to_yaml, load_config
 from .errors import TunesmithError
@@ -80,15 +80,22 @@ def pad_multiple(setting: int | str, device: torch.device) -> int:
 def predict_outputs(model: torch.nn.Module | None, task, features: list[dict], lengths: list[int],
                     collate: Callable[[list[dict]], dict], batch_size: int, device: torch.device,
                     precision: str, with_loss: bool = False,
-                    forward: Callable[[dict], torch.Tensor] | None = None) -> tuple[list, float | None]:
+                    forward: Callable[[dict], torch.Tensor] | None = None, spread: bool = False) -> tuple[list, float | None]:
     """The model's output for every input, in input order (what one output is, the task says: a row of
     logits, or a (words, tags) array). Batches are formed by length so padding is minimal. `forward`
-    (a batch -> logits) replaces the PyTorch model, e.g. an ONNX Runtime session (export.py)."""
+    (a batch -> logits) replaces the PyTorch model, e.g. an ONNX Runtime session (export.py).
+
+    spread: the processes of a several-process launch share the batches (batch k is process k mod n's) and
+    every process gets all the outputs back: each input once, unpadded, whatever the batch sizes."""
     order = np.argsort(lengths, kind="stable")
     outputs: list = [None] * len(features)
     loss_sum = 0.0
+    starts = range(0, len(order), batch_size)
+    n = distributed.processes() if spread else 1
+    if n > 1:
+        starts = starts[distributed.rank()::n]
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        for start in range(0, len(order), batch_size):
+        for start in starts:
             idx = order[start:start + batch_size]
             batch = collate([features[i] for i in idx])
             if not with_loss:
@@ -101,17 +108,24 @@ def predict_outputs(model: torch.nn.Module | None, task, features: list[dict], l
                 loss_sum += loss.float().item() * len(idx)
             for i, out in zip(idx, task.split_outputs(logits.float().cpu().numpy(), [features[i] for i in idx])):
                 outputs[i] = out
+    if n > 1:
+        mine = {int(i): outputs[i] for start in starts for i in order[start:start + batch_size]}
+        parts, loss_sum = distributed.gather((mine, loss_sum)), 0.0
+        for theirs, their_loss in parts:
+            for i, out in theirs.items():
+                outputs[i] = out
+            loss_sum += their_loss
     return outputs, (loss_sum / max(1, len(order)) if with_loss else None)
 
 
 def example_outputs(model: torch.nn.Module | None, task, enc, collate: Callable[[list[dict]], dict], batch_size: int,
                     device: torch.device, precision: str, aggregation: str = "mean",
-                    with_loss: bool = False,
-                    forward: Callable[[dict], torch.Tensor] | None = None) -> tuple[Any, float | None]:
+                    with_loss: bool = False, forward: Callable[[dict], torch.Tensor] | None = None,
+                    spread: bool = False) -> tuple[Any, float | None]:
     """predict_outputs per example: a chunked document's windows are combined into one prediction,
     so metrics count documents, not windows (the loss is the mean over windows)."""
     outputs, loss = predict_outputs(model, task, enc.features, enc.lengths, collate, batch_size, device, precision,
-                                    with_loss, forward)
+                                    with_loss, forward=forward, spread=spread)
     return task.merge_windows(outputs, enc, aggregation), loss
 
 

@@ -2,6 +2,10 @@
 
 for each epoch: length-grouped batches -> forward/backward (bf16 autocast where fast) -> clip, step ->
 evaluate at the planned steps / keep the best model / stop early or at the time budget -> checkpoint.
+
+Several processes (DDP, distributed.py): every process forms the same global batches and trains on its
+share of each; DDP averages the gradients (not while accumulating: no_sync); validation outputs are
+gathered; every decision to stop is taken together; only the main process writes.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from . import distributed
 from .atomic import remove_stale_temps
 from .checkpoint import (TrainState, latest_checkpoint, load_checkpoint, read_state, resumable_checkpoint,
-                         save_checkpoint)
+                         rng_state, save_checkpoint)
 from .distill import distill_loss, epoch_inputs
-from .errors import Interrupted
+from .errors import Interrupted, TunesmithError
 from .evaluate import is_improvement, scalar_metrics
 from .features import build_feature_cache
 from .inference import example_outputs, pad_multiple, save_model_dir
@@ -91,12 +96,17 @@ def make_accelerator(precision: str) -> Accelerator:
     the PartialState under it (device, process group of a distributed launch) is kept as it is.
     """
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
 
     wanted = "bf16" if precision == "bf16" else "no"
     current = AcceleratorState._shared_state.get("_mixed_precision")
     if current is not None and current != wanted:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=wanted)
+    # cpu: without CUDA, the processes of a launch form a gloo group only when accelerate is told so.
+    # find_unused_parameters off (no extra pass over the graph every step): the heads and strategies here use
+    # every trainable weight in each forward pass (token classification models have no pooler)
+    return Accelerator(mixed_precision=wanted, cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
 
 
 class _StopSignals:
@@ -142,6 +152,7 @@ class _Loop:
     cache: Any
     cache_seconds: float
     progress: Any = None
+    main: bool = True               # the process that writes (rank 0)
     signals: _StopSignals = field(default_factory=_StopSignals)
     clock: float = 0.0              # perf_counter() minus the training seconds so far (evaluations excluded)
     stopped: str = "plan"
@@ -166,7 +177,7 @@ def fit(run, on_evaluate: Callable[[int, dict], bool] | None = None) -> FitOutco
     lp = _start(run)
     set_train_mode(lp.model)
     lp.progress = tqdm(total=run.plan.total_steps, initial=lp.state.step, desc="training", unit="step",
-                       disable=None, file=sys.stderr, dynamic_ncols=True)
+                       disable=None if lp.main else True, file=sys.stderr, dynamic_ncols=True)
     lp.clock = time.perf_counter() - lp.state.train_seconds
     stop = lp.state.step >= run.plan.total_steps or _out_of_time(lp)
     try:
@@ -206,17 +217,22 @@ def _start(run) -> _Loop:
     model, optimizer = accelerator.prepare(run.model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     state = _resume(run, unwrapped, optimizer, scheduler) if run.resuming else None
+    if state is not None:  # the resume may have unfrozen layers (gradual unfreezing): DDP must see them
+        model = _rewrap(accelerator, model, unwrapped)
     fresh = state is None
-    if fresh and run.resuming:  # killed before its first checkpoint: nothing was trained, the log starts again
+    main = accelerator.is_main_process
+    if fresh and run.resuming and main:  # killed before its first checkpoint: nothing was trained, the log starts again
         (run.run_dir / "metrics.jsonl").unlink(missing_ok=True)
     state = state or TrainState()
     trainable, total = count_parameters(model)
     log(f"model {cfg.model.name}: {count(total)} parameters, {count(trainable)} trainable; "
-        f"precision {run.precision}; device {device}")
+        f"precision {run.precision}; device {device}"
+        + (f"; {accelerator.num_processes} processes ({accelerator.distributed_type.value}, "
+           f"{torch.distributed.get_backend()})" if accelerator.num_processes > 1 else ""))
     groups = describe_groups(optimizer)
     log(f"strategy {cfg.strategy.name}; learning rate per layer: "
         + ", ".join(f"{g['name']} {g['lr']:.3g}" for g in groups))
-    if fresh:
+    if fresh and main:
         append_jsonl(run.run_dir / "metrics.jsonl", {
             "type": "setup", "step": 0, "strategy": cfg.strategy.name, "param_groups": groups,
             "trainable_parameters": trainable, "total_parameters": total,
@@ -227,22 +243,46 @@ def _start(run) -> _Loop:
         budget = Budget(tcfg.time_limit, state.extra.get("wall_seconds", 0.0))
         log(f"time limit {describe_seconds(tcfg.time_limit)}"
             + (f" ({describe_seconds(budget.spent_before)} used before this resume)" if budget.spent_before else ""))
-    return _Loop(run, accelerator, model, unwrapped, optimizer, scheduler, collate, state, budget, cache, cache_seconds)
+    return _Loop(run, accelerator, model, unwrapped, optimizer, scheduler, collate, state, budget, cache, cache_seconds,
+                 main=main)
+
+
+def _rewrap(accelerator: Accelerator, model: torch.nn.Module, unwrapped: torch.nn.Module) -> torch.nn.Module:
+    """DDP wrapped anew around the model after layers were unfrozen. DDP averages the gradients of the
+    weights that were trainable when it was built; a layer unfrozen later would otherwise train on each
+    process's own gradients and the copies drift apart. The optimizer changes identically everywhere
+    (unfreeze() runs at the same step in every process); a new DDP also re-broadcasts rank 0's weights."""
+    if accelerator.num_processes == 1:
+        return model
+    if model in accelerator._models:  # the old wrapper's gradient hooks go with it
+        accelerator._models.remove(model)
+    del model
+    return accelerator.prepare_model(unwrapped)
 
 
 def _resume(run, model: torch.nn.Module, optimizer, scheduler) -> TrainState | None:
     """The state of the newest whole checkpoint, loaded; None when the run was stopped before its first one."""
-    for folder in (run.run_dir, run.run_dir / "checkpoints"):  # we hold the run's lock: no write is in progress
-        remove_stale_temps(folder)
+    main = distributed.is_main()
+    if main:
+        for folder in (run.run_dir, run.run_dir / "checkpoints"):  # we hold the run's lock: no write is in progress
+            remove_stale_temps(folder)
     ckpt = resumable_checkpoint(run.run_dir)  # the newest whole one: damaged newer ones are skipped, with a warning
     if ckpt is None:
         log(f"{run.run_dir}: no checkpoint yet (stopped before the first one); training from step 0")
         return None
-    for layer in unfreeze_due(run.strategy, read_state(ckpt).step):  # the optimizer groups the checkpoint has
+    saved = read_state(ckpt)
+    n, trained_with = distributed.processes(), saved.extra.get("processes", 1)
+    if trained_with != n:  # each process's share of every batch depends on how many there are
+        again = f" --processes {trained_with}" if trained_with > 1 else ""
+        raise TunesmithError(f"{run.run_dir}: trained with {trained_with} process(es), resumed with {n}; an epoch's "
+                             f"batches are split by the number of processes, so resume with the same number: "
+                             f"tunesmith train {run.run_dir}/config.yaml --resume {run.run_dir}{again}")
+    for layer in unfreeze_due(run.strategy, saved.step):  # the optimizer groups the checkpoint has
         unfreeze(run.strategy, model, optimizer, scheduler, layer)
-    state = load_checkpoint(ckpt, model, optimizer, scheduler)
+    state = load_checkpoint(ckpt, model, optimizer, scheduler, distributed.rank())
     run.plan.total_steps = state.extra.get("total_steps", run.plan.total_steps)  # a time budget may have cut it
-    truncate_jsonl(run.run_dir / "metrics.jsonl", state.step)
+    if main:
+        truncate_jsonl(run.run_dir / "metrics.jsonl", state.step)
     log(f"resumed from {ckpt} (step {state.step}/{run.plan.total_steps})")
     return state
 
@@ -259,13 +299,15 @@ def _train_epoch(lp: _Loop, on_evaluate) -> bool:
     weights = run.balance.sample_weights
     if weights is not None and train_enc.doc_index is not None:  # chunked: a window weighs as its text
         weights = weights[np.asarray(train_enc.doc_index)]
+    # the global batches: the same in every process (same seed), each process trains on its share
     batches = make_batches(train_enc.lengths, run.plan.batch_size, tcfg.seed + state.epoch, tcfg.group_by_length,
                            weights)
     for batch_index in range(state.batch_in_epoch, len(batches)):
-        _forward_backward(lp, train_enc, batches[batch_index])
+        last_of_epoch = batch_index + 1 == len(batches)
+        stepping = (batch_index + 1) % tcfg.grad_accum_steps == 0 or last_of_epoch
+        _forward_backward(lp, train_enc, batches[batch_index], stepping)
         state.batch_in_epoch = batch_index + 1
-        last_of_epoch = state.batch_in_epoch == len(batches)
-        if state.batch_in_epoch % tcfg.grad_accum_steps and not last_of_epoch:
+        if not stepping:
             continue  # accumulating gradients
         _optimizer_step(lp)
         if last_of_epoch:
@@ -277,21 +319,32 @@ def _train_epoch(lp: _Loop, on_evaluate) -> bool:
     return False
 
 
-def _forward_backward(lp: _Loop, train_enc, indices: list[int]) -> None:
-    run = lp.run
-    device = lp.accelerator.device
+def _forward_backward(lp: _Loop, train_enc, batch_indices: list[int], stepping: bool) -> None:
+    """Forward and backward on this process's share of a global batch; gradients are averaged over the
+    processes only before an optimizer step (no_sync while accumulating: one all-reduce per step)."""
+    run, accelerator = lp.run, lp.accelerator
+    n = accelerator.num_processes
+    indices = distributed.share(batch_indices, n, accelerator.process_index) if n > 1 else batch_indices
+    # DDP averages the processes' gradients (a sum / n): a share's mean loss weighs len(share) * n / len(batch),
+    # so the step is the mean over the whole global batch, as in one process, also when the shares differ by
+    # one (a last batch of 37: 19 and 18). A process left without an example (a last batch smaller than n)
+    # runs one with weight 0: every process must take part in each all-reduce
+    weight = len(indices) * n / len(batch_indices)
+    if not indices:
+        indices = batch_indices[:1]
     features = [train_enc.features[i] for i in indices]
     batch = lp.collate(features)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    with lp.cache.replay(indices, batch) if lp.cache else nullcontext():
-        if run.teacher is not None:
-            loss = distill_loss(run.task, lp.model, batch, features, [run.teacher.targets[i] for i in indices],
-                                run.cfg, run.balance.loss)
-        else:
-            loss = _training_loss(run.task, lp.model, batch, run.balance.loss)
-    lp.accelerator.backward(loss / run.cfg.train.grad_accum_steps)
-    lp.pending_loss.append(loss.detach())
-    lp.state.samples_seen += len(indices)
+    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    with accelerator.no_sync(lp.model) if not stepping else nullcontext():
+        with lp.cache.replay(indices, batch) if lp.cache else nullcontext():
+            if run.teacher is not None:
+                loss = distill_loss(run.task, lp.model, batch, features, [run.teacher.targets[i] for i in indices],
+                                    run.cfg, run.balance.loss)
+            else:
+                loss = _training_loss(run.task, lp.model, batch, run.balance.loss)
+        accelerator.backward(loss * (weight / run.cfg.train.grad_accum_steps))
+    lp.pending_loss.append(loss.detach() * weight)
+    lp.state.samples_seen += len(batch_indices)
 
 
 def _optimizer_step(lp: _Loop) -> None:
@@ -307,19 +360,26 @@ def _optimizer_step(lp: _Loop) -> None:
         if len(lp.paced) > 2 and state.step % BUDGET_EVERY_STEPS == 0:
             _fit_the_budget(lp, "over the latest steps")
     lp.progress.update(1)
+    # losses are read at the same steps in every process (reading them averages them over the processes)
     _log_training(lp)
     if state.step % 10 == 0:
         lp.progress.set_postfix(loss=f"{_read_losses(lp)[-1]:.4f}", refresh=False)
-    if lp.progress.disable and state.step % max(1, run.plan.total_steps // 20) == 0:  # a log file, not a terminal
-        log(f"step {state.step}/{run.plan.total_steps}, loss {np.mean(_read_losses(lp)[-20:]):.4f}, "
-            f"{state.samples_seen / max(lp.train_seconds(), 1e-9):.1f} samples/s")
-    for layer in unfreeze_due(run.strategy, state.step):
+    if state.step % max(1, run.plan.total_steps // 20) == 0:
+        losses = _read_losses(lp)
+        if lp.progress.disable:  # a log file, not a terminal
+            log(f"step {state.step}/{run.plan.total_steps}, loss {np.mean(losses[-20:]):.4f}, "
+                f"{state.samples_seen / max(lp.train_seconds(), 1e-9):.1f} samples/s")
+    unfrozen = unfreeze_due(run.strategy, state.step)
+    for layer in unfrozen:
         lr = unfreeze(run.strategy, lp.unwrapped, lp.optimizer, lp.scheduler, layer)
-        set_train_mode(lp.model)
-        now_trainable = count_parameters(lp.model)[0]
-        append_jsonl(lp.metrics_log, {"type": "unfreeze", "step": state.step, "layer": layer, "lr": lr,
-                                      "trainable_parameters": now_trainable})
+        now_trainable = count_parameters(lp.unwrapped)[0]
+        if lp.main:
+            append_jsonl(lp.metrics_log, {"type": "unfreeze", "step": state.step, "layer": layer, "lr": lr,
+                                          "trainable_parameters": now_trainable})
         log(f"step {state.step}: unfroze {layer} (lr {lr:.3g}); {count(now_trainable)} trainable")
+    if unfrozen:
+        lp.model = _rewrap(lp.accelerator, lp.model, lp.unwrapped)
+        set_train_mode(lp.model)
 
 
 def _log_training(lp: _Loop) -> None:
@@ -331,7 +391,7 @@ def _log_training(lp: _Loop) -> None:
         return
     # running holds the losses since the last evaluation (checkpointed): a resumed run writes the same lines
     recent = _read_losses(lp)[-every * lp.run.cfg.train.grad_accum_steps:]
-    if recent:
+    if recent and lp.main:
         append_jsonl(lp.metrics_log, {"type": "train", "step": state.step, "loss": float(np.mean(recent)),
                                       "lr": lp.scheduler.get_last_lr()[0]})
 
@@ -348,7 +408,7 @@ def _end_epoch(lp: _Loop) -> None:
 def _after_step(lp: _Loop, last_of_epoch: bool, epoch_float: float, on_evaluate) -> bool:
     """Evaluate when due, stop at the end of the plan or the time budget, checkpoint; True: stop."""
     run, state, plan = lp.run, lp.state, lp.run.plan
-    out_of_time = _out_of_time(lp)
+    out_of_time, interrupted = _agree(lp, _out_of_time(lp))
     if out_of_time:
         lp.stopped = "time limit"
         log(f"step {state.step}: time limit {describe_seconds(lp.budget.limit)} reached; "
@@ -363,8 +423,9 @@ def _after_step(lp: _Loop, last_of_epoch: bool, epoch_float: float, on_evaluate)
         lp.clock = time.perf_counter() - state.train_seconds
         if not done:
             _fit_the_budget(lp, "after an evaluation")
+        stop, signalled = _agree(lp, stop)
+        interrupted = interrupted or signalled
     stop = stop or done
-    interrupted = lp.signals.received is not None
     # not at every epoch end: small data has many short epochs, and a checkpoint (weights and
     # optimizer state: 270 MB for MiniLM) every few steps cost more than the training
     if stop or interrupted or state.step % run.cfg.train.checkpoint_every_steps == 0:
@@ -372,16 +433,40 @@ def _after_step(lp: _Loop, last_of_epoch: bool, epoch_float: float, on_evaluate)
         state.extra["running_loss"] = _read_losses(lp)
         state.extra["total_steps"] = plan.total_steps
         state.extra["wall_seconds"] = (lp.budget.spent_before if lp.budget else 0.0) + lp.wall()
-        save_checkpoint(run.run_dir, lp.unwrapped, lp.optimizer, lp.scheduler, state)
+        state.extra["processes"] = lp.accelerator.num_processes
+        rng = distributed.gather(rng_state())  # each process's random state: a resume continues each one's stream
+        if lp.main:
+            save_checkpoint(run.run_dir, lp.unwrapped, lp.optimizer, lp.scheduler, state, rng)
+        distributed.barrier()  # saved before any process goes on (a failed save stops the main process here)
     if interrupted:  # the step is complete and saved: fit() says how to resume
         raise KeyboardInterrupt
     return stop
 
 
+def _agree(lp: _Loop, flag: bool) -> tuple[bool, bool]:
+    """(flag in any process, a stop signal in any process), with the main process's plan length (a time
+    budget re-plans on each process's own clock): every process then stops, evaluates and saves at the same
+    step. One small all-reduce; nothing in one process."""
+    plan = lp.run.plan
+    if lp.accelerator.num_processes == 1:
+        return flag, lp.signals.received is not None
+    signal_number, flag_any, total = distributed.all_max(
+        [lp.signals.received or 0, float(flag), plan.total_steps if lp.main else 0], lp.accelerator.device)
+    if signal_number and lp.signals.received is None:
+        lp.signals.received = int(signal_number)  # another process got it (a scheduler may signal only one)
+    if int(total) != plan.total_steps:
+        plan.total_steps = int(total)
+        plan.patience_from_step = min(plan.patience_from_step, plan.total_steps // 2)
+        lp.progress.total = plan.total_steps
+    return bool(flag_any), bool(signal_number)
+
+
 def _read_losses(lp: _Loop) -> list[float]:
+    """The training losses of the steps so far (each the mean over its global batch: averaged over the
+    processes here, in bulk)."""
     running = lp.state.extra.setdefault("running_loss", [])
     if lp.pending_loss:
-        running.extend(torch.stack(lp.pending_loss).float().tolist())
+        running.extend(distributed.all_mean(torch.stack(lp.pending_loss).float()).tolist())
         lp.pending_loss.clear()
     return running
 
@@ -396,23 +481,29 @@ def _evaluate(lp: _Loop, epoch_float: float, on_evaluate) -> bool:
         record["train_loss"] = float(np.mean(running))
         running.clear()
     if run.val_enc is None:
-        append_jsonl(lp.metrics_log, record)
+        if lp.main:
+            append_jsonl(lp.metrics_log, record)
         return False
     started = time.perf_counter()
-    outputs, loss = example_outputs(lp.model, run.task, run.val_enc, lp.collate, cfg.train.eval_batch_size,
-                                    lp.accelerator.device, run.precision, cfg.model.chunk_aggregation, with_loss=True)
+    # the plain model, not DDP's wrapper (whose forward would sync buffers: a collective per batch, and the
+    # processes run different numbers of validation batches); each process runs its share, gathered
+    outputs, loss = example_outputs(lp.unwrapped, run.task, run.val_enc, lp.collate, cfg.train.eval_batch_size,
+                                    lp.accelerator.device, run.precision, cfg.model.chunk_aggregation, with_loss=True,
+                                    spread=True)
     full = run.task.compute_metrics(outputs, run.splits.validation.targets, run.labels)
     lp.eval_seconds = time.perf_counter() - started
     scores = {**scalar_metrics(full), "loss": loss}
     record["validation"] = scores
-    append_jsonl(lp.metrics_log, record)
+    if lp.main:
+        append_jsonl(lp.metrics_log, record)
     value = scores[run.metric]
     shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k in (run.metric, "loss", "accuracy"))
     if is_improvement(run.metric, value, state.best_metric):
         state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
         state.extra["best_validation_metrics"], state.extra["best_validation_step"] = full, state.step
         started = time.perf_counter()
-        save_model_dir(run.run_dir / "model", lp.unwrapped, run.processor, cfg, run.labels, run.task)
+        if lp.main:
+            save_model_dir(run.run_dir / "model", lp.unwrapped, run.processor, cfg, run.labels, run.task)
         lp.save_seconds = time.perf_counter() - started
         log(f"step {state.step}: validation {shown} (best so far, saved)")
     else:
@@ -498,8 +589,10 @@ def _feature_cache(run, model: torch.nn.Module, collate, device: torch.device):
         log("feature cache off: augmentation changes the training inputs every epoch")
         return None, 0.0
     started = time.perf_counter()
+    # every process caches all the examples (any may draw any of them); each its own file if one is needed
+    name = "feature_cache.f32" if distributed.is_main() else f"feature_cache-{distributed.rank()}.f32"
     cache = build_feature_cache(run.strategy, model, run.train_enc.features, run.train_enc.lengths, collate,
-                                run.cfg.train.eval_batch_size, device, run.precision, run.run_dir)
+                                run.cfg.train.eval_batch_size, device, run.precision, run.run_dir, name)
     seconds = time.perf_counter() - started
     if not cache:  # too large for memory and disk: it says why (logged when it was declined)
         return None, 0.0

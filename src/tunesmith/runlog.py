@@ -9,10 +9,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .atomic import write_text_atomic
+from .distributed import is_main
 
 
 def log(message: str) -> None:
-    """One progress line on stderr, printed above a running progress bar."""
+    """One progress line on stderr, printed above a running progress bar; by the main process only (the
+    others of a several-process launch say the same)."""
+    if not is_main():
+        return
     tqdm.write(f"tunesmith: {message}", file=sys.stderr)
 
 

@@ -34,7 +34,7 @@ EVAL_COST_PER_EXAMPLE = 1 / 3   # evaluating an example costs about a third of t
 @dataclass
 class TrainingPlan:
     """The run in optimizer steps. total_steps may shrink during training to fit a time budget."""
-    batch_size: int
+    batch_size: int             # the global batch: train.batch_size per process x processes
     steps_per_epoch: int
     total_steps: int            # where the learning-rate schedule ends (a time budget may move it)
     planned_steps: int          # the plan before any time budget
@@ -45,6 +45,7 @@ class TrainingPlan:
     lr: float
     reason: str                 # why this plan, for the run log
     lr_reason: str
+    processes: int = 1          # processes training together (DDP), each on batch_size / processes
 
     @property
     def epochs(self) -> int:
@@ -58,11 +59,12 @@ def resolve_lr(cfg: Config, task, batch_size: int) -> tuple[float, str]:
     return task.auto_lr(cfg.strategy.name, batch_size), f"auto for strategy {cfg.strategy.name} at batch {batch_size}"
 
 
-def make_plan(cfg: Config, task, train_features: int, validation_examples: int) -> TrainingPlan:
+def make_plan(cfg: Config, task, train_features: int, validation_examples: int, processes: int = 1) -> TrainingPlan:
     """Steps, evaluations and early stopping for `train_features` training inputs (windows of long
-    texts count one each) and a validation split of `validation_examples`."""
+    texts count one each) and a validation split of `validation_examples`. With several processes,
+    train.batch_size is each one's: the plan (steps, automatic learning rate) is made for the global batch."""
     tcfg = cfg.train
-    batch_size = resolve_batch_size(cfg, train_features)
+    batch_size = resolve_batch_size(cfg, train_features) * processes
     batches = math.ceil(train_features / batch_size)
     steps_per_epoch = max(1, math.ceil(batches / tcfg.grad_accum_steps))
     auto = tcfg.epochs == "auto"
@@ -90,7 +92,7 @@ def make_plan(cfg: Config, task, train_features: int, validation_examples: int) 
         reason += f", early stopping patience {patience}" + (" after half the plan" if auto else "")
     lr, lr_reason = resolve_lr(cfg, task, batch_size)
     return TrainingPlan(batch_size, steps_per_epoch, total, total, round(tcfg.warmup_ratio * total), eval_every, patience,
-                        total // 2 if auto else 0, lr, reason, lr_reason)
+                        total // 2 if auto else 0, lr, reason, lr_reason, processes)
 
 
 def resolve_batch_size(cfg: Config, train_features: int) -> int:

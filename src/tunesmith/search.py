@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from . import inputs
+from . import distributed, inputs
 from .atomic import write_text_atomic
 from .config import Config, SearchParam, StrategyConfig, apply_overrides, deep_copy, config_to_yaml, load_config
 from .errors import Interrupted, Terminated, TunesmithError
@@ -82,6 +82,7 @@ def search(config: str | Path | dict | Config | None, overrides: dict[str, Any] 
     """Run (or continue) the search the config declares; returns the trials and the best config."""
     import optuna
 
+    distributed.one_process_only("search")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own progress line per trial says it
     with inputs.in_memory_data(config, overrides) as (config, overrides):
         return _search(config, overrides, trials, storage, resume)
@@ -384,9 +385,20 @@ def _check_space(base_raw: dict, space: dict[str, SearchParam]) -> None:
 
 # ---------------------------------------------------------------- storage and trials
 
+def _with_driver(url: str) -> str:
+    """SQLAlchemy 2.1 reads postgresql:// as the psycopg (3) driver; where only psycopg2 is installed (the one
+    this project depends on), the URL names it, so a plain postgresql:// URL works."""
+    from importlib.util import find_spec
+
+    if url.startswith("postgresql://") and find_spec("psycopg") is None and find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
+
+
 def _storage(url: str):
     import optuna
 
+    shown, url = _shown_url(url), _with_driver(url)
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_SECONDS}
@@ -399,7 +411,7 @@ def _storage(url: str):
                     heartbeat_stale_trial_callback=_retry())
         except Exception as exc:  # sqlalchemy raises many kinds for a bad URL or an unreachable database
             if attempt == STORAGE_ATTEMPTS - 1:
-                raise TunesmithError(f"search.storage: cannot open {_shown_url(url)}: "
+                raise TunesmithError(f"search.storage: cannot open {shown}: "
                                      f"{str(exc).splitlines()[0]}") from None
             # Workers starting together race to create the tables of a new database: one wins, the
             # others find them on the next attempt.
@@ -451,7 +463,11 @@ def _requeue_dead_trials(study, store, study_name: str, search_dir: Path) -> Non
         if worker.get("host") != here or _alive(worker.get("pid")):
             continue
         trial_id = store.get_trial_id_from_study_id_trial_number(study_id, t.number)
-        if store.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL):
+        try:
+            failed = store.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker starting at the same time did it
+            continue
+        if failed:
             _retry()(study, store.get_trial(trial_id))
             shutil.rmtree(search_dir / f"trial-{t.number:04d}", ignore_errors=True)
             log(f"trial {t.number} was cut off (worker {worker.get('pid')} is gone): marked failed, "

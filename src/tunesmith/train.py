@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import transformers
 
-from . import distill, inputs
+from . import distill, distributed, inputs
 from .atomic import recover_dir, remove_stale_temps, replace_dir, write_text_atomic
 from .checkpoint import latest_checkpoint
 from .config import Config, config_to_yaml, load_config, locate
@@ -106,6 +106,7 @@ def train(config: str | Path | dict | Config | None, overrides: dict[str, Any] |
     `on_evaluate(step, validation_scores)` sees every evaluation; returning True stops training
     (hyperparameter search prunes a bad trial this way).
     """
+    distributed.check_supported()
     with inputs.in_memory_data(config, overrides) as (config, overrides), ExitStack() as locks:
         state = _run_state(Path(resume)) if resume is not None else None
         if state == "finished":  # killed after its last write: nothing left to do
@@ -143,10 +144,12 @@ def _load(config, overrides, resume) -> tuple[Config, Path]:
 
 
 def setup(config, overrides=None, resume=None, splits=None, locks: ExitStack | None = None) -> Setup:
-    """Check and build everything; the run folder is locked (.lock, one writer) until `locks` closes."""
+    """Check and build everything; the run folder is locked (.lock, one writer) until `locks` closes.
+    Several processes: each one checks and builds the same; the main one creates, locks and writes the folder."""
     started = time.perf_counter()
     cfg, run_dir = _load(config, overrides, resume)
-    if resume is not None and locks is not None:  # before anything is read: a second --resume stops here
+    main, processes = distributed.is_main(), distributed.processes()
+    if resume is not None and locks is not None and main:  # before anything is read: a second --resume stops here
         locks.enter_context(FolderLock.acquire(run_dir, "is training in it"))
     tcfg, task = cfg.train, TASKS[cfg.task]
     transformers.set_seed(tcfg.seed)
@@ -177,17 +180,21 @@ def setup(config, overrides=None, resume=None, splits=None, locks: ExitStack | N
         raise TunesmithError(f"{locate(config_file, 'imbalance.weights')}: {exc}") from None
     metric = _check_metric(cfg, task, splits, labels)
     n_val = len(splits.validation) if splits.validation is not None else 0
-    plan = make_plan(cfg, task, len(train_enc.features), n_val)
+    plan = make_plan(cfg, task, len(train_enc.features), n_val, processes)
     precision = choose_precision(tcfg.precision, parameters=sum(p.numel() for p in model.parameters()),
                                  cpu_needs_amx=task.cpu_bf16_needs_amx())
     model, strategy = apply_strategy(model, cfg, plan.steps_per_epoch, plan.lr)
 
     if resume is None:
-        run_dir = _create_run_dir(cfg)
-        if locks is not None:
-            locks.enter_context(FolderLock.acquire(run_dir, "is training in it"))
-        cfg = inputs.persist(cfg, run_dir)  # in-memory data: a copy in the run folder, for --resume
-        write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))  # never a half-written config
+        if main:
+            run_dir = _create_run_dir(cfg)
+            if locks is not None:
+                locks.enter_context(FolderLock.acquire(run_dir, "is training in it"))
+        # the main process's folder (its name has the time in it, and -2 when taken): one folder for all
+        run_dir = distributed.broadcast(run_dir)
+        cfg = inputs.persist(cfg, run_dir, write=main)  # in-memory data: a copy in the run folder, for --resume
+        if main:
+            write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))  # never a half-written config
     run = Setup(cfg, task, run_dir, resume is not None, splits, labels, model, processor,
                 train_enc, val_enc, balance, metric, precision, strategy, plan, started, encode_seconds, teacher)
     _log_setup(run)
@@ -225,7 +232,9 @@ def _log_setup(run: Setup) -> None:
     if cfg.augment:
         log("augmentation of training examples, new every epoch: " + ", ".join(f"{op.op} (p {op.p})" for op in cfg.augment))
     evals = "at the end of every epoch" if plan.eval_every is None else f"every {plan.eval_every} steps"
-    log(f"plan: {plan.total_steps} optimizer steps ({plan.reason}); batch {plan.batch_size}"
+    per_process = (f" ({plan.batch_size // plan.processes} per process x {plan.processes} processes)"
+                   if plan.processes > 1 else "")
+    log(f"plan: {plan.total_steps} optimizer steps ({plan.reason}); batch {plan.batch_size}{per_process}"
         f"{' (auto)' if cfg.train.batch_size == 'auto' else ''}"
         f"{f' x {cfg.train.grad_accum_steps} accumulation' if cfg.train.grad_accum_steps > 1 else ''}; "
         f"learning rate {plan.lr:.3g} ({plan.lr_reason}); validation {evals}, best model by {run.metric}")
@@ -263,8 +272,11 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
     state, model = outcome.state, outcome.model
     device = next(model.parameters()).device
     collate = outcome.collate
+    main = distributed.is_main()  # several processes: all evaluate their share, the main one writes
+    distributed.barrier()  # the best model/ is written (by the main process) before any process reads it back
     if run.val_enc is None or state.best_step is None:  # no best model chosen (metric always NaN): keep the last
-        save_model_dir(run_dir / "model", model, run.processor, cfg, labels, task)
+        if main:
+            save_model_dir(run_dir / "model", model, run.processor, cfg, labels, task)
         state.best_step = state.step
     elif is_peft(model):  # model/ holds the merged model (or the adapter): load it the way predict does
         model = load_model_dir(run_dir / "model", task, labels, cfg)[0].to(device)
@@ -278,7 +290,7 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
         "plan": {"total_steps": run.plan.total_steps, "steps_per_epoch": run.plan.steps_per_epoch,
                  "batch_size": run.plan.batch_size,
                  "reason": run.plan.reason, "lr": run.plan.lr, "lr_reason": run.plan.lr_reason,
-                 "eval_every": run.plan.eval_every, "stopped": outcome.stopped},
+                 "eval_every": run.plan.eval_every, "stopped": outcome.stopped, "processes": run.plan.processes},
         "train": {"steps": state.step, "seconds": round(outcome.train_seconds, 2),
                   "samples_per_second": round(outcome.samples_per_second, 2), "precision": run.precision,
                   "trainable_parameters": trainable, "total_parameters": total},
@@ -308,7 +320,7 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
         validation_metrics = state.extra.get("best_validation_metrics")
         if validation_metrics is None or state.best_step != state.extra.get("best_validation_step"):
             logits, _ = example_outputs(model, task, run.val_enc, collate, cfg.train.eval_batch_size, device,
-                                        run.precision, cfg.model.chunk_aggregation)
+                                        run.precision, cfg.model.chunk_aggregation, spread=True)
             validation_metrics = task.compute_metrics(logits, splits.validation.targets, labels)
         summary["validation"] = validation_metrics
         result_metrics = validation_metrics
@@ -323,20 +335,24 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
             log(f"test: {task.describe_inputs(test_enc, cfg)}")
         started_eval = time.perf_counter()
         test_logits, _ = example_outputs(model, task, test_enc, collate, cfg.train.eval_batch_size, device,
-                                         run.precision, cfg.model.chunk_aggregation)
+                                         run.precision, cfg.model.chunk_aggregation, spread=True)
         eval_seconds = time.perf_counter() - started_eval
         result_metrics = task.compute_metrics(test_logits, splits.test.targets, labels)
         summary["test"] = result_metrics
         summary["test_samples_per_second"] = round(len(test_enc.features) / max(eval_seconds, 1e-9), 2)
-        write_frame_atomic(task.predictions_frame(splits.test, test_logits, labels), run_dir / "test_predictions.csv")
         if run.teacher is not None:  # the teacher's own score on the same test split, next to the student's
             summary["distill"]["teacher_test"] = _teacher_test(run)
             summary["distill"]["student_test"] = scalar_metrics(result_metrics)
-        append_jsonl(run_dir / "metrics.jsonl", {"type": "test", "step": state.step,
-                                                 "test": scalar_metrics(result_metrics)})
-    write_text_atomic(run_dir / "metrics.json", json.dumps(summary, indent=1))  # it marks the run finished
-    if not cfg.train.keep_checkpoints:  # the run is complete: model/ and the logs are what it keeps
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        if main:
+            write_frame_atomic(task.predictions_frame(splits.test, test_logits, labels),
+                               run_dir / "test_predictions.csv")
+            append_jsonl(run_dir / "metrics.jsonl", {"type": "test", "step": state.step,
+                                                     "test": scalar_metrics(result_metrics)})
+    if main:
+        write_text_atomic(run_dir / "metrics.json", json.dumps(summary, indent=1))  # it marks the run finished
+        if not cfg.train.keep_checkpoints:  # the run is complete: model/ and the logs are what it keeps
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    distributed.barrier()  # the run is finished (metrics.json) when any process returns
     if result_metrics:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(result_metrics).items())
         log(f"{'test' if splits.test is not None else 'validation'}: {shown}")
@@ -363,7 +379,9 @@ def hardware(device: torch.device) -> dict:
 
 def publish(folder: Path, cfg: Config) -> None:
     """The end of a finished run, cv or search: report.html (config `report`) and the trackers
-    (`tracking`). Neither can fail what has finished: their errors are warnings."""
+    (`tracking`). Neither can fail what has finished: their errors are warnings. The main process only."""
+    if not distributed.is_main():
+        return
     report_path = None
     if cfg.report:
         from .report import report_after
@@ -407,7 +425,8 @@ def _wants_refit(run: Setup, degenerate: bool) -> bool:
     skipped = ("the validation rows come from data.validation (a file of their own)"
                if cfg.data.validation is not None or cfg.data.validation_fraction <= 0 else
                "the plan did not learn on the validation split (see the warning above)" if degenerate else
-               "train.time_limit is set (the budget is the first run's)" if cfg.train.time_limit else None)
+               "train.time_limit is set (the budget is the first run's)" if cfg.train.time_limit else
+               "several processes train (not supported there yet)" if run.plan.processes > 1 else None)
     if skipped:
         log(f"train.refit: skipped, {skipped}")
     return skipped is None
@@ -427,11 +446,12 @@ def _run_state(run_dir: Path) -> str | None:
 
 def _finished_result(run_dir: Path) -> TrainResult:
     """--resume of a finished run (a kill after its last write): say so, finish the clean-up, change nothing."""
-    with FolderLock.acquire(run_dir, "is training in it"):
-        cfg = load_config(run_dir / "config.yaml", saved=True)
-        if not cfg.train.keep_checkpoints:  # a kill may have come while they were being removed
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        remove_stale_temps(run_dir)
+    if distributed.is_main():  # several processes: one cleans up
+        with FolderLock.acquire(run_dir, "is training in it"):
+            cfg = load_config(run_dir / "config.yaml", saved=True)
+            if not cfg.train.keep_checkpoints:  # a kill may have come while they were being removed
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            remove_stale_temps(run_dir)
     summary = json.loads((run_dir / "metrics.json").read_text())
     log(f"{run_dir}: the run has finished already (metrics.json); nothing to resume")
     return TrainResult(run_dir, summary.get("test") or summary.get("validation") or {}, summary.get("validation"),

@@ -1,0 +1,255 @@
+"""Several processes (DDP on CPUs, gloo): `tunesmith train --processes 2` against one process on the same
+global batch, data and seed; gradual unfreezing, oversampling and augmentation under DDP; a checkpoint
+resumed with the same number of processes and refused with another; the feature cache per process.
+
+The tiny BERT here has no dropout, so one process with batch 32 and two with 16 each compute the same
+steps up to the order of float additions (measured with 320 rows: validation and training losses within
+1.2e-7, test probabilities within 1e-6, test metrics equal): the tolerances below are 100x that, tight next to a
+model that trained on some of the gradients only (with the unfrozen layers left out of DDP, the test
+below failed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import tunesmith
+from conftest import TUNESMITH, VOCAB, sentiment_rows, tiny_config
+from tunesmith.checkpoint import TrainState, load_checkpoint, rng_state, save_checkpoint
+from tunesmith.distributed import share
+from tunesmith.errors import TunesmithError
+from tunesmith.schedule import make_plan
+from tunesmith.tasks import TASKS
+
+LOSS_TOLERANCE = 1e-5      # validation and training loss, absolute (measured difference: at most 1.2e-7)
+PROB_TOLERANCE = 1e-4      # test probabilities (measured: at most 1e-6, the CSV's last digit)
+METRIC_TOLERANCE = 0.02    # test accuracy and macro F1 (measured: equal)
+
+
+@pytest.fixture(scope="module")
+def no_dropout_model(tmp_path_factory) -> Path:
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}).save_pretrained(folder)
+    return folder
+
+
+def _data(folder: Path, rows: int) -> tuple[Path, Path]:
+    pd.DataFrame(sentiment_rows(rows, seed=1)).to_csv(folder / "train.csv", index=False)
+    pd.DataFrame(sentiment_rows(120, seed=2)).to_csv(folder / "test.csv", index=False)
+    return folder / "train.csv", folder / "test.csv"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    """321 training rows (80 held out): each epoch ends with a batch of 1, so one process's share is empty
+    (it runs the example at weight 0)."""
+    return _data(tmp_path_factory.mktemp("ddp-data"), 402)
+
+
+@pytest.fixture(scope="module")
+def uneven_data(tmp_path_factory) -> tuple[Path, Path]:
+    """337 training rows: each epoch ends with a batch of 17, shared 9 and 8 (the shares' losses weighted)."""
+    return _data(tmp_path_factory.mktemp("ddp-data-uneven"), 422)
+
+
+def _config(model: Path, data, out: Path, **extra) -> dict:
+    cfg = tiny_config(model, data[0], data[1], out, batch_size=32, epochs=6, eval_every_steps=20)
+    for key, value in extra.items():
+        section, _, name = key.partition("__")
+        if name:
+            cfg.setdefault(section, {})[name] = value
+        else:
+            cfg[section] = value
+    return cfg
+
+
+def _launch(cfg: dict, folder: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    """tunesmith train CONFIG --processes 2 --train.batch_size 16 (the same global batch of 32)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**env, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(TUNESMITH + ["train", str(path), "--processes", "2", *args], capture_output=True,
+                          text=True, env=env, cwd=folder, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def _evals(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
+
+
+def _assert_same_training(one: Path, two: Path) -> None:
+    """Two runs took the same steps to the same place: steps, plan, validation losses, test metrics and the
+    test predictions' probabilities."""
+    m1, m2 = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
+    assert m1["train"]["steps"] == m2["train"]["steps"] == m1["plan"]["total_steps"] == m2["plan"]["total_steps"]
+    assert m1["plan"]["batch_size"] == m2["plan"]["batch_size"] == 32
+    assert (m1["plan"]["processes"], m2["plan"]["processes"]) == (1, 2)
+    e1, e2 = _evals(one), _evals(two)
+    assert [e["step"] for e in e1] == [e["step"] for e in e2]
+    for a, b in zip(e1, e2):
+        assert abs(a["validation"]["loss"] - b["validation"]["loss"]) < LOSS_TOLERANCE, (a, b)
+        assert abs(a["train_loss"] - b["train_loss"]) < LOSS_TOLERANCE, (a, b)
+    for key in ("accuracy", "macro_f1"):
+        assert abs(m1["test"][key] - m2["test"][key]) <= METRIC_TOLERANCE, (m1["test"], m2["test"])
+    p1, p2 = (pd.read_csv(r / "test_predictions.csv") for r in (one, two))
+    assert len(p1) == len(p2) == 120  # every test row once: no padding row gathered twice
+    probs = [c for c in p1.columns if c.startswith("prob")]
+    assert probs and np.allclose(p1[probs].to_numpy(), p2[probs].to_numpy(), rtol=0, atol=PROB_TOLERANCE)
+
+
+# ---------------------------------------------------------------- units
+
+@pytest.mark.parametrize("size,n", [(32, 2), (37, 2), (37, 3), (1, 2), (5, 8)])
+def test_each_process_gets_its_share_once(size, n):
+    batch = list(range(100, 100 + size))
+    shares = [share(batch, n, r) for r in range(n)]
+    assert sum(shares, []) == batch  # nothing twice, nothing dropped, in order (length groups stay together)
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_the_plan_is_made_for_the_global_batch(no_dropout_model, data, tmp_path):
+    from tunesmith.config import load_config
+
+    task = TASKS["text_classification"]
+    one = make_plan(load_config(_config(no_dropout_model, data, tmp_path)), task, 320, 80)
+    two = make_plan(load_config(_config(no_dropout_model, data, tmp_path, train__batch_size=16)), task, 320, 80,
+                    processes=2)
+    assert (one.batch_size, one.steps_per_epoch, one.total_steps, one.lr) == \
+        (two.batch_size, two.steps_per_epoch, two.total_steps, two.lr) == (32, 10, 60, 2e-3)
+
+
+def test_checkpoint_keeps_each_processes_random_state(tiny_model_dir, tmp_path):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    torch.manual_seed(1)
+    first = rng_state()
+    torch.manual_seed(2)
+    second = rng_state()
+    path = save_checkpoint(tmp_path, model, optimizer, scheduler, TrainState(step=3), [first, second])
+    assert (path / "rng.pt").is_file() and (path / "rng-1.pt").is_file()
+    load_checkpoint(path, model, optimizer, scheduler, rank=1)
+    assert torch.equal(torch.get_rng_state(), second["torch"])
+    load_checkpoint(path, model, optimizer, scheduler, rank=0)
+    assert torch.equal(torch.get_rng_state(), first["torch"])
+
+
+# ---------------------------------------------------------------- launches
+
+def test_two_processes_train_like_one_with_the_same_global_batch(no_dropout_model, data, tmp_path, cli_env):
+    out = tmp_path / "runs"
+    single = tunesmith.train(_config(no_dropout_model, data, out, output={"dir": str(out), "name": "one"}))
+    done = _launch(_config(no_dropout_model, data, out, output={"dir": str(out), "name": "two"},
+                           train__batch_size=16), tmp_path / "launch", cli_env)
+    assert sorted(p.name for p in out.iterdir()) == ["one", "two"], "one run folder for the two processes"
+    two = out / "two"
+    _assert_same_training(single.run_dir, two)
+    assert json.loads((two / "metrics.json").read_text())["train"]["steps"] == 66  # 11 batches x 6 epochs
+    log = done.stderr
+    assert "2 processes (MULTI_CPU, gloo)" in log and "batch 32 (16 per process x 2 processes)" in log
+    assert log.count("tunesmith: plan:") == 1 and log.count("step 20: validation") == 1, "the main process logs"
+    records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in records] == ["setup", "eval", "eval", "eval", "eval", "test"]  # steps 20 40 60 66
+    assert not (two / "checkpoints").exists() and not list(two.glob("feature_cache*"))
+    assert (two / "model" / "model.safetensors").is_file()
+    # the model a DDP run leaves predicts like any other
+    preds = tunesmith.predict(two, texts=["a great and superb film", "a dull and boring plot"])
+    assert list(preds["predicted_label"]) == ["pos", "neg"]
+
+
+def test_gradual_unfreezing_oversampling_augmentation_and_resume_under_ddp(no_dropout_model, uneven_data, tmp_path,
+                                                                          cli_env):
+    """Unfreezing must reach DDP (a layer unfrozen after DDP was built would train on each process's own
+    gradients, unlike one process); a checkpoint resumes with the same number of processes, to the same
+    result, and is refused with another number."""
+    out = tmp_path / "runs"
+    extra = {"strategy": {"name": "gradual_unfreeze", "unfreeze_every_steps": 5},
+             "imbalance": {"method": "oversample"}, "augment": [{"op": "swap", "p": 0.3}]}
+    single = tunesmith.train(_config(no_dropout_model, uneven_data, out, output={"dir": str(out), "name": "one"},
+                                     **extra))
+    cfg = _config(no_dropout_model, uneven_data, out, output={"dir": str(out), "name": "two"}, train__batch_size=16,
+                  train__keep_checkpoints=True, train__checkpoint_every_steps=20, **extra)
+    _launch(cfg, tmp_path / "launch", cli_env)
+    two = out / "two"
+    _assert_same_training(single.run_dir, two)
+    unfrozen = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()
+                if '"unfreeze"' in line]
+    assert [(u["step"], u["layer"]) for u in unfrozen] == [(5, "layer.1"), (10, "layer.0")]
+
+    # as if killed after the checkpoint of step 60: resumed with one process, it is refused ...
+    finished = {name: (two / name).read_bytes() for name in ("test_predictions.csv", "metrics.jsonl")}
+    shutil.rmtree(two / "checkpoints" / "step-0000066")
+    (two / "metrics.json").unlink()
+    with pytest.raises(TunesmithError, match=r"trained with 2 process\(es\), resumed with 1; .*--processes 2"):
+        tunesmith.train(None, resume=two)
+    # ... and with two it ends where the uninterrupted run ended
+    _launch(cfg, tmp_path / "resume", cli_env, "--resume", str(two))
+    assert (two / "test_predictions.csv").read_bytes() == finished["test_predictions.csv"]
+    resumed = json.loads((two / "metrics.json").read_text())
+    assert resumed["train"]["steps"] == 66
+    assert [json.loads(x)["type"] for x in (two / "metrics.jsonl").read_text().splitlines()] == \
+        [json.loads(x)["type"] for x in finished["metrics.jsonl"].decode().splitlines()]
+
+
+def test_frozen_layers_feature_cache_and_accumulation_under_ddp(no_dropout_model, uneven_data, tmp_path, cli_env):
+    """Each process caches the frozen bottom's outputs (in its own file when memory is not enough: here the
+    memory limit is 0, so both write one) and trains the top like one process does; with gradient
+    accumulation (2 micro-batches per step, the first under no_sync) too."""
+    out = tmp_path / "runs"
+    extra = {"strategy": {"name": "freeze", "freeze_layers": 0.5, "cache_memory_mb": 0},
+             "train__grad_accum_steps": 2}
+    single = tunesmith.train(_config(no_dropout_model, uneven_data, out, output={"dir": str(out), "name": "one"},
+                                     **extra))
+    done = _launch(_config(no_dropout_model, uneven_data, out, output={"dir": str(out), "name": "two"},
+                           train__batch_size=16, **extra), tmp_path / "launch", cli_env)
+    assert done.stderr.count("cached the outputs of the 1 frozen block(s)") == 1
+    _assert_same_training(single.run_dir, out / "two")
+    summary = json.loads((out / "two" / "metrics.json").read_text())
+    assert summary["strategy"]["feature_cache"]["memory_mapped"] is True
+    assert summary["train"]["steps"] == 36  # ceil(11 micro-batches / 2) x 6 epochs
+    assert not list((out / "two").glob("feature_cache*")), "every process removes its cache file"
+
+
+def test_processes_must_be_positive(tmp_path, capsys):
+    from tunesmith.cli import main
+
+    assert main(["train", str(tmp_path / "x.yaml"), "--processes", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --processes 0: give 1 or more"
+
+
+def test_what_a_several_process_launch_refuses(monkeypatch, tmp_path, capsys):
+    """FSDP / DeepSpeed launches (whole-model checkpoints), cv and search under a launcher, and --processes
+    inside a launch: one line each (a launch of 2 simulated: these checks run before any process group)."""
+    from types import SimpleNamespace
+
+    from tunesmith import distributed
+    from tunesmith.cli import main
+
+    monkeypatch.setattr(distributed, "processes", lambda: 2)
+    for kind, flag in (("FSDP", "--use_fsdp"), ("DEEPSPEED", "--use_deepspeed")):
+        monkeypatch.setattr(distributed, "_state", lambda kind=kind: SimpleNamespace(distributed_type=f"X.{kind}"))
+        with pytest.raises(TunesmithError, match=f"accelerate launch {flag}: not supported"):
+            distributed.check_supported()
+    with pytest.raises(TunesmithError, match="tunesmith cv runs in one process"):
+        tunesmith.cv(str(tmp_path / "x.yaml"))
+    with pytest.raises(TunesmithError, match="tunesmith search runs in one process; .* --storage"):
+        tunesmith.search(str(tmp_path / "x.yaml"))
+    assert main(["train", str(tmp_path / "x.yaml"), "--processes", "2"]) == 2
+    assert "already runs under a launcher" in capsys.readouterr().err
