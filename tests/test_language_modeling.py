@@ -321,3 +321,25 @@ def test_cli_bad_input_is_one_line_exit_2(bert_dir, tmp_path, cli_env):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'empty.txt'}: file is empty"
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.integration
+def test_real_minilm_mlm_head_learns_on_rotten_tomatoes_text(tmp_path):
+    """The real MiniLM (encoder only in its package) with a new MLM head, on real in-domain text: the
+    validation loss falls well below a uniform guess over the vocabulary (ln 30,522 = 10.3) and keeps falling."""
+    from tunesmith import catalog
+    texts = pd.read_csv(catalog.dataset_path("rotten_tomatoes_text") / "train.csv").sample(400, random_state=0)
+    texts.to_csv(tmp_path / "text.csv", index=False)
+    result = tunesmith.train({
+        "task": "language_modeling", "model": {"name": "minilm-l6", "max_length": 64},
+        "data": {"train": str(tmp_path / "text.csv"), "group_column": "film", "validation_fraction": 0.1},
+        "train": {"max_steps": 16, "batch_size": 8, "lr": 1e-4, "eval_every_steps": 8, "seed": 0,
+                  "early_stopping_patience": None},
+        "output": {"dir": str(tmp_path / "runs")}})
+    evals = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [e["validation"]["loss"] for e in evals if e.get("type") == "eval"]
+    assert losses[1] < losses[0] < math.log(30522) - 1.5, losses
+    from transformers import AutoModelForSequenceClassification
+    _, info = AutoModelForSequenceClassification.from_pretrained(result.run_dir / "model", num_labels=2,
+                                                                 output_loading_info=True)
+    assert set(info["missing_keys"]) == {"classifier.weight", "classifier.bias"}, info
