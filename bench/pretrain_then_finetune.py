@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--mlm-batch", type=int, default=16)
     parser.add_argument("--mlm-lr", type=float, default=1e-4)
     parser.add_argument("--block", type=int, default=64, help="MLM block length in tokens")
+    parser.add_argument("--sides", nargs="+", default=["original", "adapted"], choices=["original", "adapted"],
+                        help="fine-tune the original MiniLM, the MLM-adapted one, or both (default)")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="pretrain_then_finetune-"))
@@ -98,6 +100,8 @@ def main() -> None:
         train_all.sample(size, random_state=0)[["text", "label", "film"]].to_csv(train_csv, index=False)
         for seed in args.seeds:  # both sides of one seed back to back: the host's load drifts
             for side, model in (("original MiniLM", original), ("MLM-adapted MiniLM", mlm_model)):
+                if side.split()[0].removeprefix("MLM-") not in args.sides:
+                    continue
                 scores = finetune(str(model), train_csv, test_csv, seed, work, f"ft-{size}-{seed}-{side.split()[0]}",
                                   args.ft_steps or None)
                 rows.append({"rows": size, "side": side, "seed": seed, **scores})
@@ -113,7 +117,7 @@ def main() -> None:
     for (size, side), group in table.groupby(["rows", "side"], sort=False):
         print(f"| {size:,} | {side} | {len(group)} | {int(group['steps'].iloc[0])} | {mean_sd(group['macro_f1'].tolist())} "
               f"| {mean_sd(group['accuracy'].tolist())} | {group['train_seconds'].mean():.0f} |")
-    for size in args.sizes:
+    for size in args.sizes if len(args.sides) == 2 else []:
         part = table[table["rows"] == size]
         diffs = [part[(part.seed == s) & (part.side != "original MiniLM")]["macro_f1"].iloc[0]
                  - part[(part.seed == s) & (part.side == "original MiniLM")]["macro_f1"].iloc[0] for s in args.seeds]

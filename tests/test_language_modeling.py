@@ -343,3 +343,21 @@ def test_real_minilm_mlm_head_learns_on_rotten_tomatoes_text(tmp_path):
     _, info = AutoModelForSequenceClassification.from_pretrained(result.run_dir / "model", num_labels=2,
                                                                  output_loading_info=True)
     assert set(info["missing_keys"]) == {"classifier.weight", "classifier.bias"}, info
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".txt"])
+def test_texts_from_jsonl_parquet_and_txt(suffix, tmp_path):
+    texts = lm_texts(5)
+    path = tmp_path / f"corpus{suffix}"
+    frame = pd.DataFrame({"body": texts, "id": range(5)})
+    if suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    elif suffix == ".parquet":
+        frame.to_parquet(path, index=False)
+    else:
+        path.write_text("\n\n".join(texts) + "\n")  # blank lines between texts are skipped
+    cfg = load_config({"task": "language_modeling", "data": {"train": str(path), "text_column": "body"}})
+    examples = lm.read_examples(str(path), cfg, None)
+    assert examples.texts == texts
+    if suffix == ".txt":
+        assert examples.table.where(1, "body") == f"{path}, line 3, column 'body'"
