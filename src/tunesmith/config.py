@@ -120,6 +120,18 @@ class ImageClassificationConfig(_Section):
                                 "memory-mapped file in the run folder instead of memory")
 
 
+class LanguageModelingConfig(_Section):
+    """task: language_modeling (continued pre-training on raw text: data.text_column of a table, or a .txt
+    file with one text per line; the texts are packed into blocks of model.max_length tokens)."""
+    objective: Literal["auto", "mlm", "clm"] = Field(
+        "auto", description="mlm: masked-LM (BERT-style encoders; a fresh MLM head where the model folder has "
+                            "none); clm: next-token prediction (GPT/Llama-style decoders); auto: mlm for models "
+                            "transformers has a masked-LM class for, else clm")
+    mlm_probability: float = Field(
+        0.15, gt=0, lt=1, description="mlm: share of tokens to predict; of those 80% become [MASK], 10% a random "
+                                      "token, 10% stay as they are (BERT's recipe)")
+
+
 # keys that moved from data to a task's own section: an old config gets a message naming the new key
 MOVED_KEYS = {f"data.{k}": f"token_classification.{k}" for k in TokenClassificationConfig.model_fields}
 MOVED_KEYS["data.text_pair_column"] = "text_classification.text_pair_column"
@@ -532,11 +544,12 @@ class ServeConfig(_Section):
         return self
 
 
-TASK_NAMES = ("text_classification", "token_classification", "image_classification")
+TASK_NAMES = ("text_classification", "token_classification", "image_classification", "language_modeling")
 
 
 class Config(_Section):
-    task: Literal["text_classification", "token_classification", "image_classification"] = "text_classification"
+    task: Literal["text_classification", "token_classification", "image_classification",
+                  "language_modeling"] = "text_classification"
     model: ModelConfig = ModelConfig()
     data: DataConfig
     train: TrainConfig = TrainConfig()
@@ -553,6 +566,7 @@ class Config(_Section):
     text_classification: TextClassificationConfig = TextClassificationConfig()
     token_classification: TokenClassificationConfig = TokenClassificationConfig()
     image_classification: ImageClassificationConfig = ImageClassificationConfig()
+    language_modeling: LanguageModelingConfig = LanguageModelingConfig()
     report: bool = Field(
         True, description="write report.html (curves, confusion matrix, errors, config; see docs/report.md) into "
                           "the run, cv or search folder when it finishes; a report that fails is a warning only")
@@ -577,6 +591,9 @@ class Config(_Section):
         if self.token_classification.o_tag_weight != 1.0 and self.imbalance.method == "class_weights":
             raise ValueError("token_classification.o_tag_weight and imbalance.weights both weigh the O tag: "
                              "give O its weight in imbalance.weights instead")
+        if self.task == "language_modeling" and (self.augment or self.imbalance.method != "none"):
+            raise ValueError("task language_modeling takes no augment or imbalance settings (raw text has no "
+                             "classes; masking is its own noise)")
         wrong = IMAGE_AUGMENT_OPS if self.task != "image_classification" else TEXT_AUGMENT_OPS
         for op in self.augment:
             if op.op in wrong:

@@ -75,6 +75,19 @@ def read_table(path: str | Path) -> Table:
     return table
 
 
+def read_text_lines(path: str | Path, column: str) -> Table:
+    """A plain text file as a one-column table: one text per non-empty line (raw text for language
+    modelling); each row keeps its line number for error messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise not_found(path) if not path.is_dir() else TunesmithError(f"{path}: is a folder, expected a .txt file")
+    lines = _decode_utf8(path).splitlines()
+    kept = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    if not kept:
+        raise TunesmithError(f"{path}: file is empty" if not lines else f"{path}: no text (only blank lines)")
+    return Table(pd.DataFrame({column: [line for _, line in kept]}), path, [n for n, _ in kept])
+
+
 def _decode_utf8(path: Path) -> str:
     try:
         raw = path.read_bytes()

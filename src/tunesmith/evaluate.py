@@ -15,7 +15,7 @@ from sklearn.metrics import (
 )
 
 # Metrics where smaller is better; everything else is maximised.
-LOWER_IS_BETTER = {"loss", "mse", "mae"}
+LOWER_IS_BETTER = {"loss", "perplexity", "mse", "mae"}
 
 
 def single_label_metrics(y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> dict:

@@ -492,7 +492,7 @@ def _evaluate(lp: _Loop, epoch_float: float, on_evaluate) -> bool:
                                     spread=True)
     full = run.task.compute_metrics(outputs, run.splits.validation.targets, run.labels)
     lp.eval_seconds = time.perf_counter() - started
-    scores = {**scalar_metrics(full), "loss": loss}
+    scores = {"loss": loss, **scalar_metrics(full)}  # a task's own loss (per token, language models) wins
     record["validation"] = scores
     if lp.main:
         append_jsonl(lp.metrics_log, record)
@@ -585,8 +585,9 @@ def _feature_cache(run, model: torch.nn.Module, collate, device: torch.device):
     """Cached outputs of the frozen bottom blocks (strategy.cache_features), or (None, 0)."""
     if not (run.strategy.bottom_frozen and run.cfg.strategy.cache_features == "auto"):
         return None, 0.0
-    if run.cfg.augment:
-        log("feature cache off: augmentation changes the training inputs every epoch")
+    if run.cfg.augment or run.train_enc.inputs_vary:
+        log("feature cache off: " + ("augmentation changes the training inputs every epoch" if run.cfg.augment
+                                     else "the training inputs are drawn anew for every batch (masking)"))
         return None, 0.0
     started = time.perf_counter()
     # every process caches all the examples (any may draw any of them); each its own file if one is needed

@@ -47,6 +47,7 @@ class Encoded:
     num_examples: int = 0
     dropped_words: int = 0          # token classification: words past the limit (predicted O)
     max_length: int = 0             # the input length limit used (tokens)
+    inputs_vary: bool = False       # collate draws new inputs for every batch (MLM masking): no feature cache
 
 
 class Task(Protocol):
