@@ -15,10 +15,10 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from typing import TYPE_CHECKING
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import vision_catalog as vc
 from .atomic import temp_dir_beside
