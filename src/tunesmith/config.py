@@ -614,6 +614,8 @@ class Config(_Section):
             raise ValueError("data.unlabeled needs distill.teacher (the teacher labels those inputs)")
         if teacher is None:
             return
+        if self.task not in ("text_classification", "token_classification", "image_classification"):
+            raise ValueError(f"distill.teacher works with the classification tasks, not {self.task}")
         if self.task != "token_classification" and self.data.problem_type != "single_label":
             raise ValueError(f"distill.teacher works with single-label classes, not problem_type "
                              f"'{self.data.problem_type}'")

@@ -383,6 +383,11 @@ def merge_windows(outputs: list, enc: Encoded, aggregation: str = "mean") -> np.
     return np.asarray(outputs, dtype=np.float64).reshape(-1, 2)
 
 
+def window_targets(outputs, enc: Encoded) -> list:
+    # config refuses distill.teacher for this task; this is the interface's answer should anything ask
+    raise TunesmithError("distill.teacher: not for language_modeling (it distills classification tasks)")
+
+
 # ---------------------------------------------------------------- metrics and predictions
 
 def default_metric(labels: Objective) -> str:
