@@ -35,7 +35,7 @@ from .distill import distill_loss, epoch_inputs
 from .errors import Interrupted, TunesmithError
 from .evaluate import is_improvement, scalar_metrics
 from .features import build_feature_cache
-from .inference import example_outputs, pad_multiple, save_model_dir
+from .inference import example_outputs, pad_multiple, predict_outputs, save_model_dir
 from .models import count_parameters
 from .runlog import append_jsonl, count, log, truncate_jsonl
 from .schedule import Budget, describe_seconds, lr_factor
@@ -157,6 +157,7 @@ class _Loop:
     clock: float = 0.0              # perf_counter() minus the training seconds so far (evaluations excluded)
     stopped: str = "plan"
     eval_seconds: float | None = None   # one validation pass, once measured
+    probe_seconds: float | None = None  # inference seconds per input, measured on one batch (time budget)
     save_seconds: float = 1.0           # one model save (a guess until measured)
     pending_loss: list = field(default_factory=list)   # read in bulk: reading a GPU number every step stalls it
     paced: deque = field(default_factory=lambda: deque(maxlen=BUDGET_PACE_STEPS))  # (step, training seconds)
@@ -531,13 +532,31 @@ def _pace(lp: _Loop) -> float:
     return (last_time - first_time) / max(1, last_step - first_step)
 
 
+def _inference_seconds_per_input(lp: _Loop) -> float:
+    """What evaluating one input costs: from the latest validation pass, else timed once on one batch.
+    (A guess from the training pace, taken over the first steps of a loaded machine, once reserved more
+    time for the final evaluation than the whole budget and stopped the run at step 2.)"""
+    run = lp.run
+    if lp.eval_seconds and run.val_enc is not None:
+        return lp.eval_seconds / max(1, len(run.val_enc.features))
+    if lp.probe_seconds is None:
+        enc = run.val_enc if run.val_enc is not None else run.train_enc
+        n = max(1, min(len(enc.features), run.cfg.train.eval_batch_size))
+        started = time.perf_counter()
+        lp.model.eval()  # no dropout: the probe draws no random numbers, so resumed runs stay exact
+        predict_outputs(lp.unwrapped, run.task, enc.features[:n], enc.lengths[:n], lp.collate, n,
+                        lp.accelerator.device, run.precision)
+        set_train_mode(lp.model)
+        seconds = time.perf_counter() - started
+        lp.clock += seconds  # not training time
+        lp.probe_seconds = seconds / n
+    return lp.probe_seconds
+
+
 def _reserve(lp: _Loop) -> float:
     """Seconds the end of the run needs after training: the last validation, the test split, saving."""
     run = lp.run
-    if lp.eval_seconds and run.val_enc is not None:
-        per_example = lp.eval_seconds / max(1, len(run.val_enc.features))
-    else:  # no evaluation yet: a forward pass costs about a third of a training step
-        per_example = _pace(lp) / run.plan.batch_size / 3
+    per_example = _inference_seconds_per_input(lp)
     n_test = len(run.splits.test) if run.splits.test is not None else 0
     n_val = len(run.val_enc.features) if run.val_enc is not None else 0
     return lp.save_seconds + FINISH_SECONDS + per_example * (n_test + n_val)
@@ -555,9 +574,7 @@ def _fit_the_budget(lp: _Loop, note: str) -> None:
         return
     per_step = _pace(lp)  # training + checkpoints
     if run.val_enc is not None:  # plus a share of each evaluation
-        eval_seconds = lp.eval_seconds
-        if eval_seconds is None:  # not measured yet: a forward pass costs about a third of a step
-            eval_seconds = per_step * len(run.val_enc.features) / run.plan.batch_size / 3
+        eval_seconds = lp.eval_seconds or _inference_seconds_per_input(lp) * len(run.val_enc.features)
         per_step += eval_seconds / (plan.eval_every or plan.steps_per_epoch)
     fits = state.step + lp.budget.steps_that_fit(lp.wall(), per_step, _reserve(lp))
     new_total = min(plan.planned_steps, max(state.step + 1, fits))
