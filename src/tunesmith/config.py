@@ -117,6 +117,32 @@ class ImageClassificationConfig(_Section):
                                 "memory-mapped file in the run folder instead of memory")
 
 
+class CausalLMConfig(_Section):
+    """task: causal_lm (supervised fine-tuning of a decoder: prompt -> completion, or chats)."""
+    prompt_column: str = Field("prompt", description="the prompt of a prompt/completion row")
+    completion_column: str = Field("completion", description="what the model should learn to write (the reference "
+                                                              "for exact match / token F1 at evaluation)")
+    messages_column: str = Field("messages", description="chat records: a list of {role, content} turns, rendered "
+                                                         "with the model's chat template; the assistant turns learn")
+    format: Literal["auto", "chat", "plain"] = Field(
+        "auto", description="prompt/completion rows: chat = a user turn and an assistant turn in the model's chat "
+                            "template; plain = prompt text then completion text; auto: chat when the tokenizer has "
+                            "a chat template")
+    completion_only_loss: bool = Field(
+        True, description="loss only on the completion / assistant tokens (and the end-of-sequence token "
+                          "appended to them); false: on every token")
+    packing: bool = Field(
+        True, description="pack a batch's examples into rows of model.max_length tokens, each example attending "
+                          "only to itself (positions restart): no compute on padding")
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="evaluation and predict: tokens generated at most")
+    temperature: float = Field(0.0, ge=0, description="predict: 0 = greedy; above 0 samples at this temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="predict when sampling: nucleus sampling mass")
+    eval_generate: bool = Field(
+        True, description="greedy generations at every validation and on the test split, scored by exact match "
+                          "and token F1 against the completions (costs a generation pass)")
+    samples: int = Field(3, ge=0, description="sample generations shown in the run log at each evaluation")
+
+
 # keys that moved from data to a task's own section: an old config gets a message naming the new key
 MOVED_KEYS = {f"data.{k}": f"token_classification.{k}" for k in TokenClassificationConfig.model_fields}
 MOVED_KEYS["data.text_pair_column"] = "text_classification.text_pair_column"
@@ -198,7 +224,8 @@ class LoraSettings(_Section):
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: list[str] | None = Field(
         None, description="module names to adapt; null: peft's default for the architecture "
-                          "(BERT/RoBERTa: query, value; DistilBERT: q_lin, v_lin; MPNet: q, v)")
+                          "(BERT/RoBERTa: query, value; DistilBERT: q_lin, v_lin; MPNet: q, v); language models "
+                          "(causal_lm): every linear layer of the blocks")
     save: Literal["merged", "adapter"] = Field(
         "merged", description="merged: model/ is a plain Hugging Face folder; adapter: only the adapter and head")
 
@@ -208,7 +235,8 @@ class StrategyConfig(_Section):
     name: Literal["full", "freeze", "linear_probe", "gradual_unfreeze", "lora"] = Field(
         "full", description="full: everything learns; freeze: embeddings and/or bottom blocks stay fixed; "
                             "linear_probe: only the head learns; gradual_unfreeze: head first, then one more "
-                            "block from the top at a time; lora: low-rank adapters plus the head")
+                            "block from the top at a time; lora: low-rank adapters plus the head (task causal_lm: "
+                            "lora by default, adapters on every linear layer of the blocks, the LM head frozen)")
     freeze_embeddings: bool = Field(
         True, description="freeze: also freeze the embeddings; gradual_unfreeze: never unfreeze them "
                           "(false: they unfreeze last, after the bottom block)")
@@ -469,11 +497,12 @@ class SearchConfig(_Section):
     keep_models: bool = Field(False, description="keep every trial's model/ (default: only its logs and metrics)")
 
 
-TASK_NAMES = ("text_classification", "token_classification", "image_classification")
+TASK_NAMES = ("text_classification", "token_classification", "image_classification", "causal_lm")
 
 
 class Config(_Section):
-    task: Literal["text_classification", "token_classification", "image_classification"] = "text_classification"
+    task: Literal["text_classification", "token_classification", "image_classification",
+                  "causal_lm"] = "text_classification"
     model: ModelConfig = ModelConfig()
     data: DataConfig
     train: TrainConfig = TrainConfig()
@@ -489,6 +518,18 @@ class Config(_Section):
     text_classification: TextClassificationConfig = TextClassificationConfig()
     token_classification: TokenClassificationConfig = TokenClassificationConfig()
     image_classification: ImageClassificationConfig = ImageClassificationConfig()
+    causal_lm: CausalLMConfig = CausalLMConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_for_language_models(cls, raw: Any) -> Any:
+        """LoRA is the default strategy of causal_lm (all linear layers of the blocks): full fine-tuning of
+        a 135M decoder moves 134.5M weights and keeps two AdamW moments for each (1.1 GB more on a CPU)."""
+        if isinstance(raw, dict) and raw.get("task") == "causal_lm":
+            strategy = raw.get("strategy")
+            if strategy is None or (isinstance(strategy, dict) and "name" not in strategy):
+                raw = {**raw, "strategy": {**(strategy or {}), "name": "lora"}}
+        return raw
 
     @model_validator(mode="after")
     def _settings_fit_the_task(self) -> "Config":

@@ -378,7 +378,7 @@ def _evaluate(lp: _Loop, epoch_float: float, on_evaluate) -> bool:
                                     lp.accelerator.device, run.precision, cfg.model.chunk_aggregation, with_loss=True)
     full = run.task.compute_metrics(outputs, run.splits.validation.targets, run.labels)
     lp.eval_seconds = time.perf_counter() - started
-    scores = {**scalar_metrics(full), "loss": loss}
+    scores = {"loss": loss, **scalar_metrics(full)}  # a task's own loss (causal_lm: per token) wins
     record["validation"] = scores
     append_jsonl(lp.metrics_log, record)
     value = scores[run.metric]

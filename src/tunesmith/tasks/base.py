@@ -47,6 +47,9 @@ class Encoded:
     num_examples: int = 0
     dropped_words: int = 0          # token classification: words past the limit (predicted O)
     max_length: int = 0             # the input length limit used (tokens)
+    # tasks that write text (causal_lm): generate(model, outputs, batch_size, device, precision) -> outputs, run by
+    # inference.example_outputs after the forward pass (it adds each example's generated text)
+    generate: Callable | None = None
 
 
 class Task(Protocol):
