@@ -65,9 +65,9 @@ def llama_dir(tmp_path_factory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
-def _cfg(model: Path, train, out: Path | None = None, **sections) -> dict:
+def _cfg(model: Path, train_file, out: Path | None = None, **sections) -> dict:
     cfg = {"task": "causal_lm", "model": {"name": str(model), "max_length": 64},
-           "data": {"train": str(train), "validation_fraction": 0.2},
+           "data": {"train": str(train_file), "validation_fraction": 0.2},
            "train": {"batch_size": 16, "lr": 2e-2, "warmup_ratio": 0.0, "seed": 0, "precision": "fp32",
                      "epochs": 10}, "output": {"dir": str(out or "runs")}}
     for key, value in sections.items():
@@ -302,3 +302,44 @@ def test_texts_longer_than_the_limit_are_cut_and_counted(llama_dir):
         "their end); 1 kept no token to learn")
     with pytest.raises(TunesmithError, match="no example keeps a token to learn within model.max_length 20"):
         causal_lm.encode(processor, causal_lm.read_examples(pd.DataFrame(rows[:1]), cfg, None), cfg, train=True)
+
+
+def test_config_refuses_what_causal_lm_cannot_do(llama_dir):
+    with pytest.raises(TunesmithError, match="augmentation is not available for task causal_lm"):
+        load_config({**_cfg(llama_dir, "x"), "augment": [{"op": "swap"}]})
+    with pytest.raises(TunesmithError, match="train.metric exact_match scores generations: it needs causal_lm.eval_"):
+        load_config(_cfg(llama_dir, "x", train={"metric": "exact_match"}, causal_lm={"eval_generate": False}))
+    with pytest.raises(TunesmithError, match="causal_lm.top_p"):
+        load_config(_cfg(llama_dir, "x", causal_lm={"top_p": 0}))
+
+
+# ---------------------------------------------------------------- catalog builders (small stand-in wheels)
+
+def test_chatterbot_and_chitchat_builders(tmp_path):
+    import zipfile
+
+    from tunesmith import catalog
+
+    bot = tmp_path / "bot.whl"
+    with zipfile.ZipFile(bot, "w") as zf:
+        zf.writestr("chatterbot_corpus/data/english/greetings.yml",
+                    "categories: [greetings]\nconversations:\n- - Hello\n  - Hi\n  - How are you?\n- - Bye\n  - See you\n")
+        zf.writestr("chatterbot_corpus/data/french/x.yml", "conversations:\n- - Bonjour\n  - Salut\n")
+    (tmp_path / "bot").mkdir()
+    catalog._build_chatterbot([bot], tmp_path / "bot")
+    pairs = pd.concat(pd.read_json(tmp_path / "bot" / f"{s}.jsonl", lines=True)
+                      for s in ("train", "validation", "test") if (tmp_path / "bot" / f"{s}.jsonl").stat().st_size)
+    assert sorted(zip(pairs["prompt"], pairs["completion"])) == [("Bye", "See you"), ("Hello", "Hi"),
+                                                                 ("Hi", "How are you?")]
+    chat = tmp_path / "chat.whl"
+    msg = lambda text, who: {"text": text, "sender": who, "timestamp": "t"}  # noqa: E731
+    data = {"a": {"messages": [[msg("hi", "u1"), msg("there", "u1")], [msg("hello", "u2")], [msg("bye", "u1")]]},
+            "b": {"messages": [[msg("alone", "u1")]]}}
+    with zipfile.ZipFile(chat, "w") as zf:
+        zf.writestr("chitchat_dataset/dataset.json", json.dumps(data))
+    (tmp_path / "chat").mkdir()
+    catalog._build_chitchat([chat], tmp_path / "chat")
+    chats = [json.loads(line) for s in ("train", "validation", "test")
+             for line in (tmp_path / "chat" / f"{s}.jsonl").read_text().splitlines() if line.strip()]
+    assert chats == [{"messages": [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"},
+                                   {"role": "user", "content": "bye"}], "id": "a"}]

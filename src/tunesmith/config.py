@@ -538,6 +538,11 @@ class Config(_Section):
         if self.token_classification.o_tag_weight != 1.0 and self.imbalance.method == "class_weights":
             raise ValueError("token_classification.o_tag_weight and imbalance.weights both weigh the O tag: "
                              "give O its weight in imbalance.weights instead")
+        if self.task == "causal_lm" and self.augment:
+            raise ValueError("augment: word augmentation is not available for task causal_lm (it would change what "
+                             "the model learns to write)")
+        if self.train.metric in ("exact_match", "token_f1") and not self.causal_lm.eval_generate:
+            raise ValueError(f"train.metric {self.train.metric} scores generations: it needs causal_lm.eval_generate")
         wrong = IMAGE_AUGMENT_OPS if self.task != "image_classification" else TEXT_AUGMENT_OPS
         for op in self.augment:
             if op.op in wrong:
