@@ -7,7 +7,9 @@ Printed per side: real tokens trained per second (tokens of the examples, no pad
 the attention masks its collator makes, tunesmith's from the examples it batches), the final validation loss
 (the same function scores both models: the mean loss per answer token over the chatterbot validation split),
 and peak RSS. TRL runs with its defaults for everything not named above (packing off: rows padded to the
-longest in the batch, no length grouping); tunesmith with its defaults (packed rows, length-grouped batches).
+longest in the batch, no length grouping) except gradient checkpointing, which TRL 1.16 turns on by default
+and is turned off here (tunesmith does not recompute activations); tunesmith with its defaults (packed rows,
+length-grouped batches).
 
     python bench/vs_trl.py [--steps 40] [--batch-size 8] [--max-length 128] [--lr 5e-4]
 """
@@ -100,7 +102,8 @@ def run_trl(args) -> dict:
                            max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="linear",
                            warmup_steps=round(0.1 * args.steps), weight_decay=0.01, max_grad_norm=1.0,
                            bf16=args.precision == "bf16", save_strategy="no", report_to="none", seed=0,
-                           logging_steps=10, use_cpu=True, dataloader_num_workers=0)
+                           logging_steps=10, use_cpu=True, dataloader_num_workers=0,
+                           gradient_checkpointing=False)  # TRL's default is on: recomputation tunesmith does not do
         peft = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
         trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                              peft_config=peft)
