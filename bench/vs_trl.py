@@ -11,7 +11,7 @@ longest in the batch, no length grouping) except gradient checkpointing, which T
 and is turned off here (tunesmith does not recompute activations); tunesmith with its defaults (packed rows,
 length-grouped batches).
 
-    python bench/vs_trl.py [--steps 40] [--batch-size 8] [--max-length 128] [--lr 5e-4]
+    python bench/vs_trl.py [--steps 40] [--batch-size 8] [--max-length 128] [--lr 5e-4] [--val-rows N]
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def validation_loss(model, model_dir: str, args) -> float:
     cfg = load_config(_config(args, "unused"))
     _, processor = causal_lm.build_model(model_dir, causal_lm.LMSpec(), cfg)
     examples = causal_lm.read_examples(str(catalog.dataset_path("chatterbot") / "validation.jsonl"), cfg, None)
+    examples = examples.subset(list(range(min(args.val_rows, len(examples)))))
     enc = causal_lm.encode(processor, examples, cfg)
     enc.generate = None
     outputs, _ = example_outputs(model.eval(), causal_lm, enc, causal_lm.make_collate(processor, 1), 32,
@@ -137,6 +138,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    parser.add_argument("--val-rows", type=int, default=10**9, help="score the final loss on the first N validation rows")
     parser.add_argument("--side", choices=["trl", "tunesmith"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -150,7 +152,7 @@ def main() -> None:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             cmd = [sys.executable, __file__, "--side", name, "--result", f.name, "--steps", str(args.steps),
                    "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--lr", str(args.lr),
-                   "--precision", args.precision]
+                   "--precision", args.precision, "--val-rows", str(args.val_rows)]
             subprocess.run(cmd, check=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
             rows[name] = json.loads(Path(f.name).read_text())
     print(f"\nsmollm2-135m, chatterbot train, LoRA r 8 (all linear layers of the blocks), {args.steps} steps of "
