@@ -20,6 +20,7 @@ import yaml
 
 import tunesmith
 from conftest import TUNESMITH, VOCAB, save_tiny_bert, sentiment_rows
+from test_causal_lm import qa_rows, save_tiny_llama
 from test_token_classification import VOCAB as NER_VOCAB
 from test_token_classification import ner_sentences, write_conll
 from tunesmith.tasks import TASKS
@@ -95,8 +96,26 @@ def _language_modeling_case(root: Path) -> dict:
             "bad": root / "bad.txt", "bad_error": "bad.txt: file is empty"}
 
 
+
+def _causal_lm_case(root: Path) -> dict:
+    model = save_tiny_llama(root / "model")
+    pd.DataFrame(qa_rows(240, seed=1)).to_json(root / "train.jsonl", orient="records", lines=True)
+    pd.DataFrame(qa_rows(40, seed=2)).to_json(root / "test.jsonl", orient="records", lines=True)
+    bad = qa_rows(20, seed=3)
+    bad[6]["completion"] = " "
+    pd.DataFrame(bad).to_json(root / "bad.jsonl", orient="records", lines=True)
+    # full fine-tuning: LoRA on this random 32-wide model learns the format and eos, not the answers (test_causal_lm)
+    return {"config": {"task": "causal_lm", "model": {"name": str(model), "max_length": 32},
+                       "strategy": {"name": "full"}, "causal_lm": {"max_new_tokens": 4, "samples": 0},
+                       "train": {**TRAIN, "lr": 2e-2}},
+            "train": root / "train.jsonl", "test": root / "test.jsonl", "n_test": 40, "metric": "exact_match",
+            "learned": 0.9, "bad": root / "bad.jsonl", "bad_error": "bad.jsonl, line 7, column 'completion': empty completion"}
+
+
+
 CASES = {"text_classification": _text_case, "token_classification": _token_case,
-         "image_classification": _image_case, "language_modeling": _language_modeling_case}
+         "image_classification": _image_case, "language_modeling": _language_modeling_case,
+         "causal_lm": _causal_lm_case}
 
 
 def test_every_task_has_a_case_here():

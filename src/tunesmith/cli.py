@@ -104,8 +104,11 @@ def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
         raise TunesmithError("predict: give --input FILE --output FILE, or --text TEXT")
     if args.input is not None and args.output is None:
         raise TunesmithError("predict: --input needs --output (where to write the predictions)")
+    generation = {"causal_lm.max_new_tokens": args.max_new_tokens, "causal_lm.temperature": args.temperature,
+                  "causal_lm.top_p": args.top_p}
     frame = predict(args.run, args.input, args.output, precision=args.precision, batch_size=args.batch_size,
-                    texts=args.text, backend=args.backend)
+                    texts=args.text, backend=args.backend,
+                    overrides={k: v for k, v in generation.items() if v is not None})
     if args.text is not None:  # one JSON object per text on stdout
         print(frame.to_json(orient="records", lines=True, force_ascii=False).strip())
     if args.output:
@@ -255,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(token classification: also CoNLL or JSONL with tokens)")
             p.add_argument("--text", action="append", help="a raw text to predict (repeatable); printed as JSON")
             p.add_argument("--output", help="where to write predictions (.csv, .tsv, .jsonl, .parquet)")
+            p.add_argument("--max-new-tokens", type=int, help="causal_lm: tokens generated at most (default: the run's)")
+            p.add_argument("--temperature", type=float, help="causal_lm: 0 = greedy (default); above 0 samples")
+            p.add_argument("--top-p", type=float, help="causal_lm, sampling: nucleus mass (default 1.0)")
             p.set_defaults(func=cmd_predict)
         p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
         p.add_argument("--batch-size", type=int, default=128)

@@ -132,6 +132,32 @@ class LanguageModelingConfig(_Section):
                                       "token, 10% stay as they are (BERT's recipe)")
 
 
+class CausalLMConfig(_Section):
+    """task: causal_lm (supervised fine-tuning of a decoder: prompt -> completion, or chats)."""
+    prompt_column: str = Field("prompt", description="the prompt of a prompt/completion row")
+    completion_column: str = Field("completion", description="what the model should learn to write (the reference "
+                                                              "for exact match / token F1 at evaluation)")
+    messages_column: str = Field("messages", description="chat records: a list of {role, content} turns, rendered "
+                                                         "with the model's chat template; the assistant turns learn")
+    format: Literal["auto", "chat", "plain"] = Field(
+        "auto", description="prompt/completion rows: chat = a user turn and an assistant turn in the model's chat "
+                            "template; plain = prompt text then completion text; auto: chat when the tokenizer has "
+                            "a chat template")
+    completion_only_loss: bool = Field(
+        True, description="loss only on the completion / assistant tokens (and the end-of-sequence token "
+                          "appended to them); false: on every token")
+    packing: bool = Field(
+        True, description="pack a batch's examples into rows of model.max_length tokens, each example attending "
+                          "only to itself (positions restart): no compute on padding")
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="evaluation and predict: tokens generated at most")
+    temperature: float = Field(0.0, ge=0, description="predict: 0 = greedy; above 0 samples at this temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="predict when sampling: nucleus sampling mass")
+    eval_generate: bool = Field(
+        True, description="greedy generations at every validation and on the test split, scored by exact match "
+                          "and token F1 against the completions (costs a generation pass)")
+    samples: int = Field(3, ge=0, description="sample generations shown in the run log at each evaluation")
+
+
 # keys that moved from data to a task's own section: an old config gets a message naming the new key
 MOVED_KEYS = {f"data.{k}": f"token_classification.{k}" for k in TokenClassificationConfig.model_fields}
 MOVED_KEYS["data.text_pair_column"] = "text_classification.text_pair_column"
@@ -213,7 +239,8 @@ class LoraSettings(_Section):
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: list[str] | None = Field(
         None, description="module names to adapt; null: peft's default for the architecture "
-                          "(BERT/RoBERTa: query, value; DistilBERT: q_lin, v_lin; MPNet: q, v)")
+                          "(BERT/RoBERTa: query, value; DistilBERT: q_lin, v_lin; MPNet: q, v); language models "
+                          "(causal_lm): every linear layer of the blocks")
     save: Literal["merged", "adapter"] = Field(
         "merged", description="merged: model/ is a plain Hugging Face folder; adapter: only the adapter and head")
 
@@ -223,7 +250,8 @@ class StrategyConfig(_Section):
     name: Literal["full", "freeze", "linear_probe", "gradual_unfreeze", "lora"] = Field(
         "full", description="full: everything learns; freeze: embeddings and/or bottom blocks stay fixed; "
                             "linear_probe: only the head learns; gradual_unfreeze: head first, then one more "
-                            "block from the top at a time; lora: low-rank adapters plus the head")
+                            "block from the top at a time; lora: low-rank adapters plus the head (task causal_lm: "
+                            "lora by default, adapters on every linear layer of the blocks, the LM head frozen)")
     freeze_embeddings: bool = Field(
         True, description="freeze: also freeze the embeddings; gradual_unfreeze: never unfreeze them "
                           "(false: they unfreeze last, after the bottom block)")
@@ -544,12 +572,13 @@ class ServeConfig(_Section):
         return self
 
 
-TASK_NAMES = ("text_classification", "token_classification", "image_classification", "language_modeling")
+TASK_NAMES = ("text_classification", "token_classification", "image_classification", "language_modeling",
+              "causal_lm")
 
 
 class Config(_Section):
     task: Literal["text_classification", "token_classification", "image_classification",
-                  "language_modeling"] = "text_classification"
+                  "language_modeling", "causal_lm"] = "text_classification"
     model: ModelConfig = ModelConfig()
     data: DataConfig
     train: TrainConfig = TrainConfig()
@@ -567,6 +596,7 @@ class Config(_Section):
     token_classification: TokenClassificationConfig = TokenClassificationConfig()
     image_classification: ImageClassificationConfig = ImageClassificationConfig()
     language_modeling: LanguageModelingConfig = LanguageModelingConfig()
+    causal_lm: CausalLMConfig = CausalLMConfig()
     report: bool = Field(
         True, description="write report.html (curves, confusion matrix, errors, config; see docs/report.md) into "
                           "the run, cv or search folder when it finishes; a report that fails is a warning only")
@@ -584,6 +614,17 @@ class Config(_Section):
     def _one_tracker(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value  # `tracking: mlflow` means [mlflow]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_for_language_models(cls, raw: Any) -> Any:
+        """LoRA is the default strategy of causal_lm (all linear layers of the blocks): full fine-tuning of
+        a 135M decoder moves 134.5M weights and keeps two AdamW moments for each (1.1 GB more on a CPU)."""
+        if isinstance(raw, dict) and raw.get("task") == "causal_lm":
+            strategy = raw.get("strategy")
+            if strategy is None or (isinstance(strategy, dict) and "name" not in strategy):
+                raw = {**raw, "strategy": {**(strategy or {}), "name": "lora"}}
+        return raw
+
     @model_validator(mode="after")
     def _settings_fit_the_task(self) -> "Config":
         if self.imbalance.method != "none" and self.data.problem_type == "regression":
@@ -594,6 +635,11 @@ class Config(_Section):
         if self.task == "language_modeling" and (self.augment or self.imbalance.method != "none"):
             raise ValueError("task language_modeling takes no augment or imbalance settings (raw text has no "
                              "classes; masking is its own noise)")
+        if self.task == "causal_lm" and self.augment:
+            raise ValueError("augment: word augmentation is not available for task causal_lm (it would change what "
+                             "the model learns to write)")
+        if self.train.metric in ("exact_match", "token_f1") and not self.causal_lm.eval_generate:
+            raise ValueError(f"train.metric {self.train.metric} scores generations: it needs causal_lm.eval_generate")
         wrong = IMAGE_AUGMENT_OPS if self.task != "image_classification" else TEXT_AUGMENT_OPS
         for op in self.augment:
             if op.op in wrong:

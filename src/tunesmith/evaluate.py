@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 from scipy.stats import spearmanr
 from sklearn.metrics import (
@@ -58,3 +60,33 @@ def is_improvement(metric: str, new: float, best: float | None) -> bool:
 def scalar_metrics(metrics: dict) -> dict:
     """The numbers only (no per-class tables), for logs and progress lines."""
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+# ---------------------------------------------------------------- generated text against references
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles (a, an, the), single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+_PUNCTUATION = set("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD's token F1: overlap of the normalised words (as multisets)."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def generation_metrics(predictions: list[str], references: list[str]) -> dict:
+    """Exact match and token F1 (SQuAD normalisation), averaged over examples."""
+    n = max(1, len(references))
+    return {"exact_match": sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)) / n,
+            "token_f1": sum(token_f1(p, r) for p, r in zip(predictions, references)) / n}

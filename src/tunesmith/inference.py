@@ -126,7 +126,10 @@ def example_outputs(model: torch.nn.Module | None, task, enc, collate: Callable[
     so metrics count documents, not windows (the loss is the mean over windows)."""
     outputs, loss = predict_outputs(model, task, enc.features, enc.lengths, collate, batch_size, device, precision,
                                     with_loss, forward=forward, spread=spread)
-    return task.merge_windows(outputs, enc, aggregation), loss
+    outputs = task.merge_windows(outputs, enc, aggregation)
+    if enc.generate is not None:  # a task that writes text: its generations join the outputs
+        outputs = enc.generate(model, outputs, batch_size, device, precision)
+    return outputs, loss
 
 
 def save_model_dir(target: Path, model: torch.nn.Module, processor, cfg: Config, labels, task) -> None:
@@ -184,7 +187,7 @@ def write_frame_atomic(df: pd.DataFrame, path: Path) -> None:
 class LoadedRun:
     """A trained model read back from a run folder (or from its model/ folder)."""
 
-    def __init__(self, run: str | Path, precision: str = "auto"):
+    def __init__(self, run: str | Path, precision: str = "auto", overrides: dict[str, Any] | None = None):
         path = Path(run)
         model_dir = path / "model" if (path / "model").is_dir() or (path / "model.old").is_dir() else path
         recover_dir(model_dir)
@@ -194,7 +197,7 @@ class LoadedRun:
         info = json.loads(info_path.read_text())
         self.task = TASKS[info["task"]]
         self.labels = self.task.labels_from_dict(info["labels"])
-        self.cfg = load_config(model_dir / "tunesmith_config.yaml", saved=True)
+        self.cfg = load_config(model_dir / "tunesmith_config.yaml", overrides, saved=True)  # e.g. generation settings
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
@@ -271,7 +274,8 @@ def is_cv_dir(path: str | Path) -> bool:
     return (Path(path) / CV_INFO).is_file()
 
 
-def load_run(run: str | Path, precision: str = "auto", backend: str = "torch"):
+def load_run(run: str | Path, precision: str = "auto", backend: str = "torch",
+             overrides: dict[str, Any] | None = None):
     """A run folder, or a cross-validation folder whose fold models predict as one ensemble; with backend
     'onnx', the run's ONNX export (tunesmith export) run by ONNX Runtime."""
     if backend == "onnx":
@@ -281,7 +285,7 @@ def load_run(run: str | Path, precision: str = "auto", backend: str = "torch"):
         return OnnxRun(run)
     if backend != "torch":
         raise TunesmithError(f"backend '{backend}': use torch or onnx")
-    return CVEnsemble(run, precision) if is_cv_dir(run) else LoadedRun(run, precision)
+    return CVEnsemble(run, precision) if is_cv_dir(run) else LoadedRun(run, precision, overrides)
 
 
 def evaluate(run: str | Path, data, precision: str = "auto", batch_size: int = 128, backend: str = "torch") -> dict:
@@ -294,14 +298,16 @@ def evaluate(run: str | Path, data, precision: str = "auto", batch_size: int = 1
 
 def predict(run: str | Path, input=None, output: str | Path | None = None,
             precision: str = "auto", batch_size: int = 128, texts: list[str] | None = None,
-            backend: str = "torch") -> pd.DataFrame:
+            backend: str = "torch", overrides: dict[str, Any] | None = None) -> pd.DataFrame:
     """Predictions for every row of `input` (a file, a DataFrame, a list of dicts or texts, or a Dataset;
     labels are optional there), or for raw `texts`: label and per-class probabilities; for token
-    classification, tags and entities. Returns a DataFrame, also written to `output` when given. backend
-    'onnx' runs the run's ONNX export with ONNX Runtime instead of PyTorch."""
+    classification, tags and entities; for causal_lm, the generated text. backend 'onnx' runs the run's
+    ONNX export with ONNX Runtime instead of PyTorch. `overrides` change the run's saved config for this
+    call (causal_lm.max_new_tokens, temperature, top_p). Returns a DataFrame, also written to `output`
+    when given."""
     if (input is None) == (texts is None):
         raise TunesmithError("predict needs an input (a file, a DataFrame, a list) or texts (one of them)")
-    loaded = load_run(run, precision, backend)
+    loaded = load_run(run, precision, backend, overrides)
     name = "input" if texts is None else "texts"
     if isinstance(texts, str):
         texts = [texts]

@@ -169,7 +169,7 @@ def _frozen_subtrees(module: nn.Module):
 
 # ---------------------------------------------------------------- LoRA (peft)
 
-def default_lora_targets(layout: Layout) -> list[str] | None:
+def default_lora_targets(layout: Layout, language_model: bool = False) -> list[str] | None:
     """LoRA target modules when strategy.lora.target_modules is null. Hugging Face: None (peft's own
     default per model type, e.g. query/value for BERT). timm/torchvision: every nn.Linear and every
     non-grouped nn.Conv2d inside the blocks, by full path (a ViT's attn.qkv, attn.proj, mlp.fc1,
@@ -178,8 +178,10 @@ def default_lora_targets(layout: Layout) -> list[str] | None:
     ones; in ResNet and VGG, which have (almost) no 1x1 convolutions, the 3x3 ones.
     Measured (pretrained EfficientNet-Lite0, 1,000 Fashion-MNIST images at 64 px, 120 steps of 32,
     r=8, CPU): 0.59M trainable, test accuracy 0.79-0.82, vs 0.78 for linear_probe and 0.64 for
-    full fine-tuning (lr 3e-4); a step costs about as much as a full fine-tuning step."""
-    if layout.is_huggingface:
+    full fine-tuning (lr 3e-4); a step costs about as much as a full fine-tuning step.
+    A Hugging Face language model (`language_model`: its head is its output embeddings) gets every
+    linear layer of the blocks too (Llama: q/k/v/o_proj, gate/up/down_proj), as QLoRA-style recipes do."""
+    if layout.is_huggingface and not language_model:
         return None
     return [join_path(path, name) for block in layout.blocks for path in block
             for name, m in layout.module(path).named_modules()
@@ -204,10 +206,12 @@ def _wrap_lora(model: nn.Module, scfg: StrategyConfig, layout: Layout) -> nn.Mod
 
     lcfg = scfg.lora
     _check_targets(model, layout, lcfg.target_modules)
-    targets = lcfg.target_modules if lcfg.target_modules is not None else default_lora_targets(layout)
-    head = layout.head_modules()
+    lm_heads = output_embedding_paths(model)
+    targets = lcfg.target_modules if lcfg.target_modules is not None else \
+        default_lora_targets(layout, language_model=bool(lm_heads))
+    head = [p for p in layout.head_modules() if p not in lm_heads]
     config = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
-                        target_modules=targets, modules_to_save=head)
+                        target_modules=targets, modules_to_save=head or None)
     try:
         with warnings.catch_warnings():  # peft calls transformers APIs that warn about their v6 renames
             warnings.simplefilter("ignore", FutureWarning)
@@ -219,6 +223,14 @@ def _wrap_lora(model: nn.Module, scfg: StrategyConfig, layout: Layout) -> nn.Mod
         raise TunesmithError(f"strategy.lora.target_modules: {first} ({hint})") from None
     _freeze_copies_outside_head(wrapped, head)
     return wrapped
+
+
+def output_embedding_paths(model: nn.Module) -> set[str]:
+    """Paths of a language model's output embeddings (lm_head): a pretrained head, often tied to the input
+    embeddings, so LoRA leaves it frozen instead of training a full copy (SmolLM2: 28M of 134.5M weights)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return {name for name, m in model.named_modules() if m is head} if head is not None else set()
 
 
 def _freeze_copies_outside_head(model: nn.Module, head: list[str]) -> None:

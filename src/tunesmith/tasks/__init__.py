@@ -3,7 +3,7 @@ tasks.base.Task, plus one line here; tests parametrize over TASKS, so every task
 
 from types import ModuleType
 
-from . import image_classification, language_modeling, text_classification, token_classification
+from . import causal_lm, image_classification, language_modeling, text_classification, token_classification
 
 TASKS: dict[str, ModuleType] = {m.NAME: m for m in (text_classification, token_classification, image_classification,
-                                                    language_modeling)}
+                                                    language_modeling, causal_lm)}

@@ -48,6 +48,9 @@ class Encoded:
     dropped_words: int = 0          # token classification: words past the limit (predicted O)
     max_length: int = 0             # the input length limit used (tokens)
     inputs_vary: bool = False       # collate draws new inputs for every batch (MLM masking): no feature cache
+    # tasks that write text (causal_lm): generate(model, outputs, batch_size, device, precision) -> outputs, run by
+    # inference.example_outputs after the forward pass (it adds each example's generated text)
+    generate: Callable | None = None
 
 
 class Task(Protocol):

@@ -1,0 +1,171 @@
+"""tunesmith causal_lm against TRL's SFTTrainer: the same model (smollm2-135m), data (chatterbot train split,
+chat template), LoRA (r 8, alpha 16, dropout 0.05, every linear layer of the blocks), max length, batch size,
+learning rate and schedule (linear, 10% warm-up), optimizer steps and precision, one side after the other,
+each in its own process (so peak RSS is each side's own).
+
+Printed per side: real tokens trained per second (tokens of the examples, no padding: TRL's are counted from
+the attention masks its collator makes, tunesmith's from the examples it batches), the final validation loss
+(the same function scores both models: the mean loss per answer token over the chatterbot validation split),
+and peak RSS. TRL runs with its defaults for everything not named above (packing off: rows padded to the
+longest in the batch, no length grouping) except gradient checkpointing, which TRL 1.16 turns on by default
+and is turned off here (tunesmith does not recompute activations); tunesmith with its defaults (packed rows,
+length-grouped batches).
+
+    python bench/vs_trl.py [--steps 40] [--batch-size 8] [--max-length 128] [--lr 5e-4] [--val-rows N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def validation_loss(model, model_dir: str, args) -> float:
+    """Mean loss per answer token over the validation split, by tunesmith's encoder and loss (both sides)."""
+    import torch
+
+    from tunesmith import catalog
+    from tunesmith.config import load_config
+    from tunesmith.inference import example_outputs
+    from tunesmith.tasks import causal_lm
+
+    cfg = load_config(_config(args, "unused"))
+    _, processor = causal_lm.build_model(model_dir, causal_lm.LMSpec(), cfg)
+    examples = causal_lm.read_examples(str(catalog.dataset_path("chatterbot") / "validation.jsonl"), cfg, None)
+    examples = examples.subset(list(range(min(args.val_rows, len(examples)))))
+    enc = causal_lm.encode(processor, examples, cfg)
+    enc.generate = None
+    outputs, _ = example_outputs(model.eval(), causal_lm, enc, causal_lm.make_collate(processor, 1), 32,
+                                 torch.device("cpu"), args.precision)
+    return causal_lm.compute_metrics(outputs, None, causal_lm.LMSpec())["loss"]
+
+
+def _config(args, out: str) -> dict:
+    return {"task": "causal_lm", "model": {"name": "smollm2-135m", "max_length": args.max_length},
+            "data": {"dataset": "chatterbot", "test": None},
+            "train": {"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup_ratio": 0.1,
+                      "precision": args.precision, "eval_every_steps": args.steps, "seed": 0,
+                      "checkpoint_every_steps": 10**6},
+            "strategy": {"name": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.05}},
+            "causal_lm": {"eval_generate": False}, "output": {"dir": out, "name": "bench"}}
+
+
+def run_tunesmith(args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    import tunesmith
+    from tunesmith import loop
+
+    tokens = [0]
+    forward_backward = loop._forward_backward
+
+    def counting(lp, train_enc, indices):  # real tokens of the examples trained
+        tokens[0] += sum(len(train_enc.features[i]["input_ids"]) for i in indices)
+        return forward_backward(lp, train_enc, indices)
+
+    loop._forward_backward = counting
+    with tempfile.TemporaryDirectory() as out:
+        result = tunesmith.train(_config(args, out))
+        summary = json.loads((result.run_dir / "metrics.json").read_text())
+        model = AutoModelForCausalLM.from_pretrained(result.run_dir / "model")
+        from tunesmith import catalog
+        loss = validation_loss(model, str(catalog.model_path("smollm2-135m")), args)
+    return {"seconds": summary["train"]["seconds"], "tokens": tokens[0], "val_loss": loss}
+
+
+def run_trl(args) -> dict:
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from tunesmith import catalog
+
+    model_dir = str(catalog.model_path("smollm2-135m"))
+    rows = [json.loads(line) for line in (catalog.dataset_path("chatterbot") / "train.jsonl").read_text().splitlines()]
+    data = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                                        "completion": [{"role": "assistant", "content": r["completion"]}]}
+                                       for r in rows])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as out:
+        config = SFTConfig(output_dir=out, max_length=args.max_length, per_device_train_batch_size=args.batch_size,
+                           max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="linear",
+                           warmup_steps=round(0.1 * args.steps), weight_decay=0.01, max_grad_norm=1.0,
+                           bf16=args.precision == "bf16", save_strategy="no", report_to="none", seed=0,
+                           logging_steps=10, use_cpu=True, dataloader_num_workers=0,
+                           gradient_checkpointing=False)  # TRL's default is on: recomputation tunesmith does not do
+        peft = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+        trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                             peft_config=peft)
+        tokens = [0]
+        collator = trainer.data_collator
+
+        def counting(features):
+            batch = collator(features)
+            tokens[0] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else \
+                int(batch["input_ids"].numel())
+            return batch
+
+        trainer.data_collator = counting  # get_train_dataloader reads it when training starts
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+        merged = trainer.model.merge_and_unload()
+    return {"seconds": seconds, "tokens": tokens[0], "val_loss": validation_loss(merged, model_dir, args)}
+
+
+def side(args) -> None:
+    result = run_trl(args) if args.side == "trl" else run_tunesmith(args)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(args.result).write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    parser.add_argument("--val-rows", type=int, default=10**9, help="score the final loss on the first N validation rows")
+    parser.add_argument("--side", choices=["trl", "tunesmith"], help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.precision == "auto":
+        from tunesmith.inference import choose_precision
+        args.precision = choose_precision("auto", parameters=134_515_008)
+    if args.side:
+        return side(args)
+    rows = {}
+    for name in ("trl", "tunesmith"):
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            cmd = [sys.executable, __file__, "--side", name, "--result", f.name, "--steps", str(args.steps),
+                   "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--lr", str(args.lr),
+                   "--precision", args.precision, "--val-rows", str(args.val_rows)]
+            subprocess.run(cmd, check=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+            rows[name] = json.loads(Path(f.name).read_text())
+    print(f"\nsmollm2-135m, chatterbot train, LoRA r 8 (all linear layers of the blocks), {args.steps} steps of "
+          f"{args.batch_size}, max_length {args.max_length}, lr {args.lr:g}, precision {args.precision}\n")
+    print("| side | train s | real tokens | real tokens/s | final val loss | peak RSS MB |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {'TRL SFTTrainer' if name == 'trl' else 'tunesmith'} | {r['seconds']:.1f} | {r['tokens']} | "
+              f"{r['tokens'] / r['seconds']:.0f} | {r['val_loss']:.4f} | {r['peak_rss_mb']:.0f} |")
+    t, s = rows["trl"], rows["tunesmith"]
+    print(f"\ntunesmith / TRL: tokens/s {s['tokens'] / s['seconds'] / (t['tokens'] / t['seconds']):.2f}x, "
+          f"val loss {s['val_loss'] - t['val_loss']:+.4f}, peak RSS {s['peak_rss_mb'] / t['peak_rss_mb']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

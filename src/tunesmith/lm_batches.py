@@ -1,0 +1,133 @@
+"""Batches for causal language models: packed rows with per-example attention, padded rows, the loss
+over target tokens only, and batched greedy (or sampled) generation with left padding.
+
+Packing: a batch's examples are laid first-fit (longest first) into rows of at most `width` tokens. Each
+example's positions restart at 0 and no attention_mask is given, so transformers reads the restarts in
+position_ids as example boundaries and lets a token attend only to earlier tokens of its own example
+(masking_utils.find_packed_sequence_indices; flash attention reads the same position_ids). The row's tail
+after the last example is padding with positions restarting too: a segment of its own that nothing
+attends to and that carries no loss. The first token of every example carries no label, so the last token
+of one example is never trained to predict the first of the next: the loss is the same as unpacked.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .tasks.base import IGNORE
+
+
+def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """First-fit decreasing: feature indices per row, each row's lengths summing to at most `width`."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(width - lengths[i])
+    return rows
+
+
+def collate(features: list[dict], pad_id: int, pack_width: int | None, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """input_ids, target_ids (IGNORE where nothing is learned) and example_index (which feature of the batch
+    a token belongs to, -1 on padding); packed rows get position_ids, padded rows an attention_mask."""
+    lengths = [len(f["input_ids"]) for f in features]
+    if pack_width is not None:
+        rows = pack_rows(lengths, max(pack_width, max(lengths)))
+    else:
+        rows = [[i] for i in range(len(features))]
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    width = -(-width // multiple) * multiple
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    targets = torch.full(shape, IGNORE, dtype=torch.long)
+    example = torch.full(shape, -1, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    has_targets = any("labels" in f for f in features)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = lengths[i]
+            input_ids[r, at:at + n] = torch.as_tensor(features[i]["input_ids"])
+            if "labels" in features[i]:
+                targets[r, at:at + n] = torch.as_tensor(features[i]["labels"])
+            example[r, at:at + n] = i
+            positions[r, at:at + n] = torch.arange(n)
+            at += n
+        positions[r, at:] = torch.arange(width - at)  # the padding: a segment of its own
+    batch = {"input_ids": input_ids, "example_index": example}
+    if has_targets:
+        batch["target_ids"] = targets
+    if pack_width is not None:
+        batch["position_ids"] = positions
+    else:
+        batch["attention_mask"] = (example >= 0).long()
+    return batch
+
+
+def forward(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(per example [loss sum, target tokens], mean loss over the batch's target tokens or None).
+
+    The mean is over tokens, as Hugging Face's own causal-LM loss (so a packed batch and the same examples
+    unpacked give the same loss); the per-example sums give split-level loss and perplexity."""
+    example = batch["example_index"]
+    n = int(example.max()) + 1
+    targets = batch.get("target_ids")
+    if targets is None:  # prompts only (predict): generation does the work
+        return torch.zeros((n, 2), device=example.device), None
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs, use_cache=False).logits
+    # position t predicts token t + 1
+    token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(),
+                                 ignore_index=IGNORE, reduction="none")
+    counted = targets[:, 1:].flatten() != IGNORE
+    owner = torch.where(counted, example[:, 1:].flatten(), n)  # uncounted tokens go to a spare slot
+    sums = torch.zeros(n + 1, device=logits.device).index_add_(0, owner, token_loss.detach())[:n]
+    counts = torch.zeros(n + 1, device=logits.device).index_add_(0, owner, counted.float())[:n]
+    loss = token_loss.sum() / counted.sum().clamp(min=1)
+    return torch.stack([sums, counts], dim=1), loss
+
+
+@torch.inference_mode()
+def generate(model: torch.nn.Module, prompts: list[list[int]], pad_id: int, stop_ids: list[int],
+             max_new_tokens: int, batch_size: int, device: torch.device, precision: str,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+    """New token ids for each prompt (without the stop token): batches of similar length, left-padded so
+    every prompt ends where generation starts; greedy unless temperature > 0."""
+    from transformers import GenerationConfig
+
+    sample = temperature > 0
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, eos_token_id=stop_ids,
+                              pad_token_id=pad_id, **({"temperature": temperature, "top_p": top_p, "top_k": 0}
+                                                      if sample else {}))
+    if sample:
+        torch.manual_seed(seed)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                width = max(len(prompts[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    ids[row, width - len(prompts[i]):] = torch.as_tensor(prompts[i])
+                    mask[row, width - len(prompts[i]):] = 1
+                new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     generation_config=config)[:, width:].tolist()
+                for row, i in enumerate(idx):
+                    tokens = new[row]
+                    cut = next((k for k, t in enumerate(tokens) if t in stop_ids), len(tokens))
+                    out[i] = tokens[:cut]
+    finally:
+        model.train(was_training)
+    return out
