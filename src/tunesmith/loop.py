@@ -292,6 +292,8 @@ def _optimizer_step(lp: _Loop) -> None:
     lp.scheduler.step()
     lp.optimizer.zero_grad(set_to_none=True)
     state.step += 1
+    if "first_step" not in run.seconds:  # from train() to the end of this session's first step (timing.py)
+        run.seconds["first_step"] = time.perf_counter() - run.started
     if lp.budget is not None:
         lp.paced.append((state.step, lp.train_seconds()))
         if len(lp.paced) > 2 and state.step % BUDGET_EVERY_STEPS == 0:
@@ -340,17 +342,30 @@ def _after_step(lp: _Loop, last_of_epoch: bool, epoch_float: float, on_evaluate)
             _fit_the_budget(lp, "after an evaluation")
     stop = stop or done
     interrupted = lp.signals.received is not None
-    # not at every epoch end: small data has many short epochs, and a checkpoint (weights and
-    # optimizer state: 270 MB for MiniLM) every few steps cost more than the training
-    if stop or interrupted or state.step % run.cfg.train.checkpoint_every_steps == 0:
+    if interrupted or _checkpoint_due(lp, stop):
+        started = time.perf_counter()
         state.train_seconds = lp.train_seconds()
         state.extra["running_loss"] = _read_losses(lp)
         state.extra["total_steps"] = plan.total_steps
         state.extra["wall_seconds"] = (lp.budget.spent_before if lp.budget else 0.0) + lp.wall()
         save_checkpoint(run.run_dir, lp.unwrapped, lp.optimizer, lp.scheduler, state)
+        run.seconds["checkpoints"] = run.seconds.get("checkpoints", 0.0) + time.perf_counter() - started
     if interrupted:  # the step is complete and saved: fit() says how to resume
         raise KeyboardInterrupt
     return stop
+
+
+def _checkpoint_due(lp: _Loop, stop: bool) -> bool:
+    """Every train.checkpoint_every_steps, not at every epoch end: small data has many short epochs, and a
+    checkpoint (weights and optimizer state: 270 MB for MiniLM) every few steps cost more than the training.
+    At the end only where something may resume from it: a run that ends by its plan, early stopping or a
+    callback has its model in memory (the best one in model/ already), and a kill before metrics.json is
+    written resumes from the checkpoint before and trains the same steps again. A time limit's stop and
+    train.keep_checkpoints keep the last checkpoint."""
+    tcfg = lp.run.cfg.train
+    if lp.state.step % tcfg.checkpoint_every_steps == 0:
+        return True
+    return stop and (lp.stopped == "time limit" or tcfg.keep_checkpoints)
 
 
 def _read_losses(lp: _Loop) -> list[float]:

@@ -13,7 +13,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from .runlog import append_jsonl, count, log, warn
 from .schedule import TrainingPlan, auto_steps, make_plan
 from .strategies import Plan, apply_strategy, is_peft
 from .tasks import TASKS
+from .timing import format_seconds, process_seconds
 
 MIN_VALIDATION_EXAMPLES = 30  # fewer cannot tell checkpoints apart reliably (one example is 3+ points)
 
@@ -69,6 +70,7 @@ class Setup:
     plan: TrainingPlan
     started: float             # time.perf_counter() when train() began (the time budget counts from here)
     encode_seconds: float      # preparing the train and validation inputs (tokenizing, decoding images)
+    seconds: dict[str, float] = field(default_factory=dict)  # the fixed costs (timing.py), in metrics.json
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -136,6 +138,7 @@ def _load(config, overrides, resume) -> tuple[Config, Path]:
 def setup(config, overrides=None, resume=None, splits=None, locks: ExitStack | None = None) -> Setup:
     """Check and build everything; the run folder is locked (.lock, one writer) until `locks` closes."""
     started = time.perf_counter()
+    seconds = {"before_train": process_seconds()}  # a CLI run: Python start-up and imports
     cfg, run_dir = _load(config, overrides, resume)
     if resume is not None and locks is not None:  # before anything is read: a second --resume stops here
         locks.enter_context(FolderLock.acquire(run_dir, "is training in it"))
@@ -145,13 +148,16 @@ def setup(config, overrides=None, resume=None, splits=None, locks: ExitStack | N
     transformers.logging.disable_progress_bar()
 
     # ---- data and model (all input checks happen here, before anything is written)
+    read_started = time.perf_counter()
     splits = task.load_splits(cfg) if splits is None else splits
     labels = splits.labels
+    seconds["read_data"] = time.perf_counter() - read_started
     model, processor = task.build_model(resolve_model(cfg.model.name), labels, cfg)
     encode_started = time.perf_counter()  # tokenizing, or decoding the images once
+    seconds["load_model"] = encode_started - read_started - seconds["read_data"]
     train_enc = task.encode(processor, splits.train, cfg, train=True)
     val_enc = task.encode(processor, splits.validation, cfg) if splits.validation else None
-    encode_seconds = time.perf_counter() - encode_started
+    encode_seconds = seconds["encode"] = time.perf_counter() - encode_started
     try:
         balance = setup_imbalance(task, cfg, splits, labels)
     except TunesmithError as exc:  # a hand weight naming no class: point at the key in the config file
@@ -172,7 +178,7 @@ def setup(config, overrides=None, resume=None, splits=None, locks: ExitStack | N
         cfg = inputs.persist(cfg, run_dir)  # in-memory data: a copy in the run folder, for --resume
         write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))  # never a half-written config
     run = Setup(cfg, task, run_dir, resume is not None, splits, labels, model, processor,
-                train_enc, val_enc, balance, metric, precision, strategy, plan, started, encode_seconds)
+                train_enc, val_enc, balance, metric, precision, strategy, plan, started, encode_seconds, seconds)
     _log_setup(run)
     return run
 
@@ -294,6 +300,7 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
                                 "batch_size": run.plan.batch_size, "lr": run.plan.lr,
                                 "rows": len(splits.train) + len(splits.validation)}
     if splits.test is not None:
+        test_started = time.perf_counter()
         test_enc = task.encode(run.processor, splits.test, cfg)
         if test_enc.truncated:
             log(f"test: {task.describe_inputs(test_enc, cfg)}")
@@ -307,16 +314,30 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
         write_frame_atomic(task.predictions_frame(splits.test, test_logits, labels), run_dir / "test_predictions.csv")
         append_jsonl(run_dir / "metrics.jsonl", {"type": "test", "step": state.step,
                                                  "test": scalar_metrics(result_metrics)})
+        run.seconds["test"] = time.perf_counter() - test_started  # encode, outputs, metrics, predictions file
+    run.seconds["process_at_finish"] = process_seconds()
+    summary["timing"] = {k: round(v, 2) for k, v in run.seconds.items()}
     write_text_atomic(run_dir / "metrics.json", json.dumps(summary, indent=1))  # it marks the run finished
     if not cfg.train.keep_checkpoints:  # the run is complete: model/ and the logs are what it keeps
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if result_metrics:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(result_metrics).items())
         log(f"{'test' if splits.test is not None else 'validation'}: {shown}")
+    log(f"time outside training: {_fixed_costs(run.seconds)}")
     log(f"trained {state.step} steps in {outcome.train_seconds:.1f}s ({outcome.samples_per_second:.1f} samples/s); "
         f"strategy {cfg.strategy.name}: {count(outcome.trainable_parameters)} of {count(total)} parameters "
         f"trainable, {summary['strategy']['seconds_per_epoch']:.1f}s per epoch; model in {run_dir / 'model'}")
     return TrainResult(run_dir, result_metrics, validation_metrics, outcome.samples_per_second, test_logits)
+
+
+def _fixed_costs(seconds: dict[str, float]) -> str:
+    """What the user waited for besides training and evaluations, as one log line."""
+    setup = {k: seconds[k] for k in ("before_train", "read_data", "load_model", "encode") if k in seconds}
+    line = f"setup {format_seconds(setup)}"
+    if "first_step" in seconds:
+        line = f"first training step {seconds['before_train'] + seconds['first_step']:.1f}s after the process started ({line})"
+    rest = {k: seconds[k] for k in ("checkpoints", "test") if k in seconds}
+    return line + (f"; {format_seconds(rest)}" if rest else "")
 
 
 def _warn_if_degenerate(task, metrics: dict, labels) -> bool:
