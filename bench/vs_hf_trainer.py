@@ -110,14 +110,17 @@ def matmul_peak(dtype_name: str, n: int = 4096) -> float:
     return best
 
 
-def prepare(workdir: Path, train_rows: int | None) -> tuple[Path, Path]:
+def prepare(workdir: Path, train_rows: int | None, test_rows: int | None = None) -> tuple[Path, Path]:
     from tunesmith import catalog
     folder = catalog.dataset_path("rotten_tomatoes")
     train = pd.read_csv(folder / "train.csv")
     if train_rows:
         train = train.sample(train_rows, random_state=SAMPLE_SEED)
     train.to_csv(workdir / "train.csv", index=False)
-    return workdir / "train.csv", folder / "test.csv"
+    if not test_rows:
+        return workdir / "train.csv", folder / "test.csv"
+    pd.read_csv(folder / "test.csv").sample(test_rows, random_state=SAMPLE_SEED).to_csv(workdir / "test.csv", index=False)
+    return workdir / "train.csv", workdir / "test.csv"
 
 
 def real_tokens(texts: list[str]) -> int:
@@ -276,6 +279,7 @@ def child(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--train-rows", type=int, default=None, help="sample this many training rows (default: all)")
+    parser.add_argument("--test-rows", type=int, default=None, help="sample this many test rows (default: all)")
     parser.add_argument("--also-precision", nargs="*", default=[], choices=["fp32", "bf16"],
                         help="also run tunesmith with this train.precision (beside its default, auto)")
     parser.add_argument("--hf-pad16", action="store_true",
@@ -302,7 +306,7 @@ def main() -> None:
 
 def compare(args: argparse.Namespace, workdir: Path) -> None:
     """Train every side on the same rows inside `workdir`, then print the table and the ratios."""
-    train_csv, test_csv = prepare(workdir, args.train_rows)
+    train_csv, test_csv = prepare(workdir, args.train_rows, args.test_rows)
     n_train = len(pd.read_csv(train_csv))
     test_texts = pd.read_csv(test_csv)["text"].tolist()
     train_tokens = real_tokens(pd.read_csv(train_csv)["text"].tolist())
@@ -418,10 +422,11 @@ def print_end_to_end(results: dict[str, dict], fastest: str) -> None:
               f"separate predict process after it {hf_wall / (r['wall_s'] + r['predict_wall_s']):.2f}x")
         timing = r.get("timing")
         if timing:  # written by the run (metrics.json): seconds, this process
+            setup = timing.get("setup", timing["first_step"])  # older runs: no "setup"
             before = {"before train() (Python, imports)": timing["before_train"], "read data": timing["read_data"],
                       "load model": timing["load_model"], "encode": timing["encode"],
-                      "rest of setup + first step": timing["first_step"] - timing["read_data"]
-                      - timing["load_model"] - timing["encode"]}
+                      "rest of setup": setup - timing["read_data"] - timing["load_model"] - timing["encode"],
+                      "accelerator + first step": timing["first_step"] - setup}
             after = {"checkpoints": timing.get("checkpoints", 0.0), "test (encode, outputs, predictions file)":
                      timing.get("test", 0.0), "exit after metrics.json": r["wall_s"] - timing["process_at_finish"]}
             print(f"{side} fixed costs, seconds (seed {r['seeds'][0]}): start-up to the end of the first step "

@@ -122,9 +122,9 @@ def test_metrics_json_says_where_the_time_outside_training_went(tiny_model_dir, 
     cfg = tiny_config(tiny_model_dir, train, test, tmp_path / "runs", max_steps=6, checkpoint_every_steps=3)
     result = tunesmith.train(cfg)
     timing = json.loads((result.run_dir / "metrics.json").read_text())["timing"]
-    assert set(timing) == {"before_train", "read_data", "load_model", "encode", "first_step", "checkpoints", "test",
-                           "process_at_finish"}
+    assert set(timing) == {"before_train", "read_data", "load_model", "encode", "setup", "first_step", "checkpoints",
+                           "test", "process_at_finish"}
     assert all(v >= 0 for v in timing.values()) and timing["checkpoints"] > 0 and timing["test"] > 0
-    assert timing["first_step"] >= timing["read_data"] + timing["load_model"] + timing["encode"] - 0.05
+    assert timing["first_step"] >= timing["setup"] >= timing["read_data"] + timing["load_model"] + timing["encode"] - 0.05
     assert timing["process_at_finish"] >= timing["before_train"] + timing["first_step"] - 0.05
     assert "tunesmith: time outside training: first training step " in capsys.readouterr().err

@@ -180,6 +180,7 @@ def setup(config, overrides=None, resume=None, splits=None, locks: ExitStack | N
     run = Setup(cfg, task, run_dir, resume is not None, splits, labels, model, processor,
                 train_enc, val_enc, balance, metric, precision, strategy, plan, started, encode_seconds, seconds)
     _log_setup(run)
+    seconds["setup"] = time.perf_counter() - started  # all of setup(): the three above and the rest
     return run
 
 
