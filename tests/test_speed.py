@@ -128,3 +128,27 @@ def test_metrics_json_says_where_the_time_outside_training_went(tiny_model_dir, 
     assert timing["first_step"] >= timing["setup"] >= timing["read_data"] + timing["load_model"] + timing["encode"] - 0.05
     assert timing["process_at_finish"] >= timing["before_train"] + timing["first_step"] - 0.05
     assert "tunesmith: time outside training: first training step " in capsys.readouterr().err
+
+
+def test_a_text_run_never_imports_peft(tiny_model_dir, sentiment_csv, tmp_path):
+    """peft (and the transformers generation code it pulls in) costs 2.47 CPU s; only LoRA needs it."""
+    train, test = sentiment_csv
+    cfg = tiny_config(tiny_model_dir, train, None, tmp_path / "runs", max_steps=2)
+    code = f"import json, sys, tunesmith; tunesmith.train(json.loads({json.dumps(json.dumps(cfg))})); " \
+           "print('peft' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "False"
+
+
+def test_is_peft_knows_a_lora_model(tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    from tunesmith.layouts import is_peft
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    assert not is_peft(model)
+    from peft import LoraConfig, get_peft_model
+    assert is_peft(get_peft_model(model, LoraConfig(r=2, target_modules=["query"])))
+    assert not is_peft(AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2))
