@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import transformers
+from accelerate.utils import set_seed
 
 from . import inputs
 from .atomic import recover_dir, remove_stale_temps, replace_dir, write_text_atomic
@@ -143,7 +144,7 @@ def setup(config, overrides=None, resume=None, splits=None, locks: ExitStack | N
     if resume is not None and locks is not None:  # before anything is read: a second --resume stops here
         locks.enter_context(FolderLock.acquire(run_dir, "is training in it"))
     tcfg, task = cfg.train, TASKS[cfg.task]
-    transformers.set_seed(tcfg.seed)
+    set_seed(tcfg.seed)  # accelerate's: the same seeds; transformers.set_seed imports peft (2.47 CPU s) with it
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
 
