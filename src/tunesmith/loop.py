@@ -356,6 +356,8 @@ def _optimizer_step(lp: _Loop) -> None:
     lp.scheduler.step()
     lp.optimizer.zero_grad(set_to_none=True)
     state.step += 1
+    if "first_step" not in run.seconds:  # from train() to the end of this session's first step (timing.py)
+        run.seconds["first_step"] = time.perf_counter() - run.started
     if lp.budget is not None:
         lp.paced.append((state.step, lp.train_seconds()))
         if len(lp.paced) > 2 and state.step % BUDGET_EVERY_STEPS == 0:
@@ -427,9 +429,8 @@ def _after_step(lp: _Loop, last_of_epoch: bool, epoch_float: float, on_evaluate)
         stop, signalled = _agree(lp, stop)
         interrupted = interrupted or signalled
     stop = stop or done
-    # not at every epoch end: small data has many short epochs, and a checkpoint (weights and
-    # optimizer state: 270 MB for MiniLM) every few steps cost more than the training
-    if stop or interrupted or state.step % run.cfg.train.checkpoint_every_steps == 0:
+    if interrupted or _checkpoint_due(lp, stop):  # the same answer in every process (agreed above)
+        started = time.perf_counter()
         state.train_seconds = lp.train_seconds()
         state.extra["running_loss"] = _read_losses(lp)
         state.extra["total_steps"] = plan.total_steps
@@ -439,6 +440,7 @@ def _after_step(lp: _Loop, last_of_epoch: bool, epoch_float: float, on_evaluate)
         if lp.main:
             save_checkpoint(run.run_dir, lp.unwrapped, lp.optimizer, lp.scheduler, state, rng)
         distributed.barrier()  # saved before any process goes on (a failed save stops the main process here)
+        run.seconds["checkpoints"] = run.seconds.get("checkpoints", 0.0) + time.perf_counter() - started
     if interrupted:  # the step is complete and saved: fit() says how to resume
         raise KeyboardInterrupt
     return stop
@@ -460,6 +462,19 @@ def _agree(lp: _Loop, flag: bool) -> tuple[bool, bool]:
         plan.patience_from_step = min(plan.patience_from_step, plan.total_steps // 2)
         lp.progress.total = plan.total_steps
     return bool(flag_any), bool(signal_number)
+
+
+def _checkpoint_due(lp: _Loop, stop: bool) -> bool:
+    """Every train.checkpoint_every_steps, not at every epoch end: small data has many short epochs, and a
+    checkpoint (weights and optimizer state: 270 MB for MiniLM) every few steps cost more than the training.
+    At the end only where something may resume from it: a run that ends by its plan, early stopping or a
+    callback has its model in memory (the best one in model/ already), and a kill before metrics.json is
+    written resumes from the checkpoint before and trains the same steps again. A time limit's stop and
+    train.keep_checkpoints keep the last checkpoint."""
+    tcfg = lp.run.cfg.train
+    if lp.state.step % tcfg.checkpoint_every_steps == 0:
+        return True
+    return stop and (lp.stopped == "time limit" or tcfg.keep_checkpoints)
 
 
 def _read_losses(lp: _Loop) -> list[float]:

@@ -14,12 +14,13 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from accelerate.utils import set_seed
 
 from . import distill, distributed, inputs
 from .atomic import recover_dir, remove_stale_temps, replace_dir, write_text_atomic
@@ -37,6 +38,7 @@ from .runlog import append_jsonl, count, log, warn
 from .schedule import TrainingPlan, auto_steps, make_plan
 from .strategies import Plan, apply_strategy, is_peft
 from .tasks import TASKS
+from .timing import format_seconds, process_seconds
 
 MIN_VALIDATION_EXAMPLES = 30  # fewer cannot tell checkpoints apart reliably (one example is 3+ points)
 
@@ -71,6 +73,7 @@ class Setup:
     started: float             # time.perf_counter() when train() began (the time budget counts from here)
     encode_seconds: float      # preparing the train and validation inputs (tokenizing, decoding images)
     teacher: Any = None        # distill.Teacher: soft targets for every training input (distill.teacher)
+    seconds: dict[str, float] = field(default_factory=dict)  # the fixed costs (timing.py), in metrics.json
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -147,18 +150,21 @@ def setup(config, overrides=None, resume=None, splits=None, locks: ExitStack | N
     """Check and build everything; the run folder is locked (.lock, one writer) until `locks` closes.
     Several processes: each one checks and builds the same; the main one creates, locks and writes the folder."""
     started = time.perf_counter()
+    seconds = {"before_train": process_seconds()}  # a CLI run: Python start-up and imports
     cfg, run_dir = _load(config, overrides, resume)
     main, processes = distributed.is_main(), distributed.processes()
     if resume is not None and locks is not None and main:  # before anything is read: a second --resume stops here
         locks.enter_context(FolderLock.acquire(run_dir, "is training in it"))
     tcfg, task = cfg.train, TASKS[cfg.task]
-    transformers.set_seed(tcfg.seed)
+    set_seed(tcfg.seed)  # accelerate's: the same seeds; transformers.set_seed imports peft (2.47 CPU s) with it
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
 
     # ---- data and model (all input checks happen here, before anything is written)
+    read_started = time.perf_counter()
     splits = task.load_splits(cfg) if splits is None else splits
     labels = splits.labels
+    seconds["read_data"] = time.perf_counter() - read_started
     model, processor = task.build_model(resolve_model(cfg.model.name), labels, cfg)
     if cfg.distill.student_layers:
         kept = distill.keep_blocks(model, cfg.distill.student_layers, cfg.model.name)
@@ -167,9 +173,10 @@ def setup(config, overrides=None, resume=None, splits=None, locks: ExitStack | N
     if cfg.distill.teacher is not None:  # checked (task, labels) before anything is computed or written
         teacher = distill.load_teacher(cfg, task, labels)
     encode_started = time.perf_counter()  # tokenizing, or decoding the images once
+    seconds["load_model"] = encode_started - read_started - seconds["read_data"]
     train_enc = task.encode(processor, splits.train, cfg, train=True)
     val_enc = task.encode(processor, splits.validation, cfg) if splits.validation else None
-    encode_seconds = time.perf_counter() - encode_started
+    encode_seconds = seconds["encode"] = time.perf_counter() - encode_started
     if teacher is not None:  # data.unlabeled joins the training inputs; the teacher's outputs for all of them
         train_enc = distill.prepare(teacher, task, processor, splits, train_enc, cfg, labels)
     try:
@@ -196,8 +203,10 @@ def setup(config, overrides=None, resume=None, splits=None, locks: ExitStack | N
         if main:
             write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))  # never a half-written config
     run = Setup(cfg, task, run_dir, resume is not None, splits, labels, model, processor,
-                train_enc, val_enc, balance, metric, precision, strategy, plan, started, encode_seconds, teacher)
+                train_enc, val_enc, balance, metric, precision, strategy, plan, started, encode_seconds, teacher,
+                seconds)
     _log_setup(run)
+    seconds["setup"] = time.perf_counter() - started  # all of setup(): the three above and the rest
     return run
 
 
@@ -330,6 +339,7 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
                                 "batch_size": run.plan.batch_size, "lr": run.plan.lr,
                                 "rows": len(splits.train) + len(splits.validation)}
     if splits.test is not None:
+        test_started = time.perf_counter()
         test_enc = task.encode(run.processor, splits.test, cfg)
         if test_enc.truncated:
             log(f"test: {task.describe_inputs(test_enc, cfg)}")
@@ -348,6 +358,9 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
                                run_dir / "test_predictions.csv")
             append_jsonl(run_dir / "metrics.jsonl", {"type": "test", "step": state.step,
                                                      "test": scalar_metrics(result_metrics)})
+        run.seconds["test"] = time.perf_counter() - test_started  # encode, outputs, metrics, predictions file
+    run.seconds["process_at_finish"] = process_seconds()
+    summary["timing"] = {k: round(v, 2) for k, v in run.seconds.items()}
     if main:
         write_text_atomic(run_dir / "metrics.json", json.dumps(summary, indent=1))  # it marks the run finished
         if not cfg.train.keep_checkpoints:  # the run is complete: model/ and the logs are what it keeps
@@ -356,6 +369,7 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
     if result_metrics:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(result_metrics).items())
         log(f"{'test' if splits.test is not None else 'validation'}: {shown}")
+    log(f"time outside training: {_fixed_costs(run.seconds)}")
     log(f"trained {state.step} steps in {outcome.train_seconds:.1f}s ({outcome.samples_per_second:.1f} samples/s); "
         f"strategy {cfg.strategy.name}: {count(outcome.trainable_parameters)} of {count(total)} parameters "
         f"trainable, {summary['strategy']['seconds_per_epoch']:.1f}s per epoch; model in {run_dir / 'model'}")
@@ -399,6 +413,16 @@ def _teacher_test(run: Setup) -> dict:
     log("distill: teacher on the test split: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
         + f" ({len(enc.features)} inputs in {seconds:.1f}s)")
     return scores
+
+
+def _fixed_costs(seconds: dict[str, float]) -> str:
+    """What the user waited for besides training and evaluations, as one log line."""
+    setup = {k: seconds[k] for k in ("before_train", "read_data", "load_model", "encode") if k in seconds}
+    line = f"setup {format_seconds(setup)}"
+    if "first_step" in seconds:
+        line = f"first training step {seconds['before_train'] + seconds['first_step']:.1f}s after the process started ({line})"
+    rest = {k: seconds[k] for k in ("checkpoints", "test") if k in seconds}
+    return line + (f"; {format_seconds(rest)}" if rest else "")
 
 
 def _warn_if_degenerate(task, metrics: dict, labels) -> bool:
