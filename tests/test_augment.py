@@ -220,7 +220,9 @@ def test_ner_training_with_augmentation_and_class_weights(ner_model_dir, ner_fil
 def write_cfg(tmp_path, model_dir, extra: dict) -> Path:
     train = tmp_path / "train.csv"
     pd.DataFrame(sentiment_rows(60)).to_csv(train, index=False)
-    cfg = {**tiny_config(model_dir, train, None, tmp_path / "runs", epochs=1), **extra}
+    base = tiny_config(model_dir, train, None, tmp_path / "runs", epochs=1)
+    report = base.pop("report")  # last, so the line numbers the errors name stay those of the extra keys
+    cfg = {**base, **extra, "report": report}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

@@ -15,9 +15,21 @@ import tunesmith
 from tunesmith import cli, export as export_mod
 from tunesmith.export import export
 from tunesmith.tasks import TASKS
+from tunesmith.tasks.base import exportable
 
 
-@pytest.mark.parametrize("name", sorted(TASKS))
+EXPORTABLE = sorted(name for name in TASKS if exportable(TASKS[name]))
+
+
+def test_the_classification_tasks_export_and_language_models_are_refused(tiny_run, tmp_path):
+    assert EXPORTABLE == ["image_classification", "text_classification", "token_classification"]
+    run, _ = tiny_run("language_modeling")
+    with pytest.raises(tunesmith.TunesmithError, match="task language_modeling: export to ONNX is not available"):
+        export(run, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.parametrize("name", EXPORTABLE)
 def test_export_matches_pytorch_and_predicts_the_same(name, tiny_run, tmp_path):
     run, case = tiny_run(name)
     report = export(run, tmp_path / "onnx", quantize="int8")

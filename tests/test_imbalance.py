@@ -173,8 +173,8 @@ def test_resume_with_oversample_and_augment_matches_uninterrupted(tiny_model_dir
 
     real_save = train_module.save_checkpoint
 
-    def save_then_die(run_dir, model, optimizer, scheduler, state):
-        real_save(run_dir, model, optimizer, scheduler, state)
+    def save_then_die(run_dir, model, optimizer, scheduler, state, *rest):
+        real_save(run_dir, model, optimizer, scheduler, state, *rest)
         if state.step == 21:  # mid-epoch 0 (an epoch is 50 steps)
             raise KeyboardInterrupt
 

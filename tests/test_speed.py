@@ -34,8 +34,9 @@ def test_a_text_run_imports_no_image_or_peft_library_until_the_image_task_is_ask
 
 
 def test_the_registry_is_a_mapping_of_every_task_module():
-    assert sorted(TASKS) == ["image_classification", "text_classification", "token_classification"]
-    assert len(TASKS) == 3 and "text_classification" in TASKS and "regression" not in TASKS
+    assert sorted(TASKS) == ["causal_lm", "image_classification", "language_modeling", "text_classification",
+                             "token_classification"]
+    assert len(TASKS) == 5 and "text_classification" in TASKS and "regression" not in TASKS
     assert all(TASKS[name].NAME == name for name in TASKS)
     with pytest.raises(KeyError):
         TASKS["regression"]
@@ -57,9 +58,9 @@ def _count_checkpoints(monkeypatch) -> list[int]:
     steps: list[int] = []
     real = loop.save_checkpoint
 
-    def counting(run_dir, model, optimizer, scheduler, state):
+    def counting(run_dir, model, optimizer, scheduler, state, *rest):
         steps.append(state.step)
-        return real(run_dir, model, optimizer, scheduler, state)
+        return real(run_dir, model, optimizer, scheduler, state, *rest)
 
     monkeypatch.setattr(loop, "save_checkpoint", counting)
     return steps
