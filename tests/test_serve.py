@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import signal
+import shutil
 import socket
 import subprocess
 import threading
@@ -237,10 +238,13 @@ def test_loopback_by_default_and_bad_starts_are_one_line(tiny_run, tmp_path, cap
     assert ServeConfig().host == "127.0.0.1" and is_loopback("127.0.0.1") and is_loopback("::1")
     assert not is_loopback("0.0.0.0")
     run, _ = tiny_run("text_classification")
+    # the shared run may carry an export from test_export: a copy without it (else this would serve forever)
+    unexported = tmp_path / "unexported"
+    shutil.copytree(run, unexported, ignore=shutil.ignore_patterns("onnx"))
     for argv, message in (
         (["serve", str(tmp_path)], "not a tunesmith run folder"),
         (["serve", str(run), "--serve.max_queue", "8"], "max_inputs_per_request (64) is larger than max_queue (8)"),
-        (["serve", str(run), "--backend", "onnx", "--port", "0"], "no ONNX export"),
+        (["serve", str(unexported), "--backend", "onnx", "--port", "0"], "no ONNX export"),
     ):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
