@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -83,6 +86,18 @@ def cli_env(tmp_path) -> dict:
 
 
 TUNESMITH = [sys.executable, "-m", "tunesmith.cli"]
+
+
+def kill_after_first_checkpoint(config: Path, run_dir: Path, env: dict, cwd: Path) -> None:
+    """`tunesmith train config` in a real process, SIGKILLed as soon as its first checkpoint is complete
+    (or after 120 s, or once it exits)."""
+    proc = subprocess.Popen(TUNESMITH + ["train", str(config)], env=env, cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list(run_dir.glob("checkpoints/step-*/state.json")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def encode_cfg(max_length: int, stride: int | None = None, task: str = "text_classification"):

@@ -6,9 +6,7 @@ teachers refused in one line, and a killed distillation resumed to the same resu
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import torch
 import yaml
 
 import tunesmith
-from conftest import TUNESMITH, VOCAB, save_tiny_bert, sentiment_rows, tiny_config
+from conftest import TUNESMITH, VOCAB, kill_after_first_checkpoint, save_tiny_bert, sentiment_rows, tiny_config
 from test_token_classification import VOCAB as NER_VOCAB
 from test_token_classification import ner_sentences, write_conll
 from tunesmith import distill
@@ -344,13 +342,7 @@ def test_kill_and_resume_with_a_teacher_ends_as_an_uninterrupted_run(text_teache
     cfg["output"]["name"] = "killed"
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     killed = tmp_path / "runs" / "killed"
-    proc = subprocess.Popen(TUNESMITH + ["train", str(tmp_path / "cfg.yaml")], env=cli_env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not list(killed.glob("checkpoints/step-*/state.json")):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(tmp_path / "cfg.yaml", killed, cli_env, tmp_path)
     assert not (killed / "metrics.json").exists(), "finished before the kill: nothing was tested"
     resumed = subprocess.run(TUNESMITH + ["train", str(tmp_path / "cfg.yaml"), "--resume", str(killed)],
                              capture_output=True, text=True, env=cli_env, cwd=tmp_path)

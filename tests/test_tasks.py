@@ -8,9 +8,7 @@ from __future__ import annotations
 import inspect
 import json
 import random
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ import pytest
 import yaml
 
 import tunesmith
-from conftest import TUNESMITH, VOCAB, save_tiny_bert, sentiment_rows
+from conftest import TUNESMITH, VOCAB, kill_after_first_checkpoint, save_tiny_bert, sentiment_rows
 from test_causal_lm import qa_rows, save_tiny_llama
 from test_token_classification import VOCAB as NER_VOCAB
 from test_token_classification import ner_sentences, write_conll
@@ -154,13 +152,7 @@ def test_train_evaluate_predict_resume_and_bad_input(name, tmp_path, cli_env):
     # killed after a checkpoint, resumed: the same result as the uninterrupted run
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({**cfg, "output": {**cfg["output"], "name": "killed"}}))
     killed = tmp_path / "runs" / "killed"
-    proc = subprocess.Popen(TUNESMITH + ["train", str(tmp_path / "cfg.yaml")], env=cli_env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not list(killed.glob("checkpoints/step-*/state.json")):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(tmp_path / "cfg.yaml", killed, cli_env, tmp_path)
     if not (killed / "metrics.json").exists():  # killed before the end (the usual case): resume it
         resumed = subprocess.run(TUNESMITH + ["train", str(tmp_path / "cfg.yaml"), "--resume", str(killed)],
                                  capture_output=True, text=True, env=cli_env, cwd=tmp_path)

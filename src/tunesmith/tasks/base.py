@@ -22,7 +22,7 @@ import torch
 from sklearn.model_selection import (GroupKFold, GroupShuffleSplit, KFold, ShuffleSplit, StratifiedGroupKFold,
                                      StratifiedKFold, StratifiedShuffleSplit)
 
-from .. import catalog
+from .. import catalog, inputs
 from ..config import Config, DataConfig
 from ..errors import TunesmithError
 
@@ -201,6 +201,19 @@ def fold_indices(n: int, folds: int, seed: int, classes: np.ndarray | None, clas
         splitter = StratifiedKFold(folds, shuffle=True, random_state=seed) if classes is not None else \
             KFold(folds, shuffle=True, random_state=seed)
     return [held for _, held in splitter.split(np.zeros(n), classes, groups)]
+
+
+def splits_around(train_all: Any, read_examples: Callable, cfg: Config, labels: Any,
+                  classes: np.ndarray | None = None) -> Splits:
+    """Splits of a task's training examples: validation from data.validation or held out of train
+    (split_train, stratified by `classes`), and data.test, both read with the task's read_examples."""
+    data = cfg.data
+    if data.validation:
+        train, validation = train_all, read_examples(data.validation, cfg, labels)
+    else:
+        train, validation = split_train(train_all, classes, cfg, inputs.shown(data.train))
+    test = read_examples(data.test, cfg, labels) if data.test else None
+    return Splits(train, validation, test, labels)
 
 
 def split_train(train_all: Any, classes: np.ndarray | None, cfg: Config, source: str) -> tuple[Any, Any]:

@@ -28,7 +28,7 @@ from ..models import from_pretrained, weights_options
 from ..runlog import log
 from ..schedule import AUTO_MIN_STEPS
 from . import text
-from .base import IGNORE, Encoded, Splits, resolve_data_config, split_train, with_data
+from .base import IGNORE, Encoded, Splits, resolve_data_config, splits_around, with_data
 
 NAME = "causal_lm"
 Examples = lm_data.Examples
@@ -71,12 +71,7 @@ def load_splits(cfg: Config) -> Splits:
     cfg = with_data(cfg, resolve_data_config(cfg.data))
     data = cfg.data
     train_all = read_examples(data.train, cfg, None)
-    if data.validation:
-        train, validation = train_all, read_examples(data.validation, cfg, None)
-    else:
-        train, validation = split_train(train_all, None, cfg, inputs.shown(data.train))
-    test = read_examples(data.test, cfg, None) if data.test else None
-    return Splits(train, validation, test, LMSpec())
+    return splits_around(train_all, read_examples, cfg, LMSpec())
 
 
 def has_classes(labels: LMSpec) -> bool:

@@ -13,7 +13,7 @@ from ..config import DataConfig
 from ..data import Table, float_values, label_names, multi_label_names, sort_labels
 from ..errors import TunesmithError
 from ..evaluate import multi_label_metrics, regression_metrics, single_label_metrics
-from .base import Splits, resolve_data_config, split_train, with_data
+from .base import Splits, resolve_data_config, splits_around, with_data
 
 HF_PROBLEM = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
               "regression": "regression"}
@@ -78,13 +78,7 @@ def load_class_splits(cfg, read_examples) -> Splits:
     data = cfg.data
     train_all = read_examples(data.train, cfg, None, require_labels=True)
     labels = label_space(train_all.label_names, data, inputs.shown(data.train))
-    if data.validation:
-        train, validation = train_all, read_examples(data.validation, cfg, labels)
-    else:
-        train, validation = split_train(train_all, stratify_by(train_all.targets, labels), cfg,
-                                        inputs.shown(data.train))
-    test = read_examples(data.test, cfg, labels) if data.test else None
-    return Splits(train, validation, test, labels)
+    return splits_around(train_all, read_examples, cfg, labels, stratify_by(train_all.targets, labels))
 
 
 # ---------------------------------------------------------------- what generic code asks about classes

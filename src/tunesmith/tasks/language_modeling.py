@@ -41,7 +41,7 @@ from ..models import from_pretrained, resolve_model, weights_options
 from ..runlog import log, warn
 from ..schedule import AUTO_MIN_STEPS
 from . import text
-from .base import IGNORE, Encoded, Splits, resolve_data_config, row_outputs, split_train, with_data
+from .base import IGNORE, Encoded, Splits, resolve_data_config, row_outputs, splits_around, with_data
 
 NAME = "language_modeling"
 MASK_SHARE, RANDOM_SHARE = 0.8, 0.1  # of the tokens chosen for mlm: [MASK], a random token, the rest unchanged
@@ -102,12 +102,7 @@ def load_splits(cfg: Config) -> Splits:
     objective = Objective(resolve_objective(cfg, _model_config(resolve_model(cfg.model.name), cfg)))
     data = cfg.data
     train_all = read_examples(data.train, cfg, None)
-    if data.validation:
-        train, validation = train_all, read_examples(data.validation, cfg, objective)
-    else:
-        train, validation = split_train(train_all, None, cfg, inputs.shown(data.train))
-    test = read_examples(data.test, cfg, objective) if data.test else None
-    return Splits(train, validation, test, objective)
+    return splits_around(train_all, read_examples, cfg, objective)
 
 
 def labels_from_dict(saved: dict) -> Objective:

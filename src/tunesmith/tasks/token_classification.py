@@ -28,7 +28,7 @@ from ..errors import TunesmithError
 from ..models import from_pretrained, weights_options
 from ..token_data import Sentences, read_sentences
 from . import text
-from .base import IGNORE, Encoded, Splits, hf_forward, resolve_data_config, split_train, with_data
+from .base import IGNORE, Encoded, Splits, hf_forward, resolve_data_config, splits_around, with_data
 
 NAME = "token_classification"
 INPUT_KIND = "text"  # serve: one raw input is a string (entities come back with character offsets)
@@ -142,12 +142,7 @@ def load_splits(cfg: Config) -> Splits:
     labels = LabelSpace(NAME, tagging.bio_names(types), train_all.scheme)
     index = {n: k for k, n in enumerate(labels.names)}
     train_all.targets = [np.asarray([index[t] for t in tags], dtype=np.int64) for tags in train_all.tags]
-    if data.validation:
-        train, validation = train_all, read_examples(data.validation, cfg, labels)
-    else:
-        train, validation = split_train(train_all, None, cfg, inputs.shown(data.train))
-    test = read_examples(data.test, cfg, labels) if data.test else None
-    return Splits(train, validation, test, labels)
+    return splits_around(train_all, read_examples, cfg, labels)
 
 
 def has_classes(labels: LabelSpace) -> bool:
