@@ -16,6 +16,10 @@ import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs two pytest workers (pytest-xdist): each gets one thread for torch, in process and in the CLI
+# processes it starts. Two workers of two threads each on a 2-core machine run far slower than one each.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 POSITIVE = ["good", "great", "excellent", "wonderful", "fun", "superb"]
 NEGATIVE = ["bad", "awful", "boring", "terrible", "dull", "poor"]
