@@ -33,16 +33,43 @@ def test_auto_plan_gives_small_data_enough_steps_and_large_data_one_pass():
     assert "270 training inputs, 17 step(s) per epoch: 18 epoch(s) planned" in small.reason
     tiny = make_plan(_cfg(), TEXT, train_features=40, validation_examples=5)    # 3 steps per epoch
     assert tiny.total_steps == 3 * AUTO_MAX_EPOCHS
+    # large data: one and a half passes (more than the minimum of steps)
     medium = make_plan(_cfg(), TEXT, train_features=4799, validation_examples=500)
-    assert (medium.batch_size, medium.steps_per_epoch, medium.total_steps) == (16, 300, 300)
-    large = make_plan(_cfg(), TEXT, train_features=8962, validation_examples=1017)  # batch 32: 281 steps per epoch
-    assert (large.batch_size, large.total_steps, large.epochs) == (32, AUTO_MIN_STEPS, 2)
+    assert (medium.batch_size, medium.steps_per_epoch, medium.total_steps) == (16, 300, 450)
+    large = make_plan(_cfg(), TEXT, train_features=9479, validation_examples=500)  # batch 32: 297 steps per epoch
+    assert (large.batch_size, large.total_steps, large.epochs) == (32, 446, 2)
+    assert "9479 training inputs, 297 step(s) per epoch: 1.5 epoch(s) planned" in large.reason
     huge = make_plan(_cfg(), TEXT, train_features=32_000, validation_examples=3000)  # 1,000 steps per epoch
-    assert huge.total_steps == 1000 and huge.epochs == 1
-    assert huge.eval_every == 334  # evaluation is costly here: the minimum of 3 evaluations
+    assert huge.total_steps == 1500 and huge.epochs == 2
+    assert huge.eval_every == 375  # evaluation is costly here: 4 evaluations
     explicit = make_plan(_cfg(epochs=2, batch_size=32), TEXT, train_features=270, validation_examples=30)
     assert (explicit.total_steps, explicit.eval_every, explicit.patience) == (18, None, None)
     assert make_plan(_cfg(max_steps=7), TEXT, 270, 30).total_steps == 7
+
+
+def test_auto_validation_holds_out_a_tenth_and_at_most_500_rows():
+    data = _cfg().data
+    assert data.validation_fraction == "auto" and data.holds_out
+    assert data.validation_share(400) == 0.1 and data.validation_share(5000) == 0.1
+    assert data.validation_share(9979) == pytest.approx(500 / 9979)
+    explicit = load_config({"data": {"train": "x.csv", "validation_fraction": 0.2}}).data
+    assert explicit.validation_share(100_000) == 0.2 and explicit.holds_out
+    assert not load_config({"data": {"train": "x.csv", "validation_fraction": 0}}).data.holds_out
+    from tunesmith.errors import TunesmithError
+    with pytest.raises(TunesmithError, match="validation_fraction: .*expected auto or a share from 0 to below 1"):
+        load_config({"data": {"train": "x.csv", "validation_fraction": 1.5}})
+
+
+def test_the_auto_validation_split_of_large_data_is_500_rows(tmp_path):
+    from tunesmith.tasks import TASKS
+
+    rows = sentiment_rows(6000, seed=4)
+    pd.DataFrame(rows).to_csv(tmp_path / "big.csv", index=False)
+    splits = TASKS["text_classification"].load_splits(load_config({"data": {"train": str(tmp_path / "big.csv")}}))
+    assert (len(splits.train), len(splits.validation)) == (5500, 500)
+    grouped = load_config({"data": {"train": str(tmp_path / "big.csv"), "group_column": "film"}})
+    splits = TASKS["text_classification"].load_splits(grouped)  # 37 films: whole films, about 500 rows
+    assert 300 <= len(splits.validation) <= 700 and len(splits.train) + len(splits.validation) == 6000
 
 
 def test_tagging_words_gets_more_steps_and_a_larger_rate_than_labelling_texts():
@@ -59,7 +86,7 @@ def test_auto_learning_rate_follows_the_strategy_and_the_batch_size():
         cfg = load_config({"data": {"train": "x.csv"}, "strategy": {"name": strategy}})
         plan = make_plan(cfg, TEXT, 100, 10)
         assert plan.lr == lr and plan.lr_reason == f"auto for strategy {strategy} at batch 16"
-    # large data plans batch 32 and about one pass: full fine-tuning takes twice the step there
+    # large data plans batch 32: full fine-tuning takes twice the step there
     large = make_plan(_cfg(), TEXT, train_features=9000, validation_examples=1000)
     assert (large.batch_size, large.lr, large.lr_reason) == (32, 1e-4, "auto for strategy full at batch 32")
     assert make_plan(_cfg(batch_size=64), TEXT, 100, 10).lr == 1e-4

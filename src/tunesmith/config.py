@@ -53,6 +53,9 @@ class ModelConfig(_Section):
         return self.stride if self.long_text == "chunk" else None
 
 
+AUTO_VALIDATION_FRACTION, AUTO_VALIDATION_ROWS = 0.1, 500  # data.validation_fraction: auto
+
+
 class DataConfig(_Section):
     dataset: str | None = Field(None, description="catalog dataset short name (instead of train/test files)")
     train: str | None = Field(None, description="training data: a .csv, .tsv, .jsonl or .parquet file (a folder of "
@@ -66,11 +69,32 @@ class DataConfig(_Section):
     problem_type: Literal["single_label", "multi_label", "regression"] = Field(
         "single_label", description="text and image classification: one class per row, several, or a number")
     label_separator: str = Field("|", description="separates labels of a multi-label row in CSV/TSV")
-    validation_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="share of train held out for validation when no file is given")
+    validation_fraction: float | Literal["auto"] = Field(
+        "auto", description="share of train held out for validation when no file is given; auto: 10%, at most "
+                            f"{AUTO_VALIDATION_ROWS} rows (docs/defaults.md)")
     unlabeled: str | None = Field(
         None, description="extra inputs without labels (texts, sentences or images, read like train) that "
                           "distill.teacher labels: the student learns them from the teacher's soft targets only")
+
+    @field_validator("validation_fraction")
+    @classmethod
+    def _fraction_in_range(cls, value):
+        if value != "auto" and not 0.0 <= value < 1.0:
+            raise ValueError(f"expected auto or a share from 0 to below 1 (got {value})")
+        return value
+
+    @property
+    def holds_out(self) -> bool:
+        """Is a validation split carved out of train (when no validation file is given)?"""
+        return self.validation_fraction == "auto" or self.validation_fraction > 0
+
+    def validation_share(self, n: int) -> float:
+        """The share of n training rows to hold out: the set fraction, or for auto 10% and at most
+        AUTO_VALIDATION_ROWS rows (on 10,000 reviews, 5% held out instead of 10% gave 0.822 +- 0.000 against
+        0.818 +- 0.005, 2 seeds: a checkpoint is chosen as well on 500 rows, and the rest train)."""
+        if self.validation_fraction != "auto":
+            return self.validation_fraction
+        return min(AUTO_VALIDATION_FRACTION, AUTO_VALIDATION_ROWS / max(1, n))
 
     @model_validator(mode="after")
     def _needs_some_data(self) -> "DataConfig":
@@ -184,8 +208,8 @@ def _bad_duration(value: Any) -> float:
 class TrainConfig(_Section):
     epochs: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", description="passes over the training data (may be fractional, e.g. 0.5); auto: enough "
-                            "optimizer steps to learn small data (at least 300, NER 600), about one pass over "
-                            "large data, evaluated several times with early stopping (see docs/defaults.md)")
+                            "optimizer steps to learn small data (at least 300, NER 600), one and a half passes "
+                            "over large data, evaluated several times with early stopping (see docs/defaults.md)")
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="examples per optimizer step (before grad_accum_steps); auto: 16 for small data "
                             "(fewer than 4,800 training inputs: more updates per pass, half the compute of 32 "

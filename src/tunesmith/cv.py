@@ -105,7 +105,7 @@ def _cross_validate(config, overrides, folds, keep_models, cv_dir, on_fold) -> C
     base = task.load_splits(load_config(cfg, {"data.validation_fraction": 0.0}))
     rows = base.train
     held_out = fold_indices(task, rows, base.labels, k, cfg.train.seed, inputs.shown(data.train))
-    inner_fraction = base.validation is None and data.validation_fraction > 0
+    inner_fraction = base.validation is None and data.holds_out
     metric = task.default_metric(base.labels) if cfg.train.metric == "auto" else cfg.train.metric
 
     cv_dir = _new_cv_dir(cfg, cv_dir)

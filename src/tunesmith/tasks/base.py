@@ -219,9 +219,9 @@ def splits_around(train_all: Any, read_examples: Callable, cfg: Config, labels: 
 def split_train(train_all: Any, classes: np.ndarray | None, cfg: Config, source: str) -> tuple[Any, Any]:
     """(train, validation) of a task's training examples as data.validation_fraction says (none at 0),
     stratified by `classes` (the task's stratify_by) and grouped by the examples' groups."""
-    fraction = cfg.data.validation_fraction
-    if fraction <= 0:
+    if not cfg.data.holds_out:
         return train_all, None
+    fraction = cfg.data.validation_share(len(train_all))
     train_idx, val_idx = holdout(len(train_all), fraction, cfg.train.seed, classes, train_all.groups, source)
     return train_all.subset(train_idx), train_all.subset(val_idx)
 
