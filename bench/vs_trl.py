@@ -68,9 +68,9 @@ def run_tunesmith(args) -> dict:
     tokens = [0]
     forward_backward = loop._forward_backward
 
-    def counting(lp, train_enc, indices):  # real tokens of the examples trained
+    def counting(lp, train_enc, indices, *rest):  # real tokens of the examples trained
         tokens[0] += sum(len(train_enc.features[i]["input_ids"]) for i in indices)
-        return forward_backward(lp, train_enc, indices)
+        return forward_backward(lp, train_enc, indices, *rest)
 
     loop._forward_backward = counting
     with tempfile.TemporaryDirectory() as out:
