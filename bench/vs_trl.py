@@ -11,7 +11,7 @@ longest in the batch, no length grouping) except gradient checkpointing, which T
 and is turned off here (tunesmith does not recompute activations); tunesmith with its defaults (packed rows,
 length-grouped batches).
 
-    python bench/vs_trl.py [--steps 40] [--batch-size 8] [--max-length 128] [--lr 5e-4] [--val-rows N]
+    python bench/vs_trl.py [--steps 40] [--batch-size 8] [--max-length 128] [--lr 5e-4] [--val-rows N] [--seeds 0 1]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _config(args, out: str) -> dict:
     return {"task": "causal_lm", "model": {"name": "smollm2-135m", "max_length": args.max_length},
             "data": {"dataset": "chatterbot", "test": None},
             "train": {"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup_ratio": 0.1,
-                      "precision": args.precision, "eval_every_steps": args.steps, "seed": 0,
+                      "precision": args.precision, "eval_every_steps": args.steps, "seed": args.seed,
                       "checkpoint_every_steps": 10**6},
             "strategy": {"name": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.05}},
             "causal_lm": {"eval_generate": False}, "output": {"dir": out, "name": "bench"}}
@@ -102,7 +102,7 @@ def run_trl(args) -> dict:
         config = SFTConfig(output_dir=out, max_length=args.max_length, per_device_train_batch_size=args.batch_size,
                            max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="linear",
                            warmup_steps=round(0.1 * args.steps), weight_decay=0.01, max_grad_norm=1.0,
-                           bf16=args.precision == "bf16", save_strategy="no", report_to="none", seed=0,
+                           bf16=args.precision == "bf16", save_strategy="no", report_to="none", seed=args.seed,
                            logging_steps=10, use_cpu=True, dataloader_num_workers=0,
                            gradient_checkpointing=False)  # TRL's default is on: recomputation tunesmith does not do
         peft = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
@@ -139,6 +139,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     parser.add_argument("--val-rows", type=int, default=10**9, help="score the final loss on the first N validation rows")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (both sides each)")
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=["trl", "tunesmith"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -147,25 +149,36 @@ def main() -> None:
         args.precision = choose_precision("auto", parameters=134_515_008)
     if args.side:
         return side(args)
-    rows = {}
-    for name in ("trl", "tunesmith"):
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            cmd = [sys.executable, __file__, "--side", name, "--result", f.name, "--steps", str(args.steps),
-                   "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--lr", str(args.lr),
-                   "--precision", args.precision, "--val-rows", str(args.val_rows)]
-            subprocess.run(cmd, check=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
-            rows[name] = json.loads(Path(f.name).read_text())
+    runs = {"trl": [], "tunesmith": []}
+    for seed in args.seeds:  # both sides of a seed back to back
+        for name in runs:
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                cmd = [sys.executable, __file__, "--side", name, "--result", f.name, "--steps", str(args.steps),
+                       "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+                       "--lr", str(args.lr), "--precision", args.precision, "--val-rows", str(args.val_rows),
+                       "--seed", str(seed)]
+                subprocess.run(cmd, check=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+                runs[name].append(json.loads(Path(f.name).read_text()))
     print(f"\nsmollm2-135m, chatterbot train, LoRA r 8 (all linear layers of the blocks), {args.steps} steps of "
-          f"{args.batch_size}, max_length {args.max_length}, lr {args.lr:g}, precision {args.precision}\n")
-    print("| side | train s | real tokens | real tokens/s | final val loss | peak RSS MB |")
-    print("|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        print(f"| {'TRL SFTTrainer' if name == 'trl' else 'tunesmith'} | {r['seconds']:.1f} | {r['tokens']} | "
-              f"{r['tokens'] / r['seconds']:.0f} | {r['val_loss']:.4f} | {r['peak_rss_mb']:.0f} |")
-    t, s = rows["trl"], rows["tunesmith"]
-    print(f"\ntunesmith / TRL: tokens/s {s['tokens'] / s['seconds'] / (t['tokens'] / t['seconds']):.2f}x, "
-          f"val loss {s['val_loss'] - t['val_loss']:+.4f}, peak RSS {s['peak_rss_mb'] / t['peak_rss_mb']:.2f}x")
+          f"{args.batch_size}, max_length {args.max_length}, lr {args.lr:g}, precision {args.precision}, "
+          f"seeds {' '.join(map(str, args.seeds))}\n")
+    print("| side | seed | train s | real tokens | real tokens/s | final val loss | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|")
+    for name, results in runs.items():
+        for seed, r in zip(args.seeds, results):
+            print(f"| {'TRL SFTTrainer' if name == 'trl' else 'tunesmith'} | {seed} | {r['seconds']:.1f} | "
+                  f"{r['tokens']} | {r['tokens'] / r['seconds']:.0f} | {r['val_loss']:.4f} | {r['peak_rss_mb']:.0f} |")
 
+    def speed(results):  # tokens over seconds of all seeds together
+        return sum(r["tokens"] for r in results) / sum(r["seconds"] for r in results)
+
+    def mean_loss(results):
+        return sum(r["val_loss"] for r in results) / len(results)
+
+    t, s = runs["trl"], runs["tunesmith"]
+    print(f"\ntunesmith / TRL: tokens/s {speed(s) / speed(t):.2f}x, mean val loss {mean_loss(s):.4f} against "
+          f"{mean_loss(t):.4f} ({mean_loss(s) - mean_loss(t):+.4f}), peak RSS "
+          f"{max(r['peak_rss_mb'] for r in s) / max(r['peak_rss_mb'] for r in t):.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -83,13 +83,15 @@ def forward(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Te
         return torch.zeros((n, 2), device=example.device), None
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     logits = model(**inputs, use_cache=False).logits
-    # position t predicts token t + 1
-    token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(),
-                                 ignore_index=IGNORE, reduction="none")
-    counted = targets[:, 1:].flatten() != IGNORE
-    owner = torch.where(counted, example[:, 1:].flatten(), n)  # uncounted tokens go to a spare slot
-    sums = torch.zeros(n + 1, device=logits.device).index_add_(0, owner, token_loss.detach())[:n]
-    counts = torch.zeros(n + 1, device=logits.device).index_add_(0, owner, counted.float())[:n]
+    # position t predicts token t + 1; only the positions that carry loss go on to the fp32 cross-entropy (a
+    # vocabulary of 49,152 makes the logits of all positions in fp32 the largest tensor of a step: a validation
+    # batch of 115 chatterbot pairs peaked 1.8 GB higher in RSS that way: 6.5 against 4.7 GB)
+    shifted = targets[:, 1:]
+    counted = shifted != IGNORE
+    token_loss = F.cross_entropy(logits[:, :-1][counted].float(), shifted[counted], reduction="none")
+    owner = example[:, 1:][counted]
+    sums = torch.zeros(n, device=logits.device).index_add_(0, owner, token_loss.detach())
+    counts = torch.zeros(n, device=logits.device).index_add_(0, owner, torch.ones_like(token_loss))
     loss = token_loss.sum() / counted.sum().clamp(min=1)
     return torch.stack([sums, counts], dim=1), loss
 
