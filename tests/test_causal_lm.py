@@ -208,6 +208,8 @@ def test_lora_training_learns_to_stop(trained_run):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     setup = json.loads((trained_run / "metrics.jsonl").read_text().splitlines()[0])
     assert metrics["strategy"]["name"] == "lora" and setup["trainable_parameters"] == 8192
+    # the summary counts what learned (the adapters), not the merged model's weights, all of which load trainable
+    assert metrics["train"]["trainable_parameters"] == 8192 < metrics["train"]["total_parameters"]
     assert metrics["test"]["loss"] < 0.45, metrics["test"]  # a uniform guess: log(24) = 3.18 per token
     assert metrics["test"]["perplexity"] == pytest.approx(2.718281828459045 ** metrics["test"]["loss"], rel=1e-9)
     predictions = pd.read_csv(trained_run / "test_predictions.csv")

@@ -293,7 +293,7 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
         from safetensors.torch import load_model
         load_model(model, str(run_dir / "model" / "model.safetensors"))
     model.eval()
-    trainable, total = count_parameters(model)
+    total = count_parameters(model)[1]  # of the final model (a LoRA run's merged one); what learned: the outcome's
     summary: dict[str, Any] = {
         "best_step": state.best_step, "best_validation": {run.metric: state.best_metric},
         "plan": {"total_steps": run.plan.total_steps, "steps_per_epoch": run.plan.steps_per_epoch,
@@ -302,7 +302,7 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
                  "eval_every": run.plan.eval_every, "stopped": outcome.stopped, "processes": run.plan.processes},
         "train": {"steps": state.step, "seconds": round(outcome.train_seconds, 2),
                   "samples_per_second": round(outcome.samples_per_second, 2), "precision": run.precision,
-                  "trainable_parameters": trainable, "total_parameters": total},
+                  "trainable_parameters": outcome.trainable_parameters, "total_parameters": total},
         "hardware": hardware(device),
         "imbalance": run.balance.summary,
         "augment": [op.model_dump() for op in cfg.augment],
