@@ -58,6 +58,11 @@ def test_auto_validation_holds_out_a_tenth_and_at_most_500_rows():
     from tunesmith.errors import TunesmithError
     with pytest.raises(TunesmithError, match="validation_fraction: .*expected auto or a share from 0 to below 1"):
         load_config({"data": {"train": "x.csv", "validation_fraction": 1.5}})
+    with pytest.raises(TunesmithError) as raised:
+        load_config({"data": {"train": "x.csv", "validation_fraction": 1.5}})
+    assert str(raised.value).count("(got 1.5)") == 1
+    with pytest.raises(TunesmithError, match=r"data\.validation_fraction: Input should be a valid number"):
+        load_config({"data": {"train": "x.csv", "validation_fraction": "half"}})
 
 
 def test_the_auto_validation_split_of_large_data_is_500_rows(tmp_path):

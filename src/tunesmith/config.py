@@ -80,7 +80,7 @@ class DataConfig(_Section):
     @classmethod
     def _fraction_in_range(cls, value):
         if value != "auto" and not 0.0 <= value < 1.0:
-            raise ValueError(f"expected auto or a share from 0 to below 1 (got {value})")
+            raise ValueError("expected auto or a share from 0 to below 1")  # the message adds (got ...)
         return value
 
     @property
@@ -880,9 +880,10 @@ def _describe_validation_error(exc: ValidationError, origin: str, yaml_text: str
     loc = list(err["loc"])
     key_error = bool(loc) and str(loc[-1]) == "[key]"  # the mapping key itself is wrong (search.space names config keys)
     loc = loc[:-1] if key_error else loc
-    # pydantic names the union member it tried ('constrained-float', "literal['auto']"): not config keys
+    # pydantic names the union member it tried ('float', 'constrained-float', "literal['auto']"): not config keys
     keys = [str(k) for i, k in enumerate(loc)
-            if not ("[" in str(k) or "-" in str(k) or (i and isinstance(loc[i - 1], int) and k in AUGMENT_OPS))]
+            if not ("[" in str(k) or "-" in str(k) or k in ("float", "int", "str", "bool")
+                    or (i and isinstance(loc[i - 1], int) and k in AUGMENT_OPS))]
     dotted = ".".join(keys)
     line = _yaml_line(yaml_text, keys) if yaml_text else None
     loc = f"{origin}, line {line}" if line else origin
