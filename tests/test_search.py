@@ -301,3 +301,33 @@ def test_ctrl_c_during_a_search_says_search_resume_and_requeues_the_trial(tiny_m
     assert rerun[0].state in FINISHED and rerun[0].params == stopped[0].params
     table = pd.read_csv(search_dir / "trials.csv")
     assert table.set_index("number").loc[stopped[0].number, "state"] == "interrupted"
+
+
+def test_a_dead_workers_trial_is_requeued_but_a_live_workers_copy_of_its_attributes_is_not(tmp_path):
+    """Optuna's retry gives the re-queued trial the dead trial's user attributes (worker host and pid);
+    a worker that has just taken it runs it before writing its own. Another worker starting then must
+    not take that for a dead trial and fail it under the live one ("Cannot tell a FAIL trial")."""
+    import socket
+
+    from tunesmith.search import _requeue_dead_trials, _storage
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    store = _storage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(storage=store, study_name="s")
+    dead = {"host": socket.gethostname(), "pid": gone.pid}
+    cut_off = study.ask({"train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    cut_off.set_user_attr("worker", {**dead, "trial": cut_off.number})
+    taken = study.ask()  # the re-queued copy, just taken by a live worker: attributes still the dead trial's
+    taken.set_user_attr("worker", {**dead, "trial": cut_off.number})
+    (tmp_path / "trial-0000").mkdir()
+
+    _requeue_dead_trials(study, store, "s", tmp_path)
+
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert states[cut_off.number] == optuna.trial.TrialState.FAIL
+    assert states[taken.number] == optuna.trial.TrialState.RUNNING
+    queued = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    assert [t.system_attrs["failed_trial"] for t in queued] == [cut_off.number]
+    assert queued[0].params == cut_off.params
+    assert not (tmp_path / "trial-0000").exists()

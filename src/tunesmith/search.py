@@ -227,7 +227,8 @@ def _objective(cfg: Config, base_raw: dict, search_dir: Path, metric: str, space
     scfg = cfg.search
 
     def objective(trial: optuna.Trial) -> float:
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        # the trial number too: a re-queued trial starts with a copy of the dead trial's user attributes
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(), "trial": trial.number})
         params = _suggest(trial, base_raw, space)
         trial_cfg = _trial_config(base_raw, params, {"output.dir": str(search_dir),
                                                      "output.name": f"trial-{trial.number:04d}"})
@@ -454,13 +455,15 @@ def _trials_of(store, study_name: str) -> list:
 def _requeue_dead_trials(study, store, study_name: str, search_dir: Path) -> None:
     """Trials left RUNNING by a killed worker of this machine: failed now, their parameters queued
     again, their half-trained folders removed (the heartbeat requeues those of other machines after the
-    grace period)."""
+    grace period). A worker attribute written for another trial number is a copy: Optuna's retry gives the
+    re-queued trial the dead trial's user attributes, and a live worker that has just taken it has not yet
+    written its own; failing it would pull the trial from under that worker."""
     import optuna
 
     here, study_id = socket.gethostname(), store.get_study_id_from_name(study_name)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker") or {}
-        if worker.get("host") != here or _alive(worker.get("pid")):
+        if worker.get("host") != here or worker.get("trial") != t.number or _alive(worker.get("pid")):
             continue
         trial_id = store.get_trial_id_from_study_id_trial_number(study_id, t.number)
         try:
