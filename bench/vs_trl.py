@@ -8,8 +8,8 @@ the attention masks its collator makes, tunesmith's from the examples it batches
 (the same function scores both models: the mean loss per answer token over the chatterbot validation split),
 and peak RSS. TRL runs with its defaults for everything not named above (packing off: rows padded to the
 longest in the batch, no length grouping) except gradient checkpointing, which TRL 1.16 turns on by default
-and is turned off here (tunesmith does not recompute activations); tunesmith with its defaults (packed rows,
-length-grouped batches).
+and is turned off here (tunesmith does not recompute activations); tunesmith with its defaults (random
+batches, each packed into one row with attention example by example).
 
     python bench/vs_trl.py [--steps 40] [--batch-size 8] [--max-length 128] [--lr 5e-4] [--val-rows N] [--seeds 0 1]
 """

@@ -135,10 +135,11 @@ def test_packing_gives_the_loss_and_per_example_sums_of_the_unpacked_batch(llama
     rows = qa_rows(12, seed=3)
     model, processor, enc = _encoded(llama_dir, rows)
     model.eval()
-    packed = causal_lm.lm_batches.collate(enc.features, processor.pad_id, 64)
-    padded = causal_lm.lm_batches.collate(enc.features, processor.pad_id, None)
-    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # several examples share a row
+    packed = causal_lm.lm_batches.collate(enc.features, processor.pad_id, True)
+    padded = causal_lm.lm_batches.collate(enc.features, processor.pad_id, False)
+    assert packed["input_ids"].shape[0] == 1 and padded["input_ids"].shape[0] == 12  # the batch in one row
     assert "attention_mask" not in packed
+    assert model.config._attn_implementation == causal_lm.lm_batches.PACKED_ATTENTION
     with torch.no_grad():
         stats_packed, loss_packed = causal_lm.forward(model, packed)
         stats_padded, loss_padded = causal_lm.forward(model, padded)
@@ -154,6 +155,39 @@ def test_packing_gives_the_loss_and_per_example_sums_of_the_unpacked_batch(llama
     assert sorted(set(carried)) == ["<|im_end|>", "no", "yes"] and len(carried) == 24
 
 
+def test_packed_attention_gives_the_gradients_of_a_mask_over_the_row(llama_dir):
+    """Attention example by example (lm_batches.PACKED_ATTENTION) against transformers' SDPA with the mask
+    it builds from the restarting position ids: the same loss and the same gradient for every weight."""
+    model, processor, enc = _encoded(llama_dir, qa_rows(9, seed=5))
+    model.eval()  # no dropout: both passes must see the same arithmetic
+    packed = causal_lm.lm_batches.collate(enc.features, processor.pad_id, True, multiple=16)  # a padding tail too
+    assert packed["input_ids"].shape[1] % 16 == 0 and (packed["example_index"] == -1).any()
+
+    def loss_and_grads(attention: str):
+        model.set_attn_implementation(attention)
+        model.zero_grad()
+        _, loss = causal_lm.forward(model, packed)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ours, ours_grads = loss_and_grads(causal_lm.lm_batches.PACKED_ATTENTION)
+    theirs, their_grads = loss_and_grads("sdpa")
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    assert ours_grads.keys() == their_grads.keys() and len(ours_grads) > 10
+    for name, grad in ours_grads.items():
+        assert torch.allclose(grad, their_grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_language_models_take_random_batches_by_default(llama_dir):
+    """group_by_length auto: a packed batch is one row (nothing to save by grouping), so causal_lm draws
+    batches at random, as TRL does; every other task, and causal_lm without packing, groups."""
+    lm = _cfg(llama_dir, "x")
+    assert load_config(lm).groups_by_length() is False
+    assert load_config({**lm, "causal_lm": {"packing": False}}).groups_by_length() is True
+    assert load_config({**lm, "train": {**lm.get("train", {}), "group_by_length": True}}).groups_by_length() is True
+    assert load_config({"data": {"train": "x.csv"}}).groups_by_length() is True
+
+
 def test_packed_tokens_do_not_see_other_examples(llama_dir):
     """The logits of an example packed after another are those it gets alone."""
     model, processor, enc = _encoded(llama_dir, qa_rows(2, seed=4))
@@ -165,11 +199,6 @@ def test_packed_tokens_do_not_see_other_examples(llama_dir):
         together = model(input_ids=row, position_ids=positions, use_cache=False).logits[0, len(a["input_ids"]):]
         alone = model(input_ids=torch.tensor([b["input_ids"]]), use_cache=False).logits[0]
     assert torch.allclose(together, alone, atol=1e-5)
-
-
-def test_pack_rows_fills_rows_first_fit():
-    rows = causal_lm.lm_batches.pack_rows([50, 30, 20, 10, 40], 60)
-    assert sorted(sum([50, 30, 20, 10, 40][i] for i in r) for r in rows) == [30, 60, 60]  # 50+10, 40+20, 30
 
 
 # ---------------------------------------------------------------- LoRA
@@ -226,6 +255,8 @@ def test_merged_model_generates_in_plain_transformers_what_predict_writes(traine
     model = AutoModelForCausalLM.from_pretrained(trained_run / "model")
     tokenizer = AutoTokenizer.from_pretrained(trained_run / "model")
     assert not any("lora" in n for n, _ in model.named_parameters())
+    assert "tunesmith" not in (trained_run / "model" / "config.json").read_text()  # the library's own attention
+    assert model.config._attn_implementation != causal_lm.lm_batches.PACKED_ATTENTION
     for prompt, generated in zip(prompts, frame["generation"]):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]

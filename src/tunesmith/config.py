@@ -229,7 +229,10 @@ class TrainConfig(_Section):
                             "models only AMX; GPUs for models of 150M+ parameters, smaller ones measured "
                             "faster in fp32), else fp32")
     seed: int = 0
-    group_by_length: bool = Field(True, description="batch texts of similar length to cut padding")
+    group_by_length: bool | Literal["auto"] = Field(
+        "auto", description="batch texts of similar length to cut padding; auto: yes, except for causal_lm with "
+                            "packing (a batch is one packed row, no padding to cut; batches of similar length "
+                            "reached a higher validation loss in the same steps: bench/README.md)")
     pad_to_multiple_of: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="round each batch's width up to a multiple of this; auto: 16 on a GPU (a few fixed "
                             "shapes that its kernels handle fast), 1 on a CPU (there every padded token costs time)")
@@ -632,6 +635,12 @@ class Config(_Section):
                           "default: a local file store in <output.dir>/mlruns")
     export: ExportConfig = ExportConfig()
     serve: ServeConfig = ServeConfig()
+
+    def groups_by_length(self) -> bool:
+        """train.group_by_length with auto resolved (see its description)."""
+        if self.train.group_by_length != "auto":
+            return self.train.group_by_length
+        return not (self.task == "causal_lm" and self.causal_lm.packing)
 
     @field_validator("tracking", mode="before")
     @classmethod

@@ -1,13 +1,13 @@
 """Batches for causal language models: packed rows with per-example attention, padded rows, the loss
 over target tokens only, and batched greedy (or sampled) generation with left padding.
 
-Packing: a batch's examples are laid first-fit (longest first) into rows of at most `width` tokens. Each
-example's positions restart at 0 and no attention_mask is given, so transformers reads the restarts in
-position_ids as example boundaries and lets a token attend only to earlier tokens of its own example
-(masking_utils.find_packed_sequence_indices; flash attention reads the same position_ids). The row's tail
-after the last example is padding with positions restarting too: a segment of its own that nothing
-attends to and that carries no loss. The first token of every example carries no label, so the last token
-of one example is never trained to predict the first of the next: the loss is the same as unpacked.
+Packing: a batch's examples are laid end to end in one row, each example's positions restarting at 0, and
+no attention_mask is given. The model runs with PACKED_ATTENTION: in such a row, attention runs example
+by example (causal SDPA over each one's own tokens), so a token attends only to earlier tokens of its own
+example and no work is spent on padding or across examples (a mask over the whole row would cost the
+square of the row's width). Anything else (a padded batch with its attention_mask, a generation step
+reading the cache) is plain SDPA. The first token of every example carries no label, so the last token of
+one example is never trained to predict the first of the next: the loss is the same as unpacked.
 """
 
 from __future__ import annotations
@@ -18,30 +18,61 @@ import torch.nn.functional as F
 from .tasks.base import IGNORE
 
 
-def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
-    """First-fit decreasing: feature indices per row, each row's lengths summing to at most `width`."""
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
-        for r, free in enumerate(room):
-            if lengths[i] <= free:
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            room.append(width - lengths[i])
-    return rows
+PACKED_ATTENTION = "tunesmith_packed"
 
 
-def collate(features: list[dict], pad_id: int, pack_width: int | None, multiple: int = 1) -> dict[str, torch.Tensor]:
+def use_packed_attention(model: torch.nn.Module) -> None:
+    """Give the model PACKED_ATTENTION (registered with transformers on first use). A Hugging Face model's
+    config keeps the name only in memory: a saved folder loads with the library's default attention."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    if PACKED_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, _packed_attention_mask)
+    model.set_attn_implementation(PACKED_ATTENTION)
+
+
+def _packed_attention_mask(**kwargs):
+    """No mask without padding (the attention finds the examples in the position ids); with padding, SDPA's."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if kwargs.get("attention_mask") is None else sdpa_mask(**kwargs)
+
+
+def _packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """SDPA, example by example within rows where the position ids restart (query/key: batch, heads, width,
+    head dim); returns (batch, width, heads, head dim) as every transformers attention function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    positions = kwargs.pop("position_ids", None)
+    width = query.shape[2]
+    if attention_mask is not None or positions is None or key.shape[2] != width or positions.shape[-1] != width:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    rows = []
+    for r, starts in enumerate(_example_starts(positions.expand(query.shape[0], -1))):
+        bounds = starts + [width]
+        rows.append(torch.cat([
+            sdpa_attention_forward(module, query[r:r + 1, :, a:b], key[r:r + 1, :, a:b], value[r:r + 1, :, a:b],
+                                   None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)[0]
+            for a, b in zip(bounds[:-1], bounds[1:])], dim=1))
+    return torch.cat(rows, dim=0), None
+
+
+def _example_starts(positions: torch.Tensor) -> list[list[int]]:
+    """Per row, where each example begins: position 0 (the first token always begins one)."""
+    starts = positions == 0
+    starts[:, 0] = True
+    return [torch.nonzero(row).flatten().tolist() for row in starts]
+
+
+def collate(features: list[dict], pad_id: int, pack: bool, multiple: int = 1) -> dict[str, torch.Tensor]:
     """input_ids, target_ids (IGNORE where nothing is learned) and example_index (which feature of the batch
-    a token belongs to, -1 on padding); packed rows get position_ids, padded rows an attention_mask."""
+    a token belongs to, -1 on padding); packed: the batch in one row with position_ids; else a row per
+    example, padded, with an attention_mask."""
     lengths = [len(f["input_ids"]) for f in features]
-    if pack_width is not None:
-        rows = pack_rows(lengths, max(pack_width, max(lengths)))
-    else:
-        rows = [[i] for i in range(len(features))]
+    rows = [list(range(len(features)))] if pack else [[i] for i in range(len(features))]
     width = max(sum(lengths[i] for i in row) for row in rows)
     width = -(-width // multiple) * multiple
     shape = (len(rows), width)
@@ -64,7 +95,7 @@ def collate(features: list[dict], pad_id: int, pack_width: int | None, multiple:
     batch = {"input_ids": input_ids, "example_index": example}
     if has_targets:
         batch["target_ids"] = targets
-    if pack_width is not None:
+    if pack:
         batch["position_ids"] = positions
     else:
         batch["attention_mask"] = (example >= 0).long()

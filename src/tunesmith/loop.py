@@ -301,8 +301,8 @@ def _train_epoch(lp: _Loop, on_evaluate) -> bool:
     if weights is not None and train_enc.doc_index is not None:  # chunked: a window weighs as its text
         weights = weights[np.asarray(train_enc.doc_index)]
     # the global batches: the same in every process (same seed), each process trains on its share
-    batches = make_batches(train_enc.lengths, run.plan.batch_size, tcfg.seed + state.epoch, tcfg.group_by_length,
-                           weights)
+    batches = make_batches(train_enc.lengths, run.plan.batch_size, tcfg.seed + state.epoch,
+                           run.cfg.groups_by_length(), weights)
     for batch_index in range(state.batch_in_epoch, len(batches)):
         last_of_epoch = batch_index + 1 == len(batches)
         stepping = (batch_index + 1) % tcfg.grad_accum_steps == 0 or last_of_epoch

@@ -51,7 +51,7 @@ class Processor:
     tokenizer: object
     model_name: str
     max_length: int                # tokens per example (model.max_length, capped by the model's context)
-    pack_width: int | None         # causal_lm.packing: rows of this many tokens
+    packing: bool                  # causal_lm.packing: a batch's examples in one row
     pad_id: int
     stop_ids: list[int]
 
@@ -111,7 +111,7 @@ def _processor(tokenizer, model, cfg: Config) -> Processor:
     vocab = tokenizer.get_vocab()
     stops = [eos] + [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] != eos]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos  # only ever at masked places
-    return Processor(tokenizer, cfg.model.name, limit, limit if cfg.causal_lm.packing else None, pad, stops)
+    return Processor(tokenizer, cfg.model.name, limit, cfg.causal_lm.packing, pad, stops)
 
 
 def build_model(source: str, labels: LMSpec, cfg: Config):
@@ -120,6 +120,7 @@ def build_model(source: str, labels: LMSpec, cfg: Config):
     model = from_pretrained(AutoModelForCausalLM.from_pretrained, source, dtype=torch.float32,
                             trust_remote_code=cfg.model.trust_remote_code,
                             **weights_options(source, cfg.model.allow_pickle))
+    _attention(model, cfg)
     return model, _processor(tokenizer, model, cfg)
 
 
@@ -127,7 +128,19 @@ def load_model(folder: str | Path, cfg: Config):
     """A model this task saved (a plain Hugging Face folder), ready for evaluate/predict."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                  trust_remote_code=cfg.model.trust_remote_code)
+    _attention(model, cfg)
     return model, _processor(text.load_tokenizer(folder, cfg), model, cfg)
+
+
+def _attention(model, cfg: Config) -> None:
+    """Packed rows attend example by example (lm_batches.PACKED_ATTENTION). A model whose code does not
+    take transformers' attention functions keeps its own: packed rows then get transformers' mask built
+    from the restarting position ids (the same result, with the cost of a mask over the whole row)."""
+    if cfg.causal_lm.packing:
+        try:
+            lm_batches.use_packed_attention(model)
+        except (ValueError, AttributeError):
+            pass
 
 
 def save_processor(processor: Processor, folder: Path) -> None:
@@ -225,7 +238,7 @@ def _short(value: str, limit: int = 80) -> str:
 def make_collate(processor: Processor, multiple: int) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
     """Packed rows (causal_lm.packing) or rows padded to the longest example, rounded up to `multiple`."""
     def collate(features: list[dict]) -> dict[str, torch.Tensor]:
-        return lm_batches.collate(features, processor.pad_id, processor.pack_width, multiple)
+        return lm_batches.collate(features, processor.pad_id, processor.packing, multiple)
     return collate
 
 
