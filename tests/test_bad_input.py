@@ -81,6 +81,8 @@ def test_non_string_text_jsonl(tmp_path, tiny_model_dir, capsys):
     (["--train.lrr", "1"], "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
     (["--train.batch_size", "zero"], "train.batch_size: Input should be a valid integer"),
     (["--train.epochs", "-1"], "train.epochs: Input should be greater than 0"),
+    (["--train.group_by_length", "maybe"],  # a union with 'auto' names both members
+     "train.group_by_length: Input should be a valid boolean, unable to interpret input (or 'auto') (got 'maybe')"),
     (["--model.name", "./no/such/model"], "model './no/such/model': folder not found"),
     (["oops"], "unexpected argument 'oops'"),
     (["--train.metric", "f2"], "train.metric: unknown metric 'f2'"),

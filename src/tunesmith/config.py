@@ -885,14 +885,12 @@ AUGMENT_OPS = TEXT_AUGMENT_OPS + IMAGE_AUGMENT_OPS
 
 
 def _describe_validation_error(exc: ValidationError, origin: str, yaml_text: str | None) -> str:
-    err = exc.errors()[0]
+    errors = exc.errors()
+    err = errors[0]
     loc = list(err["loc"])
     key_error = bool(loc) and str(loc[-1]) == "[key]"  # the mapping key itself is wrong (search.space names config keys)
     loc = loc[:-1] if key_error else loc
-    # pydantic names the union member it tried ('float', 'constrained-float', "literal['auto']"): not config keys
-    keys = [str(k) for i, k in enumerate(loc)
-            if not ("[" in str(k) or "-" in str(k) or k in ("float", "int", "str", "bool")
-                    or (i and isinstance(loc[i - 1], int) and k in AUGMENT_OPS))]
+    keys = _config_keys(loc)
     dotted = ".".join(keys)
     line = _yaml_line(yaml_text, keys) if yaml_text else None
     loc = f"{origin}, line {line}" if line else origin
@@ -914,7 +912,19 @@ def _describe_validation_error(exc: ValidationError, origin: str, yaml_text: str
     value = err.get("input")
     shown = f" (got {shorten(repr(value))})" if value is not None and not isinstance(value, dict) and not key_error else ""
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{loc}: {dotted}: {msg}{shown}"
+    # a union with a literal ('auto'): pydantic's first message names only the other member
+    others = [e["ctx"]["expected"] for e in errors[1:] if e["type"] == "literal_error" and
+              _config_keys(list(e["loc"])) == keys and e["ctx"]["expected"].strip("'") not in msg]
+    also = f" (or {', '.join(others)})" if others else ""
+    return f"{loc}: {dotted}: {msg}{also}{shown}"
+
+
+def _config_keys(loc: list) -> list[str]:
+    """A pydantic error location as config keys: without the union members it tried ('float', 'constrained-float',
+    "literal['auto']") nor an augment operation's tag."""
+    return [str(k) for i, k in enumerate(loc)
+            if not ("[" in str(k) or "-" in str(k) or k in ("float", "int", "str", "bool")
+                    or (i and isinstance(loc[i - 1], int) and k in AUGMENT_OPS))]
 
 
 def _section_model(keys: list[str]) -> type[BaseModel] | None:

@@ -236,7 +236,8 @@ def _short(value: str, limit: int = 80) -> str:
 
 
 def make_collate(processor: Processor, multiple: int) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
-    """Packed rows (causal_lm.packing) or rows padded to the longest example, rounded up to `multiple`."""
+    """The batch in one packed row (causal_lm.packing) or rows padded to the longest example; widths rounded
+    up to `multiple`."""
     def collate(features: list[dict]) -> dict[str, torch.Tensor]:
         return lm_batches.collate(features, processor.pad_id, processor.packing, multiple)
     return collate
