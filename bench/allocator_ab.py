@@ -1,6 +1,6 @@
 """torch's huge-page allocator path (THP_MEM_ALLOC_ENABLE) on and off, on tunesmith's training step.
 
-    .venv/bin/python bench/allocator_ab.py [--steps 20] [--rounds 4]
+    .venv/bin/python bench/allocator_ab.py [--steps 20] [--rounds 4] [--precision fp32|bf16]
 
 torch reads THP_MEM_ALLOC_ENABLE once per process, so each setting runs in its own process, alternating
 off / on for --rounds rounds. Each process trains minilm-l6 on length-grouped batches of 32 from the
@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 
-def child(steps: int) -> None:
+def child(steps: int, precision: str) -> None:
     import resource
     import time
 
@@ -31,7 +31,8 @@ def child(steps: int) -> None:
     model, tok, enc, batches, opt = minilm_training_setup(steps + 3)
 
     def step(b):
-        loss = model(**tc.make_collate(tok, 1)([enc.features[i] for i in b])).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(**tc.make_collate(tok, 1)([enc.features[i] for i in b])).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -53,14 +54,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.steps)
+        return child(args.steps, args.precision)
     runs: dict[str, list[dict]] = {"0": [], "1": []}
     for round_ in range(args.rounds):
         for setting in runs:
-            out = subprocess.run([sys.executable, __file__, "--child", "--steps", str(args.steps)], check=True,
+            out = subprocess.run([sys.executable, __file__, "--child", "--steps", str(args.steps),
+                                  "--precision", args.precision], check=True,
                                  capture_output=True, text=True, env=os.environ | {"THP_MEM_ALLOC_ENABLE": setting})
             runs[setting].append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = runs[setting][-1]

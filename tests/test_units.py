@@ -198,18 +198,14 @@ def test_training_uses_the_fused_adamw(tiny_model_dir, sentiment_csv, tmp_path, 
     assert made[0].state  # and it took steps
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge-page advice is Linux only")
-def test_importing_tunesmith_first_turns_on_the_huge_page_allocator():
-    """Guard for a memory feature: with tunesmith imported before torch allocates, large CPU tensors take
-    torch's THP path (page-aligned, advised for huge pages; ~66 MB lower peak RSS on MiniLM,
-    bench/README.md); a value the user set is left alone."""
-    probe = ("import os, tunesmith, torch; "
-             "big = [torch.empty(3 * 2**20, dtype=torch.uint8) for _ in range(4)]; "
-             "print(os.environ['THP_MEM_ALLOC_ENABLE'], all(t.data_ptr() % os.sysconf('SC_PAGE_SIZE') == 0 "
-             "for t in big))")
+def test_importing_tunesmith_leaves_torchs_allocator_as_the_user_set_it():
+    """Importing tunesmith used to switch on torch's huge-page allocator path, which cost 7-16% of a training
+    step on a kernel that compacts memory at each huge-page fault (bench/README.md): it must stay the user's
+    choice, unset by default and left alone when set."""
+    probe = "import os, tunesmith; print(os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset'))"
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     default = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
-    assert default.stdout.split() == ["1", "True"]
+    assert default.stdout.split() == ["unset"]
     user = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                          env=env | {"THP_MEM_ALLOC_ENABLE": "0"})
-    assert user.stdout.split()[0] == "0"
+                          env=env | {"THP_MEM_ALLOC_ENABLE": "1"})
+    assert user.stdout.split() == ["1"]

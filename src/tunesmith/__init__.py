@@ -8,13 +8,9 @@
     tunesmith.search("configs/rotten_tomatoes_search.yaml", trials=20)  # Optuna over search.space
 """
 
-import os
-
-# Large CPU tensors (>= 2 MB) on page-aligned memory advised for transparent huge pages: a training step
-# takes ~4x fewer page faults and peak RSS drops by ~66 MB on MiniLM (bench/README.md). torch reads the
-# variable once, at its first allocation, so it only counts when tunesmith is imported before torch allocates;
-# a value already set (THP_MEM_ALLOC_ENABLE=0 switches it off) is left alone.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# torch's huge-page allocator path (THP_MEM_ALLOC_ENABLE=1) is left to the user: it lowers peak RSS by a few
+# percent, but on a kernel with THP defrag "madvise" it cost 7-16% of a training step in system time
+# (bench/README.md, "Peak memory").
 
 from .config import Config, load_config
 from .cv import CVResult
