@@ -1,13 +1,15 @@
 """Where a training step's time goes: tunesmith's loop pieces on minilm-l6 + Rotten Tomatoes.
 
     .venv/bin/python bench/profile_step.py [--steps 20] [--precision fp32|bf16] [--ab-first-token 3]
+                                           [--ab-fast-dropout 1]
 
 Times each phase of the step (collate, forward, backward, clip, optimizer step) with wall clocks over
 --steps length-grouped batches of 32, then prints the top operators from torch.profiler. With
 --ab-first-token R, it then times the same steps with Hugging Face's whole last block and with
 tunesmith's first-token-only one (models.first_token_only), R rounds over the same batches: each
 batch's step runs under both settings back to back, in alternating order, so the host's changes of
-speed (large on a shared machine) fall on both alike.
+speed (large on a shared machine) fall on both alike. --ab-fast-dropout R does the same for torch's
+dropout masks against tunesmith's cheaper ones (dropout.use_fast_dropout, what training on a CPU uses).
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ from torch.profiler import ProfilerActivity, profile
 
 from tunesmith import catalog
 from tunesmith.config import load_config
+from tunesmith.dropout import use_fast_dropout
 from tunesmith.models import first_token_only, parameter_groups
 from tunesmith.tasks import text_classification as tc
 from tunesmith.loop import FUSED_ADAMW_DEVICES, make_batches
 
 
 def minilm_training_setup(n_batches: int):
-    """minilm-l6 built as train.py builds it (in train mode), the Rotten Tomatoes train split encoded at
-    max_length 128, its first n_batches length-grouped batches of 32, and the AdamW train.py uses."""
+    """minilm-l6 built as train.py builds it (in train mode, with the cheaper dropout masks of a CPU run), the
+    Rotten Tomatoes train split encoded at max_length 128, its first n_batches length-grouped batches of 32, and
+    the AdamW train.py uses."""
     torch.manual_seed(0)
     cfg = load_config({"data": {"dataset": "rotten_tomatoes", "validation_fraction": 0}})
     df = pd.read_csv(catalog.dataset_path("rotten_tomatoes") / "train.csv")
@@ -38,6 +42,7 @@ def minilm_training_setup(n_batches: int):
     enc = tc.encode(tok, tc.load_splits(cfg).train, cfg)  # model.max_length 128, as in training
     batches = make_batches(enc.lengths, 32, 0, True)[:n_batches]
     opt = torch.optim.AdamW(parameter_groups(model, 0.01), lr=5e-5, fused="cpu" in FUSED_ADAMW_DEVICES)
+    use_fast_dropout(model)  # as loop.py does on a CPU
     model.train()
     return model, tok, enc, batches, opt
 
@@ -48,6 +53,8 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--ab-first-token", type=int, default=0, metavar="ROUNDS",
                         help="also time whole vs first-token-only last block, step by step, ROUNDS rounds")
+    parser.add_argument("--ab-fast-dropout", type=int, default=0, metavar="ROUNDS",
+                        help="also time torch's vs tunesmith's dropout masks, step by step, ROUNDS rounds")
     args = parser.parse_args()
 
     model, tok, enc, batches, opt = minilm_training_setup(args.steps + 3)
@@ -93,28 +100,43 @@ def main() -> None:
     print(f"embedding parameters: {emb:,} of {sum(p.numel() for p in model.parameters()):,}")
 
     if args.ab_first_token:
-        # Every batch's step runs with both last blocks, one right after the other, in alternating
-        # order: the host's drifts in speed hit both alike.
         last = model.base_model.encoder.layer[-1]
-        settings = {"whole last block": lambda: last.__dict__.pop("forward", None),  # the class's forward
-                    "first token only": lambda: first_token_only(model)}
-        totals, ratios = dict.fromkeys(settings, 0.0), []
-        for r in range(args.ab_first_token):
-            for i, b in enumerate(batches[3:]):
-                took = {}
-                for name in list(settings)[::1 if (i + r) % 2 == 0 else -1]:
-                    settings[name]()
-                    t = time.perf_counter()
-                    step(b, False)
-                    took[name] = time.perf_counter() - t
-                    totals[name] += took[name]
-                ratios.append(took["whole last block"] / took["first token only"])
-        n = args.ab_first_token * args.steps
-        whole, first = (totals[name] / n * 1000 for name in settings)
-        low, median, high = statistics.quantiles(ratios, n=4)
-        print(f"whole last block: {whole:.0f} ms/step; first token only: {first:.0f} ms/step ({n} steps each, "
-              f"interleaved)\nfirst token only: {whole / first:.2f}x the steps per second of the whole last "
-              f"block (per step: median {median:.2f}x, quartiles {low:.2f}-{high:.2f}x)")
+        interleaved(args.ab_first_token, {"whole last block": lambda: last.__dict__.pop("forward", None),
+                                          "first token only": lambda: first_token_only(model)},
+                    step, batches[3:], args.steps)
+    if args.ab_fast_dropout:
+        dropouts = [m for m in model.modules() if type(m) is torch.nn.Dropout]
+
+        def torch_dropout():
+            for m in dropouts:
+                m.__dict__.pop("forward", None)
+            model.set_attn_implementation("sdpa")
+
+        interleaved(args.ab_fast_dropout, {"torch's dropout masks": torch_dropout,
+                                           "tunesmith's dropout masks": lambda: use_fast_dropout(model)},
+                    step, batches[3:], args.steps)
+
+
+def interleaved(rounds: int, settings: dict, step, batches: list, steps: int) -> None:
+    """Every batch's step runs under both settings, one right after the other, in alternating order: the host's
+    drifts in speed hit both alike. Prints ms/step of each and the second's speed-up over the first."""
+    totals, ratios = dict.fromkeys(settings, 0.0), []
+    before, after = settings
+    for r in range(rounds):
+        for i, b in enumerate(batches):
+            took = {}
+            for name in list(settings)[::1 if (i + r) % 2 == 0 else -1]:
+                settings[name]()
+                t = time.perf_counter()
+                step(b, False)
+                took[name] = time.perf_counter() - t
+                totals[name] += took[name]
+            ratios.append(took[before] / took[after])
+    n = rounds * steps
+    low, median, high = statistics.quantiles(ratios, n=4)
+    print(f"{before}: {totals[before] / n * 1000:.0f} ms/step; {after}: {totals[after] / n * 1000:.0f} ms/step "
+          f"({n} steps each, interleaved)\n{after}: {totals[before] / totals[after]:.2f}x the steps per second of "
+          f"{before} (per step: median {median:.2f}x, quartiles {low:.2f}-{high:.2f}x)")
 
 
 if __name__ == "__main__":

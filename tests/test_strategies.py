@@ -233,7 +233,8 @@ def test_cached_features_give_the_same_results(strategy, tiny_model_dir, data, t
     assert all(torch.allclose(v, reference[k], atol=1e-4) for k, v in trained.items())
     # training did move the model (so the match is not two untouched heads)
     losses = [json.loads(x).get("validation", {}).get("loss") for x in (plain / "metrics.jsonl").read_text().splitlines()]
-    assert len({round(v, 4) for v in losses if v is not None}) == 3
+    assert len([v for v in losses if v is not None]) == 3  # (the last steps, at lr near 0, may move it < 1e-4)
+    assert len({round(v, 4) for v in losses if v is not None}) >= 2
 
 
 def _tiny_models():

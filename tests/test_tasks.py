@@ -34,7 +34,9 @@ def _text_case(root: Path) -> dict:
     bad = pd.DataFrame(sentiment_rows(20, seed=3))
     bad.loc[6, "text"] = " "
     bad.to_csv(root / "bad.csv", index=False)
-    return {"config": {"model": {"name": str(model), "max_length": 32}, "train": {**TRAIN, "lr": 2e-3}},
+    # 8 epochs: at 4 (or 2) the tiny model stayed under 0.9 for a quarter to a third of the seeds (measured over
+    # 30 seeds, with torch's dropout masks and with tunesmith's); at 8, every one of 12 seeds reached 0.97
+    return {"config": {"model": {"name": str(model), "max_length": 32}, "train": {**TRAIN, "lr": 2e-3, "epochs": 8}},
             "train": root / "train.csv", "test": root / "test.csv", "n_test": 60, "metric": "accuracy", "learned": 0.9,
             "bad": root / "bad.csv", "bad_error": "bad.csv, line 8, column 'text': empty text"}
 
@@ -142,7 +144,7 @@ def test_train_evaluate_predict_resume_and_bad_input(name, tmp_path, cli_env):
     cfg = {**case["config"], "data": {"train": str(case["train"]), "test": str(case["test"]),
                                       "validation_fraction": 0.2},
            "output": {"dir": str(tmp_path / "runs")}}
-    cfg["train"] = {**cfg["train"], "epochs": 4}
+    cfg["train"] = {"epochs": 4, **cfg["train"]}  # unless the case needs more
 
     # train -> evaluate -> predict
     result = tunesmith.train({**cfg, "output": {**cfg["output"], "name": "reference"}})
