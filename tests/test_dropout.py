@@ -83,6 +83,27 @@ def test_attention_with_dropout_is_sdpas_math_with_the_same_mask(monkeypatch):
         torch.testing.assert_close(plain, expected.transpose(1, 2), rtol=0, atol=0)
 
 
+def test_attention_under_bf16_autocast_is_as_accurate_as_sdpa(monkeypatch):
+    """Training in bf16 runs under autocast, which would put the scores' matmul in bf16: SDPA computes them in
+    float32 there, and so must this (bf16 scores made the attention output 7x less accurate)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = ((torch.randn(4, 4, 40, 32, generator=g) * 2).bfloat16() for _ in range(2))
+    v = torch.randn(4, 4, 40, 32, generator=g).bfloat16()
+    mask = torch.ones(4, 1, 40, 40, dtype=torch.bool)
+    mask[1, :, :, 30:] = False
+    monkeypatch.setattr(fd, "keep_mask", lambda shape, p, device="cpu": torch.ones(shape, dtype=torch.bool))
+    module = torch.nn.Module().train()
+    module.is_causal = False
+    scores = (q.double() @ k.double().transpose(-1, -2) * 32 ** -0.5).masked_fill(~mask, float("-inf"))
+    exact = (scores.softmax(-1) @ v.double()).transpose(1, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, _ = fd._attention(module, q, k, v, mask, dropout=0.125, scaling=32 ** -0.5)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=32 ** -0.5)
+    assert ours.dtype == torch.bfloat16
+    sdpa_error = (sdpa.double().transpose(1, 2) - exact).abs().max()
+    assert (ours.double() * 0.875 - exact).abs().max() <= 1.5 * sdpa_error
+
+
 def test_a_model_with_fast_dropout_is_unchanged_in_evaluation_and_drops_in_training():
     config = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=48, max_position_embeddings=40, num_labels=3)
