@@ -148,6 +148,10 @@ def test_training_on_a_cpu_draws_its_dropout_masks_the_cheap_way(tiny_model_dir,
     # per step: embeddings + 2 per block + head, and the first block's attention probabilities
     assert calls["fast"] >= 5 * steps and calls["torch"] == 0
     assert "tunesmith" not in (result.run_dir / "model" / "config.json").read_text()
+    # train.fast_dropout: false keeps torch's
+    calls.update(fast=0, torch=0)
+    tunesmith.train(tiny_config(tiny_model_dir, *sentiment_csv, tmp_path / "torch", epochs=1, fast_dropout=False))
+    assert calls["fast"] == 0 and calls["torch"] >= 4 * steps
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3])

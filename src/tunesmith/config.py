@@ -229,6 +229,10 @@ class TrainConfig(_Section):
                             "models only AMX; GPUs for models of 150M+ parameters, smaller ones measured "
                             "faster in fp32), else fp32")
     seed: int = 0
+    fast_dropout: bool | Literal["auto"] = Field(
+        "auto", description="draw dropout masks 16 random bits per element instead of torch's Bernoulli generator "
+                            "(same probability and scaling, another random stream; 1.13x per bf16 step on a CPU); "
+                            "auto: on CPUs, where torch's masks are slow")
     group_by_length: bool | Literal["auto"] = Field(
         "auto", description="batch texts of similar length to cut padding; auto: yes, except for causal_lm with "
                             "packing (a batch is one packed row, no padding to cut; batches of similar length "
