@@ -5,6 +5,7 @@ micro-batching of concurrent requests and a graceful shutdown that finishes the 
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import signal
@@ -24,7 +25,7 @@ from conftest import TUNESMITH
 from tunesmith import inference
 from tunesmith.config import ServeConfig
 from tunesmith.export import export
-from tunesmith.serve import create_app, is_loopback
+from tunesmith.serve import create_app, is_loopback, model_workers
 
 
 def _client(run, **settings) -> TestClient:
@@ -128,6 +129,44 @@ def test_one_bad_input_in_a_batch_fails_only_its_request(tiny_run, monkeypatch):
         assert client.get("/health").json()["largest_batch"] == 3  # they did share a batch first
 
 
+def test_workers_run_model_calls_at_once(tiny_run, monkeypatch):
+    run, _ = tiny_run("text_classification")
+    with _client(run, workers=2, batch_window_ms=0) as client:
+        batcher = client.app.state.batcher
+        real = batcher.predict
+        both_running = threading.Barrier(2, timeout=20)  # broken (an error) unless two calls overlap
+
+        def predict(inputs):
+            both_running.wait()
+            return real(inputs)
+        monkeypatch.setattr(batcher, "predict", predict)
+        answers: list = []
+        threads = [threading.Thread(target=lambda t=t: answers.append(client.post("/predict", json={"inputs": t})))
+                   for t in ("good fun", "awful")]
+        threads[0].start()
+        deadline = time.time() + 10  # the first request is in its model call before the second is sent
+        while client.get("/health").json()["batches"] < 1 and time.time() < deadline:
+            time.sleep(0.01)
+        threads[1].start()
+        [t.join() for t in threads]
+        assert sorted(a.status_code for a in answers) == [200, 200]
+        assert client.get("/health").json()["batches"] == 2
+        assert client.get("/metadata").json()["batching"]["workers"] == 2
+
+
+def test_workers_auto_fill_the_cores(monkeypatch):
+    import torch
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert model_workers("auto", torch.device("cpu")) == 4  # OMP_NUM_THREADS=1: one call per core
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert model_workers("auto", torch.device("cpu")) == 1  # one call already uses every core
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert model_workers("auto", torch.device("cpu")) == 1
+    assert model_workers("auto", torch.device("cuda")) == 1
+    assert model_workers(3, torch.device("cpu")) == 3
+
+
 def test_ner_and_the_onnx_backend(tiny_run, tmp_path):
     run, _ = tiny_run("token_classification")
     with _client(run) as client:
@@ -204,6 +243,18 @@ def test_real_server_batches_concurrent_requests_and_shuts_down_gracefully(tiny_
             except (urllib.error.URLError, ConnectionError):
                 assert server.poll() is None, server.stderr.read()
                 time.sleep(0.1)
+        # answers leave at once: before the listening socket said IPPROTO_TCP, asyncio left Nagle's algorithm on
+        # for every connection and each answer waited ~40 ms for the client's delayed ACK (44 ms for /health)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        seconds = []
+        for _ in range(15):
+            started = time.perf_counter()
+            connection.request("GET", "/health")
+            connection.getresponse().read()
+            seconds.append(time.perf_counter() - started)
+        connection.close()
+        assert sorted(seconds)[7] < 0.03, seconds
+
         answers: list = []
         threads = [threading.Thread(target=lambda i=i: answers.append(_post(port, [f"good fun {i}", "awful"])))
                    for i in range(12)]

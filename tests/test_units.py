@@ -209,3 +209,27 @@ def test_importing_tunesmith_leaves_torchs_allocator_as_the_user_set_it():
     user = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                           env=env | {"THP_MEM_ALLOC_ENABLE": "1"})
     assert user.stdout.split() == ["1"]
+
+
+def test_length_batches_are_the_cheapest_contiguous_cut():
+    """On a CPU the cut of length-sorted inputs into batches minimises padded tokens + a cost per call;
+    checked against every possible cut of small random inputs."""
+    import itertools
+    from tunesmith.inference import length_batches
+
+    def cost(batches, widths, per_call):
+        return sum((end - start) * widths[end - 1] + per_call for start, end in batches)
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        n, size, per_call = int(rng.integers(1, 9)), int(rng.integers(1, 5)), int(rng.integers(0, 40))
+        widths = np.sort(rng.integers(1, 60, n))
+        batches = length_batches(widths, size, per_call)
+        assert [b[0] for b in batches] == [0] + [b[1] for b in batches[:-1]] and batches[-1][1] == n
+        assert all(0 < end - start <= size for start, end in batches)
+        best = min(cost(list(zip((0,) + cuts, cuts + (n,))), widths, per_call)
+                   for k in range(n) for cuts in itertools.combinations(range(1, n), k)
+                   if all(0 < e - s <= size for s, e in zip((0,) + cuts, cuts + (n,))))
+        assert cost(batches, widths, per_call) == best
+    # one very long input among short ones gets a batch of its own; a GPU (per_call None) keeps plain batches
+    assert length_batches(np.array([10] * 7 + [120]), 8, 32) == [(0, 7), (7, 8)]
+    assert length_batches(np.array([10] * 7 + [120]), 4, None) == [(0, 4), (4, 8)]

@@ -584,6 +584,9 @@ class ServeConfig(_Section):
     backend: Literal["torch", "onnx"] = Field("torch", description="onnx: run the export of `tunesmith export` "
                                                                    "(RUN/onnx) with ONNX Runtime")
     max_batch_size: int = Field(32, ge=1, description="inputs run together in one model call (micro-batching)")
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="model calls that run at once, each in its own thread; auto: the CPU cores over the "
+                            "threads one call uses (OMP_NUM_THREADS, else all cores: 1 worker), 1 on a GPU")
     batch_window_ms: float = Field(
         5.0, ge=0, description="how long the first waiting request waits for others to join its batch")
     max_queue: int = Field(

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from functools import lru_cache
@@ -25,6 +26,7 @@ from .models import resolve_model, weights_options
 from .strategies import load_adapter, save_weights
 from .tasks import TASKS
 
+_ENCODING = threading.Lock()
 RUN_INFO = "tunesmith.json"  # written into model/: what predict needs to read data like training did
 
 
@@ -76,6 +78,35 @@ def pad_multiple(setting: int | str, device: torch.device) -> int:
     return 16 if device.type == "cuda" else 1
 
 
+# What one more model call costs on a CPU, in padded tokens of work (the Python and dispatch overhead of a
+# forward pass). A batch of 32 random Rotten Tomatoes reviews holds 855 tokens padded to 1,696; cut into
+# sub-batches of similar length they cost far less: bench/README.md "Serving under load".
+CPU_CALL_TOKENS = 32
+
+
+def length_batches(sorted_lengths: np.ndarray, batch_size: int, per_call: int | None) -> list[tuple[int, int]]:
+    """Contiguous (start, end) batches of inputs sorted by length, at most batch_size each. On a CPU every
+    padded position is computed, so the cut points minimise padded tokens + per_call for each batch (exact,
+    by dynamic programming); per_call None (a GPU, where padding is nearly free and calls are dear): plain
+    batches of batch_size."""
+    n = len(sorted_lengths)
+    if per_call is None or n <= 1:
+        return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    widths = np.asarray(sorted_lengths, dtype=np.int64)
+    best = np.zeros(n + 1, dtype=np.int64)   # best[j]: cheapest cost of the first j inputs
+    cut = np.zeros(n + 1, dtype=np.int64)    # where the last batch of that cheapest plan starts
+    for j in range(1, n + 1):
+        starts = np.arange(max(0, j - batch_size), j)
+        costs = best[starts] + (j - starts) * widths[j - 1] + per_call
+        k = int(np.argmin(costs))
+        best[j], cut[j] = costs[k], starts[k]
+    batches, j = [], n
+    while j > 0:
+        batches.append((int(cut[j]), j))
+        j = int(cut[j])
+    return batches[::-1]
+
+
 @torch.inference_mode()
 def predict_outputs(model: torch.nn.Module | None, task, features: list[dict], lengths: list[int],
                     collate: Callable[[list[dict]], dict], batch_size: int, device: torch.device,
@@ -90,13 +121,14 @@ def predict_outputs(model: torch.nn.Module | None, task, features: list[dict], l
     order = np.argsort(lengths, kind="stable")
     outputs: list = [None] * len(features)
     loss_sum = 0.0
-    starts = range(0, len(order), batch_size)
+    per_call = CPU_CALL_TOKENS if device.type == "cpu" else None
+    batches = length_batches(np.asarray(lengths)[order], batch_size, per_call)
     n = distributed.processes() if spread else 1
     if n > 1:
-        starts = starts[distributed.rank()::n]
+        batches = batches[distributed.rank()::n]
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        for start in starts:
-            idx = order[start:start + batch_size]
+        for start, end in batches:
+            idx = order[start:end]
             batch = collate([features[i] for i in idx])
             if not with_loss:
                 batch.pop("labels", None)
@@ -109,7 +141,7 @@ def predict_outputs(model: torch.nn.Module | None, task, features: list[dict], l
             for i, out in zip(idx, task.split_outputs(logits.float().cpu().numpy(), [features[i] for i in idx])):
                 outputs[i] = out
     if n > 1:
-        mine = {int(i): outputs[i] for start in starts for i in order[start:start + batch_size]}
+        mine = {int(i): outputs[i] for start, end in batches for i in order[start:end]}
         parts, loss_sum = distributed.gather((mine, loss_sum)), 0.0
         for theirs, their_loss in parts:
             for i, out in theirs.items():
@@ -219,7 +251,10 @@ class LoadedRun:
 
 def run_logits(run, examples, batch_size: int, quiet: bool = False, forward: Callable | None = None):
     """A loaded run's outputs for examples: encode, batch by length, run the model (or `forward`), merge windows."""
-    enc = run.task.encode(run.processor, examples, run.cfg)
+    # serve's workers encode from several threads: a fast tokenizer whose truncation / padding settings change
+    # while another thread uses it fails with "Already borrowed" (huggingface/tokenizers#537), so one at a time
+    with _ENCODING:
+        enc = run.task.encode(run.processor, examples, run.cfg)
     if enc.truncated and not quiet:
         print(f"tunesmith: {run.task.describe_inputs(enc, run.cfg)}", file=sys.stderr)
     collate = run.task.make_collate(run.processor, pad_multiple(run.cfg.train.pad_to_multiple_of, run.device))

@@ -20,6 +20,7 @@ import email.policy
 import io
 import ipaddress
 import json
+import os
 import shutil
 import socket
 import sys
@@ -30,6 +31,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -46,9 +48,11 @@ class Busy(Exception):
 
 class Batcher:
     """Micro-batching of concurrent requests into model calls of up to max_batch inputs (a request larger
-    than that runs alone), each after the first input has waited at most window_s for company."""
+    than that runs alone), each after the first input has waited at most window_s for company. Up to
+    `workers` model calls run at once, each in its own thread; the next batch forms while they run."""
 
-    def __init__(self, predict: Callable[[list], list], max_batch: int, window_s: float, max_queue: int):
+    def __init__(self, predict: Callable[[list], list], max_batch: int, window_s: float, max_queue: int,
+                 workers: int = 1):
         self.predict, self.max_batch, self.window_s, self.max_queue = predict, max_batch, window_s, max_queue
         self.waiting: collections.deque = collections.deque()  # (inputs, future) in arrival order
         self.waiting_inputs = 0
@@ -56,7 +60,9 @@ class Batcher:
         self.batches = 0
         self.largest_batch = 0
         self.arrived = asyncio.Event()
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="tunesmith-model")  # one model call at a time
+        self.free_workers = asyncio.Semaphore(workers)
+        self.running: set[asyncio.Task] = set()
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="tunesmith-model")
 
     async def submit(self, inputs: list) -> list:
         """The predictions of `inputs`, in order (raises Busy when the queue cannot take them)."""
@@ -75,6 +81,7 @@ class Batcher:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            await self.free_workers.acquire()  # a batch forms only when a worker can take it at once
             while not self.waiting:
                 self.arrived.clear()
                 await self.arrived.wait()
@@ -90,7 +97,13 @@ class Batcher:
                     len(self.waiting[0][0]) <= self.max_batch:
                 group.append(self.waiting.popleft())
             self.waiting_inputs -= sum(len(inputs) for inputs, _ in group)
-            await self._run(group)
+            task = asyncio.create_task(self._run(group))
+            self.running.add(task)  # held until done (the event loop keeps only weak references to tasks)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self.running.discard(task)
+        self.free_workers.release()
 
     async def _run(self, group: list) -> None:
         """One model call for the group; if it fails, each request alone (one bad input fails only its own)."""
@@ -145,6 +158,7 @@ class Model:
         if not exportable(self.task):
             raise TunesmithError(f"task {self.task.NAME}: serving is not available for it yet")
         self.kind, self.settings = self.task.INPUT_KIND, settings
+        self.workers = model_workers(settings.workers, getattr(self.run, "device", None))
 
     def predict(self, inputs: list) -> list[dict]:
         """Prediction rows (the task's prediction frame as JSON records) for raw texts or image paths."""
@@ -162,7 +176,8 @@ class Model:
                 "limits": {"max_inputs_per_request": s.max_inputs_per_request,
                            "max_chars_per_input": s.max_chars_per_input, "max_image_bytes": s.max_image_bytes,
                            "max_queue": s.max_queue},
-                "batching": {"max_batch_size": s.max_batch_size, "batch_window_ms": s.batch_window_ms}}
+                "batching": {"max_batch_size": s.max_batch_size, "batch_window_ms": s.batch_window_ms,
+                             "workers": self.workers}}
 
     def body_limit(self) -> int:
         """Bytes a valid request can take: every input at its limit (JSON escapes take up to 6 bytes a
@@ -172,13 +187,26 @@ class Model:
         return s.max_inputs_per_request * per_input + 65536
 
 
+def model_workers(setting: int | str, device: torch.device | None) -> int:
+    """serve.workers resolved: 'auto' fills the CPU cores with calls of torch.get_num_threads() threads each
+    (OMP_NUM_THREADS=1 on 2 cores: 2 calls at once, as many as a thread pool calling the model per request
+    would run), one on a GPU."""
+    if setting != "auto":
+        return int(setting)
+    if device is not None and device.type != "cpu":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, torch.get_num_threads()))
+
+
 def create_app(run: str | Path, settings: ServeConfig) -> FastAPI:
     """The FastAPI app serving `run` (its model is loaded here, once)."""
     model = Model(run, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher = Batcher(model.predict, settings.max_batch_size, settings.batch_window_ms / 1000, settings.max_queue)
+        batcher = Batcher(model.predict, settings.max_batch_size, settings.batch_window_ms / 1000, settings.max_queue,
+                          model.workers)
         app.state.batcher = batcher
         worker = asyncio.create_task(batcher.run())
         yield  # uvicorn's graceful shutdown has finished the requests in flight when this returns
@@ -373,7 +401,10 @@ def serve(run: str | Path, overrides: dict | None = None) -> int:
     import uvicorn
 
     settings = load_config(_saved_config(Path(run)), overrides, saved=True).serve
-    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+    # proto IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on connections accepted from a socket
+    # that says so, and without it every answer waited ~40 ms for the client's delayed ACK (Nagle's algorithm)
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM,
+                         socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((settings.host, settings.port))
