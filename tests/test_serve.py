@@ -110,7 +110,7 @@ def test_a_full_queue_is_503_with_retry_after(tiny_run):
 
 def test_one_bad_input_in_a_batch_fails_only_its_request(tiny_run, monkeypatch):
     run, _ = tiny_run("text_classification")
-    with _client(run, batch_window_ms=300) as client:
+    with _client(run, batch_window_ms=300, workers=1) as client:  # one worker: all three share one call
         batcher = client.app.state.batcher
         real = batcher.predict
 
@@ -152,6 +152,19 @@ def test_workers_run_model_calls_at_once(tiny_run, monkeypatch):
         assert sorted(a.status_code for a in answers) == [200, 200]
         assert client.get("/health").json()["batches"] == 2
         assert client.get("/metadata").json()["batching"]["workers"] == 2
+
+
+def test_workers_share_what_waits(tiny_run):
+    run, _ = tiny_run("text_classification")
+    with _client(run, workers=2, batch_window_ms=500) as client:
+        answers: list = []
+        threads = [threading.Thread(target=lambda t=t: answers.append(client.post("/predict", json={"inputs": t})))
+                   for t in ("good fun", "awful", "superb", "dull")]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert [a.status_code for a in answers] == [200] * 4
+        health = client.get("/health").json()
+        assert (health["batches"], health["largest_batch"]) == (2, 2)  # 2 + 2 at once, not 4 in one call
 
 
 def test_workers_auto_fill_the_cores(monkeypatch):

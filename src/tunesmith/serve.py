@@ -48,18 +48,20 @@ class Busy(Exception):
 
 class Batcher:
     """Micro-batching of concurrent requests into model calls of up to max_batch inputs (a request larger
-    than that runs alone), each after the first input has waited at most window_s for company. Up to
-    `workers` model calls run at once, each in its own thread; the next batch forms while they run."""
+    than that runs alone), each once its first input has waited window_s for company since it arrived. Up to
+    `workers` model calls run at once, each in its own thread, sharing what waits; the next batch forms
+    while they run."""
 
     def __init__(self, predict: Callable[[list], list], max_batch: int, window_s: float, max_queue: int,
                  workers: int = 1):
         self.predict, self.max_batch, self.window_s, self.max_queue = predict, max_batch, window_s, max_queue
-        self.waiting: collections.deque = collections.deque()  # (inputs, future) in arrival order
+        self.waiting: collections.deque = collections.deque()  # (inputs, future, arrival time) in arrival order
         self.waiting_inputs = 0
         self.pending = 0              # inputs waiting or running: what max_queue bounds
         self.batches = 0
         self.largest_batch = 0
         self.arrived = asyncio.Event()
+        self.workers = workers
         self.free_workers = asyncio.Semaphore(workers)
         self.running: set[asyncio.Task] = set()
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="tunesmith-model")
@@ -69,8 +71,9 @@ class Batcher:
         if self.pending + len(inputs) > self.max_queue:
             raise Busy()
         self.pending += len(inputs)
-        future = asyncio.get_running_loop().create_future()
-        self.waiting.append((inputs, future))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.waiting.append((inputs, future, loop.time()))
         self.waiting_inputs += len(inputs)
         self.arrived.set()
         try:
@@ -85,18 +88,23 @@ class Batcher:
             while not self.waiting:
                 self.arrived.clear()
                 await self.arrived.wait()
-            deadline = loop.time() + self.window_s
+            deadline = self.waiting[0][2] + self.window_s  # from its arrival: one that waited for a worker goes at once
             while self.waiting_inputs < self.max_batch and (left := deadline - loop.time()) > 0:
                 self.arrived.clear()
                 try:
                     await asyncio.wait_for(self.arrived.wait(), left)
                 except TimeoutError:
                     break
-            group = [self.waiting.popleft()]
-            while self.waiting and len(group[0][0]) + sum(len(g[0]) for g in group[1:]) + \
-                    len(self.waiting[0][0]) <= self.max_batch:
-                group.append(self.waiting.popleft())
-            self.waiting_inputs -= sum(len(inputs) for inputs, _ in group)
+            # what is waiting is shared among the free workers: 32 clients and 2 workers are 2 calls of 16 at
+            # once, not one call of 32 while the other worker idles until its answers bring new requests
+            free = self.workers - len(self.running)
+            limit = min(self.max_batch, -(-self.waiting_inputs // free))
+            group = [self.waiting.popleft()[:2]]
+            taken = len(group[0][0])
+            while self.waiting and taken + len(self.waiting[0][0]) <= limit:
+                taken += len(self.waiting[0][0])
+                group.append(self.waiting.popleft()[:2])
+            self.waiting_inputs -= taken
             task = asyncio.create_task(self._run(group))
             self.running.add(task)  # held until done (the event loop keeps only weak references to tasks)
             task.add_done_callback(self._finished)
