@@ -318,3 +318,19 @@ def test_loopback_by_default_and_bad_starts_are_one_line(tiny_run, tmp_path, cap
         taken.listen()
         assert cli.main(["serve", str(run), "--port", str(taken.getsockname()[1])]) == 2
         assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+
+
+def test_serve_keeps_onednns_kernel_cache_small(tiny_run, monkeypatch):
+    """A server meets a new input shape with nearly every call; oneDNN's default cache of 1,024 shapes' kernels
+    grew a MiniLM server by ~1.5 GB. serve sets a small one unless the user set theirs."""
+    import os
+    import uvicorn
+    from tunesmith import serve as serve_module
+    run, _ = tiny_run("text_classification")
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    assert serve_module.serve(run, {"serve.port": 0}) == 0
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "16"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
+    assert serve_module.serve(run, {"serve.port": 0}) == 0
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256"

@@ -409,6 +409,11 @@ def serve(run: str | Path, overrides: dict | None = None) -> int:
     import uvicorn
 
     settings = load_config(_saved_config(Path(run)), overrides, saved=True).serve
+    # oneDNN (PyTorch's bf16 matmuls on CPUs) keeps the kernels of its last 1,024 shapes; a server meets a new
+    # (batch, length) shape with nearly every call, and that cache alone grew MiniLM-L6's server by ~1.5 GB
+    # before it levelled off (bench/README.md). 16 cost no measurable speed there. Read when the first kernel
+    # is made, so set before the model runs; a value the user set wins.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
     # proto IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on connections accepted from a socket
     # that says so, and without it every answer waited ~40 ms for the client's delayed ACK (Nagle's algorithm)
     sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM,
