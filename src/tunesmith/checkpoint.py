@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .atomic import temp_dir_beside, write_text_atomic
 from .errors import TunesmithError
@@ -46,18 +46,23 @@ class TrainState:
     extra: dict = field(default_factory=dict)
 
 
-def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer, scheduler, state: TrainState,
+def save_checkpoint(run_dir: Path, model: torch.nn.Module | dict, optimizer, scheduler, state: TrainState,
                     rng_states: list[dict] | None = None) -> Path:
     """rng_states: each process's random state, in rank order (several processes); this process's by default.
-    Process 0's is rng.pt, process r's rng-r.pt."""
+    Process 0's is rng.pt, process r's rng-r.pt. model and optimizer may be whole state dicts already (FSDP:
+    gathered from the shards, fsdp.full_state)."""
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{state.step:07d}"
     final = folder / name
     tmp = temp_dir_beside(final)
     try:
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if isinstance(model, dict):
+            from .fsdp import unshared
+            save_file(unshared(model), str(tmp / "model.safetensors"))
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         for r, rng in enumerate(rng_states or [rng_state()]):
             torch.save(rng, tmp / ("rng.pt" if r == 0 else f"rng-{r}.pt"))
@@ -152,10 +157,18 @@ def _sha256(path: Path) -> str:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, rank: int = 0) -> TrainState:
-    """Load everything into model, optimizer and scheduler; the random state is process `rank`'s."""
+    """Load everything into model, optimizer and scheduler; the random state is process `rank`'s. A sharded
+    (FSDP) model: process 0 reads the whole state dicts and sends each process its shards (all must call)."""
+    from .fsdp import is_sharded, load_full_state
+
     try:
-        load_model(model, str(path / "model.safetensors"))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        if is_sharded(model):
+            main = rank == 0
+            load_full_state(model, load_file(str(path / "model.safetensors")) if main else {}, optimizer,
+                            torch.load(path / "optimizer.pt", weights_only=True) if main else {})
+        else:
+            load_model(model, str(path / "model.safetensors"))
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         _set_rng_state(torch.load(path / ("rng.pt" if rank == 0 else f"rng-{rank}.pt"), weights_only=True))
         return read_state(path)

@@ -41,6 +41,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     overrides = _parse_overrides(extra)
     if args.resume and overrides:
         raise TunesmithError("--resume continues the run as it was configured; overrides are not allowed")
+    if args.fsdp and (args.processes or 1) < 2:
+        raise TunesmithError("--fsdp shards the model over several processes: give --processes 2 or more")
     if args.processes is not None:
         if args.processes < 1:
             raise TunesmithError(f"--processes {args.processes}: give 1 or more")
@@ -49,7 +51,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
                                  "torchrun); give the number of processes to the launcher only")
         if args.processes > 1:  # the same command in N processes, started by accelerate's launcher
             return distributed.launch(args.processes, ["train", args.config, *extra,
-                                                       *(["--resume", args.resume] if args.resume else [])])
+                                                       *(["--resume", args.resume] if args.resume else [])],
+                                      fsdp=args.fsdp)
     train(args.config, overrides, resume=args.resume)
     return 0
 
@@ -227,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train in N processes on this machine (DDP; accelerate's launcher starts them; "
                         "train.batch_size is per process). Several machines: accelerate launch, see "
                         "docs/distributed.md")
+    p.add_argument("--fsdp", action="store_true",
+                   help="with --processes N: FSDP instead of DDP, each process holding 1/N of the weights, gradients "
+                        "and optimizer state (for models that do not fit one device; accelerate launch --use_fsdp)")
     p.set_defaults(func=cmd_train, allow_extra=True)
 
     p = sub.add_parser("cv", help="k-fold cross-validation: mean ± std of every metric, out-of-fold predictions")

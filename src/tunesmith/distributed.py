@@ -1,4 +1,4 @@
-"""Several processes (DDP through accelerate): who this process is, its share of a batch, outputs gathered
+"""Several processes (DDP through accelerate, or FSDP: fsdp.py): who this process is, its share of a batch, outputs gathered
 from every process, decisions they all take together, and the `--processes N` launcher.
 
 A launch (`accelerate launch --multi_gpu --num_processes N -m tunesmith train CONFIG`, torchrun, or
@@ -45,16 +45,17 @@ def processes() -> int:
 
 
 def check_supported() -> None:
-    """DDP only: FSDP and DeepSpeed shard the weights, and the run folder's checkpoints are whole models."""
+    """DDP and FSDP (fsdp.py); DeepSpeed shards the weights its own way, and the run folder's checkpoints are
+    whole models."""
     if processes() == 1:
         return
     kind = str(_state().distributed_type).rsplit(".", 1)[-1]
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or kind == "FSDP":
-        raise TunesmithError("accelerate launch --use_fsdp: not supported yet (tunesmith saves whole-model "
-                             "checkpoints); launch without it for DDP, see docs/distributed.md")
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" or kind == "DEEPSPEED":
         raise TunesmithError("accelerate launch --use_deepspeed: not supported (tunesmith saves whole-model "
-                             "checkpoints); launch without it for DDP, see docs/distributed.md")
+                             "checkpoints); launch without it for DDP, or with --use_fsdp, see docs/distributed.md")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        from .fsdp import check_options
+        check_options()
 
 
 def one_process_only(command: str) -> None:
@@ -116,18 +117,19 @@ def all_mean(t: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- the launcher
 
-def launch(n: int, argv: list[str]) -> int:
+def launch(n: int, argv: list[str], fsdp: bool = False) -> int:
     """`tunesmith ARGV` in n processes on this machine, started by accelerate's launcher (torch's elastic
     launcher underneath: it ends the others when one fails). Returns the first failed process's exit code.
 
     --multi_gpu is accelerate's switch for its torch.distributed launcher; on a machine without CUDA the
     processes then form a gloo group on the CPU (without it accelerate starts a single process on CPUs).
+    fsdp: --use_fsdp instead (the same launcher; the processes shard the model, fsdp.py).
     The port is a free one, so that two launches on one machine do not meet on accelerate's fixed 29500."""
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args([
-        "--multi_gpu", "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no",
+        *(["--use_fsdp", "--fsdp_version", "2"] if fsdp else ["--multi_gpu"]), "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "--module", "tunesmith", *argv])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))  # n processes share the cores
     try:

@@ -117,17 +117,28 @@ def predict_outputs(model: torch.nn.Module | None, task, features: list[dict], l
     (a batch -> logits) replaces the PyTorch model, e.g. an ONNX Runtime session (export.py).
 
     spread: the processes of a several-process launch share the batches (batch k is process k mod n's) and
-    every process gets all the outputs back: each input once, unpadded, whatever the batch sizes."""
+    every process gets all the outputs back: each input once, unpadded, whatever the batch sizes. A sharded
+    (FSDP) model gathers its weights from every process in each forward: all processes then run the same
+    number of batches, the ones short of a batch running the first one again, its outputs dropped."""
     order = np.argsort(lengths, kind="stable")
     outputs: list = [None] * len(features)
     loss_sum = 0.0
     per_call = CPU_CALL_TOKENS if device.type == "cpu" else None
-    batches = length_batches(np.asarray(lengths)[order], batch_size, per_call)
+    batches = everyone = length_batches(np.asarray(lengths)[order], batch_size, per_call)
     n = distributed.processes() if spread else 1
     if n > 1:
         batches = batches[distributed.rank()::n]
+    rounds = len(batches)
+    if n > 1 and model is not None and _sharded(model):
+        rounds = -(-len(everyone) // n)  # ceil: process 0's number of batches
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        for start, end in batches:
+        for turn in range(rounds):
+            if turn >= len(batches):  # FSDP: a forward every process must take part in; its outputs are not kept
+                start, end = everyone[0]
+                task.forward(model, {key: v.to(device) for key, v in collate(
+                    [features[i] for i in order[start:end]]).items() if key != "labels"})
+                continue
+            start, end = batches[turn]
             idx = order[start:end]
             batch = collate([features[i] for i in idx])
             if not with_loss:
@@ -150,6 +161,11 @@ def predict_outputs(model: torch.nn.Module | None, task, features: list[dict], l
     return outputs, (loss_sum / max(1, len(order)) if with_loss else None)
 
 
+def _sharded(model: torch.nn.Module) -> bool:
+    from .fsdp import is_sharded
+    return is_sharded(model)
+
+
 def example_outputs(model: torch.nn.Module | None, task, enc, collate: Callable[[list[dict]], dict], batch_size: int,
                     device: torch.device, precision: str, aggregation: str = "mean",
                     with_loss: bool = False, forward: Callable[[dict], torch.Tensor] | None = None,
@@ -164,12 +180,14 @@ def example_outputs(model: torch.nn.Module | None, task, enc, collate: Callable[
     return outputs, loss
 
 
-def save_model_dir(target: Path, model: torch.nn.Module, processor, cfg: Config, labels, task) -> None:
+def save_model_dir(target: Path, model: torch.nn.Module, processor, cfg: Config, labels, task,
+                   state_dict: dict | None = None) -> None:
     """The model's own folder format (a plain Hugging Face or timm folder, safetensors), its processor
-    (tokenizer, image settings), tunesmith.json and the config, swapped in atomically."""
+    (tokenizer, image settings), tunesmith.json and the config, swapped in atomically. state_dict: the
+    whole weights of a sharded (FSDP) model, gathered (fsdp.full_state)."""
     tmp = temp_dir_beside(target)
     try:
-        save_weights(model, tmp, cfg)
+        save_weights(model, tmp, cfg, state_dict)
         task.save_processor(processor, tmp)
         info = {"task": cfg.task, "labels": asdict(labels)}
         (tmp / RUN_INFO).write_text(json.dumps(info, indent=1))

@@ -5,7 +5,9 @@ evaluate at the planned steps / keep the best model / stop early or at the time 
 
 Several processes (DDP, distributed.py): every process forms the same global batches and trains on its
 share of each; DDP averages the gradients (not while accumulating: no_sync); validation outputs are
-gathered; every decision to stop is taken together; only the main process writes.
+gathered; every decision to stop is taken together; only the main process writes. Under FSDP (fsdp.py)
+the same, with the model sharded by tunesmith instead of wrapped by accelerate, and whole state dicts
+gathered for every write.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, fsdp
 from .atomic import remove_stale_temps
 from .checkpoint import (TrainState, latest_checkpoint, load_checkpoint, read_state, resumable_checkpoint,
                          rng_state, save_checkpoint)
@@ -143,8 +145,8 @@ class _Loop:
     """What the loop's steps share (the functions below read and update it; callbacks never see it)."""
     run: Any
     accelerator: Accelerator
-    model: torch.nn.Module          # as accelerate prepared it
-    unwrapped: torch.nn.Module
+    model: torch.nn.Module          # as accelerate prepared it (DDP), or sharded (FSDP)
+    unwrapped: torch.nn.Module      # the model itself (under FSDP the same sharded one)
     optimizer: torch.optim.Optimizer
     scheduler: Any
     collate: Callable[[list[dict]], dict]
@@ -154,6 +156,7 @@ class _Loop:
     cache_seconds: float
     progress: Any = None
     main: bool = True               # the process that writes (rank 0)
+    sharded: bool = False           # FSDP: each process holds a shard of the weights (fsdp.py)
     signals: _StopSignals = field(default_factory=_StopSignals)
     clock: float = 0.0              # perf_counter() minus the training seconds so far (evaluations excluded)
     stopped: str = "plan"
@@ -211,17 +214,25 @@ def _start(run) -> _Loop:
     accelerator = make_accelerator(run.precision)
     device = accelerator.device
     collate = run.task.make_collate(run.processor, pad_multiple(tcfg.pad_to_multiple_of, device))
+    # FSDP: sharding replaces the parameters (DTensors holding this process's shard), so it comes before the
+    # optimizer; accelerate is not asked to prepare the model (it forms FSDP on accelerators only, fsdp.py)
+    sharded = fsdp.requested()
+    if sharded:
+        run.model = fsdp.shard(run.model, device)
     # fused AdamW: one pass over the weights per step. Measured on MiniLM (22.7M parameters) on a 2-core
     # CPU: 23 ms per step vs 118 ms for the default foreach implementation, same weights to 6e-8
     optimizer = torch.optim.AdamW(optimizer_groups(run.model, run.strategy), lr=plan.lr,
                                   fused=True if device.type in FUSED_ADAMW_DEVICES else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(plan, tcfg.scheduler))
-    model, optimizer = accelerator.prepare(run.model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+    if sharded:
+        model = unwrapped = run.model
+    else:
+        model, optimizer = accelerator.prepare(run.model, optimizer)
+        unwrapped = accelerator.unwrap_model(model)
     if tcfg.fast_dropout is True or (tcfg.fast_dropout == "auto" and device.type == "cpu"):
         use_fast_dropout(unwrapped)  # torch's CPU dropout masks cost ~a seventh of a bf16 step (dropout.py)
     state = _resume(run, unwrapped, optimizer, scheduler) if run.resuming else None
-    if state is not None:  # the resume may have unfrozen layers (gradual unfreezing): DDP must see them
+    if state is not None and not sharded:  # the resume may have unfrozen layers (gradual unfreezing): DDP must see them
         model = _rewrap(accelerator, model, unwrapped)
     fresh = state is None
     main = accelerator.is_main_process
@@ -231,7 +242,7 @@ def _start(run) -> _Loop:
     trainable, total = count_parameters(model)
     log(f"model {cfg.model.name}: {count(total)} parameters, {count(trainable)} trainable; "
         f"precision {run.precision}; device {device}"
-        + (f"; {accelerator.num_processes} processes ({accelerator.distributed_type.value}, "
+        + (f"; {accelerator.num_processes} processes ({'FSDP' if sharded else accelerator.distributed_type.value}, "
            f"{torch.distributed.get_backend()})" if accelerator.num_processes > 1 else ""))
     groups = describe_groups(optimizer)
     log(f"strategy {cfg.strategy.name}; learning rate per layer: "
@@ -241,14 +252,14 @@ def _start(run) -> _Loop:
             "type": "setup", "step": 0, "strategy": cfg.strategy.name, "param_groups": groups,
             "trainable_parameters": trainable, "total_parameters": total,
             "plan": {"total_steps": plan.total_steps, "reason": plan.reason, "lr": plan.lr, "lr_reason": plan.lr_reason}})
-    cache, cache_seconds = _feature_cache(run, unwrapped, collate, device)
+    cache, cache_seconds = _feature_cache(run, unwrapped, collate, device, sharded)
     budget = None
     if tcfg.time_limit:
         budget = Budget(tcfg.time_limit, state.extra.get("wall_seconds", 0.0))
         log(f"time limit {describe_seconds(tcfg.time_limit)}"
             + (f" ({describe_seconds(budget.spent_before)} used before this resume)" if budget.spent_before else ""))
     return _Loop(run, accelerator, model, unwrapped, optimizer, scheduler, collate, state, budget, cache, cache_seconds,
-                 main=main)
+                 main=main, sharded=sharded)
 
 
 def _rewrap(accelerator: Accelerator, model: torch.nn.Module, unwrapped: torch.nn.Module) -> torch.nn.Module:
@@ -281,6 +292,12 @@ def _resume(run, model: torch.nn.Module, optimizer, scheduler) -> TrainState | N
         raise TunesmithError(f"{run.run_dir}: trained with {trained_with} process(es), resumed with {n}; an epoch's "
                              f"batches are split by the number of processes, so resume with the same number: "
                              f"tunesmith train {run.run_dir}/config.yaml --resume {run.run_dir}{again}")
+    sharded, trained_sharded = fsdp.requested(), saved.extra.get("fsdp", False)
+    if sharded != trained_sharded:  # its optimizer state is keyed by parameter names under FSDP, by numbers without
+        raise TunesmithError(f"{run.run_dir}: trained {'with' if trained_sharded else 'without'} FSDP, resumed "
+                             f"{'with' if sharded else 'without'}; resume the same way: tunesmith train "
+                             f"{run.run_dir}/config.yaml --resume {run.run_dir} --processes {trained_with}"
+                             + (" --fsdp" if trained_sharded else ""))
     for layer in unfreeze_due(run.strategy, saved.step):  # the optimizer groups the checkpoint has
         unfreeze(run.strategy, model, optimizer, scheduler, layer)
     state = load_checkpoint(ckpt, model, optimizer, scheduler, distributed.rank())
@@ -339,13 +356,17 @@ def _forward_backward(lp: _Loop, train_enc, batch_indices: list[int], stepping: 
     features = [train_enc.features[i] for i in indices]
     batch = lp.collate(features)
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-    with accelerator.no_sync(lp.model) if not stepping else nullcontext():
-        with lp.cache.replay(indices, batch) if lp.cache else nullcontext():
-            if run.teacher is not None:
-                loss = distill_loss(run.task, lp.model, batch, features, [run.teacher.targets[i] for i in indices],
-                                    run.cfg, run.balance.loss)
-            else:
-                loss = _training_loss(run.task, lp.model, batch, run.balance.loss)
+    if lp.sharded:  # FSDP reduce-scatters the gradients (averaged, as DDP's all-reduce) only before a step
+        lp.model.set_requires_gradient_sync(stepping)
+    with accelerator.no_sync(lp.model) if not stepping and not lp.sharded else nullcontext():
+        # accelerate puts bf16 autocast into the forward of a model it prepares; a sharded one it did not prepare
+        with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=lp.sharded and run.precision == "bf16"):
+            with lp.cache.replay(indices, batch) if lp.cache else nullcontext():
+                if run.teacher is not None:
+                    loss = distill_loss(run.task, lp.model, batch, features,
+                                        [run.teacher.targets[i] for i in indices], run.cfg, run.balance.loss)
+                else:
+                    loss = _training_loss(run.task, lp.model, batch, run.balance.loss)
         accelerator.backward(loss * (weight / run.cfg.train.grad_accum_steps))
     lp.pending_loss.append(loss.detach() * weight)
     lp.state.samples_seen += len(batch_indices)
@@ -353,7 +374,9 @@ def _forward_backward(lp: _Loop, train_enc, batch_indices: list[int], stepping: 
 
 def _optimizer_step(lp: _Loop) -> None:
     run, state, tcfg = lp.run, lp.state, lp.run.cfg.train
-    if tcfg.max_grad_norm:
+    if tcfg.max_grad_norm and lp.sharded:
+        fsdp.clip_grad_norm_(lp.model, tcfg.max_grad_norm)
+    elif tcfg.max_grad_norm:
         lp.accelerator.clip_grad_norm_(lp.model.parameters(), tcfg.max_grad_norm)
     lp.optimizer.step()
     lp.scheduler.step()
@@ -383,7 +406,7 @@ def _optimizer_step(lp: _Loop) -> None:
             append_jsonl(lp.metrics_log, {"type": "unfreeze", "step": state.step, "layer": layer, "lr": lr,
                                           "trainable_parameters": now_trainable})
         log(f"step {state.step}: unfroze {layer} (lr {lr:.3g}); {count(now_trainable)} trainable")
-    if unfrozen:
+    if unfrozen and not lp.sharded:  # FSDP reduces every gradient a backward produces: nothing to rebuild
         lp.model = _rewrap(lp.accelerator, lp.model, lp.unwrapped)
         set_train_mode(lp.model)
 
@@ -439,9 +462,12 @@ def _after_step(lp: _Loop, last_of_epoch: bool, epoch_float: float, on_evaluate)
         state.extra["total_steps"] = plan.total_steps
         state.extra["wall_seconds"] = (lp.budget.spent_before if lp.budget else 0.0) + lp.wall()
         state.extra["processes"] = lp.accelerator.num_processes
+        state.extra["fsdp"] = lp.sharded
         rng = distributed.gather(rng_state())  # each process's random state: a resume continues each one's stream
+        # FSDP: the whole weights and optimizer state, gathered to the main process (every process takes part)
+        weights, optim = fsdp.full_state(lp.model, lp.optimizer) if lp.sharded else (lp.unwrapped, lp.optimizer)
         if lp.main:
-            save_checkpoint(run.run_dir, lp.unwrapped, lp.optimizer, lp.scheduler, state, rng)
+            save_checkpoint(run.run_dir, weights, optim, lp.scheduler, state, rng)
         distributed.barrier()  # saved before any process goes on (a failed save stops the main process here)
         run.seconds["checkpoints"] = run.seconds.get("checkpoints", 0.0) + time.perf_counter() - started
     if interrupted:  # the step is complete and saved: fit() says how to resume
@@ -521,8 +547,9 @@ def _evaluate(lp: _Loop, epoch_float: float, on_evaluate) -> bool:
         state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
         state.extra["best_validation_metrics"], state.extra["best_validation_step"] = full, state.step
         started = time.perf_counter()
+        weights = fsdp.full_state(lp.model)[0] if lp.sharded else None  # every process: the shards are gathered
         if lp.main:
-            save_model_dir(run.run_dir / "model", lp.unwrapped, run.processor, cfg, run.labels, run.task)
+            save_model_dir(run.run_dir / "model", lp.unwrapped, run.processor, cfg, run.labels, run.task, weights)
         lp.save_seconds = time.perf_counter() - started
         log(f"step {state.step}: validation {shown} (best so far, saved)")
     else:
@@ -616,9 +643,12 @@ def _training_loss(task, model: torch.nn.Module, batch: dict, loss_fn) -> torch.
     return loss_fn(logits, batch["labels"])
 
 
-def _feature_cache(run, model: torch.nn.Module, collate, device: torch.device):
+def _feature_cache(run, model: torch.nn.Module, collate, device: torch.device, sharded: bool = False):
     """Cached outputs of the frozen bottom blocks (strategy.cache_features), or (None, 0)."""
     if not (run.strategy.bottom_frozen and run.cfg.strategy.cache_features == "auto"):
+        return None, 0.0
+    if sharded:  # the cache swaps modules out of the model; FSDP's units (and their gathers) must stay as built
+        log("feature cache off under FSDP: the frozen blocks run in every step")
         return None, 0.0
     if run.cfg.augment or run.train_enc.inputs_vary:
         log("feature cache off: " + ("augmentation changes the training inputs every epoch" if run.cfg.augment

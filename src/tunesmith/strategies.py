@@ -245,19 +245,26 @@ def _freeze_copies_outside_head(model: nn.Module, head: list[str]) -> None:
             module.requires_grad_(False)
 
 
-def save_weights(model: nn.Module, folder: Path, cfg: Config) -> None:
+def save_weights(model: nn.Module, folder: Path, cfg: Config, state_dict: dict | None = None) -> None:
     """The trained weights into `folder`. A LoRA model is merged first (a plain model) unless
     lora.save is 'adapter' (peft's adapter folder). Hugging Face models: save_pretrained; timm and
     torchvision models (no save_pretrained): `model.safetensors`, their state_dict, which loads
-    into a fresh model of the same architecture (safetensors.torch.load_model)."""
-    from safetensors.torch import save_model
+    into a fresh model of the same architecture (safetensors.torch.load_model). state_dict: the whole
+    weights of a sharded (FSDP) model, written in place of its own (LoRA is not sharded: fsdp.py)."""
+    from safetensors.torch import save_file, save_model
+
+    from .fsdp import unshared
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         if is_peft(model) and cfg.strategy.lora.save == "merged":
             model = copy.deepcopy(model).merge_and_unload()
         if hasattr(model, "save_pretrained"):
-            model.save_pretrained(folder, safe_serialization=True)
+            model.save_pretrained(folder, safe_serialization=True,
+                                  **({"state_dict": state_dict} if state_dict is not None else {}))
+        elif state_dict is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            save_file(unshared(state_dict), str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
         else:
             Path(folder).mkdir(parents=True, exist_ok=True)
             save_model(model, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})

@@ -22,7 +22,7 @@ import torch
 import transformers
 from accelerate.utils import set_seed
 
-from . import distill, distributed, inputs
+from . import distill, distributed, fsdp, inputs
 from .atomic import recover_dir, remove_stale_temps, replace_dir, write_text_atomic
 from .checkpoint import latest_checkpoint
 from .config import Config, config_to_yaml, load_config, locate
@@ -156,6 +156,8 @@ def setup(config, overrides=None, resume=None, splits=None, locks: ExitStack | N
     if resume is not None and locks is not None and main:  # before anything is read: a second --resume stops here
         locks.enter_context(FolderLock.acquire(run_dir, "is training in it"))
     tcfg, task = cfg.train, TASKS[cfg.task]
+    if fsdp.requested():
+        fsdp.check_strategy(cfg.strategy.name)
     set_seed(tcfg.seed)  # accelerate's: the same seeds; transformers.set_seed imports peft (2.47 CPU s) with it
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -283,12 +285,16 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
     collate = outcome.collate
     main = distributed.is_main()  # several processes: all evaluate their share, the main one writes
     distributed.barrier()  # the best model/ is written (by the main process) before any process reads it back
+    sharded = fsdp.is_sharded(model)
     if run.val_enc is None or state.best_step is None:  # no best model chosen (metric always NaN): keep the last
+        weights = fsdp.full_state(model)[0] if sharded else None  # FSDP: gathered, every process takes part
         if main:
-            save_model_dir(run_dir / "model", model, run.processor, cfg, labels, task)
+            save_model_dir(run_dir / "model", model, run.processor, cfg, labels, task, weights)
         state.best_step = state.step
     elif is_peft(model):  # model/ holds the merged model (or the adapter): load it the way predict does
         model = load_model_dir(run_dir / "model", task, labels, cfg)[0].to(device)
+    elif sharded:  # the main process reads model/, each process keeps its shards
+        fsdp.load_weights_file(model, run_dir / "model" / "model.safetensors")
     else:
         from safetensors.torch import load_model
         load_model(model, str(run_dir / "model" / "model.safetensors"))
