@@ -1,6 +1,7 @@
 """Several processes (DDP on CPUs, gloo): `tunesmith train --processes 2` against one process on the same
 global batch, data and seed; gradual unfreezing, oversampling and augmentation under DDP; a checkpoint
-resumed with the same number of processes and refused with another; the feature cache per process.
+resumed with the same number of processes and refused with another; the feature cache per process. FSDP
+(`--processes 2 --fsdp`) against one process the same way, with sharding seen on the shards themselves.
 
 The tiny BERT here has no dropout, so one process with batch 32 and two with 16 each compute the same
 steps up to the order of float additions (measured with 320 rows: validation and training losses within
@@ -376,3 +377,47 @@ def test_fsdp_frozen_layers_and_accumulation(no_dropout_model, uneven_data, tmp_
     assert summary["train"]["steps"] == 36  # ceil(11 micro-batches / 2) x 6 epochs
     assert summary["train"]["trainable_parameters"] < summary["train"]["total_parameters"]
     _assert_sharded(done.stderr, summary["train"]["total_parameters"])
+
+
+def test_fsdp_causal_lm_with_tied_embeddings_generates_and_resumes(tmp_path, cli_env):
+    """A tiny Llama whose output embedding is its input embedding (as SmolLM2's): the tied weight is one
+    parameter in a sharded unit, written once in model/ and the checkpoints (gathered as two copies, made one
+    again) and given back under both names on load; the test split's generation runs the same number of
+    forwards in every process. The same losses as one process, and a resume ends where the run ended."""
+    from safetensors.torch import load_file
+    from test_causal_lm import qa_rows, save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "llama")
+    pd.DataFrame(qa_rows(200, seed=1)).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame(qa_rows(40, seed=2)).to_csv(tmp_path / "test.csv", index=False)
+    out = tmp_path / "runs"
+
+    def config(name: str, batch_size: int) -> dict:
+        return {"task": "causal_lm", "model": {"name": str(model), "max_length": 64}, "strategy": {"name": "full"},
+                "data": {"train": str(tmp_path / "train.csv"), "test": str(tmp_path / "test.csv"),
+                         "validation_fraction": 0.2},
+                "train": {"batch_size": batch_size, "lr": 2e-2, "warmup_ratio": 0.0, "seed": 0, "precision": "fp32",
+                          "epochs": 4, "keep_checkpoints": True, "checkpoint_every_steps": 10},
+                "output": {"dir": str(out), "name": name}, "report": False}
+
+    single = tunesmith.train(config("one", 32)).run_dir
+    cfg = config("two", 16)
+    _launch(cfg, tmp_path / "launch", cli_env, "--fsdp")
+    two = out / "two"
+    e1, e2 = _evals(single), _evals(two)
+    assert [e["step"] for e in e1] == [e["step"] for e in e2] == [5, 10, 15, 20]
+    for a, b in zip(e1, e2):  # measured: within 5.3e-7 and 1.1e-6
+        assert abs(a["validation"]["loss"] - b["validation"]["loss"]) < LOSS_TOLERANCE, (a, b)
+        assert abs(a["train_loss"] - b["train_loss"]) < LOSS_TOLERANCE, (a, b)
+    m1, m2 = (json.loads((r / "metrics.json").read_text())["test"] for r in (single, two))
+    assert m1["exact_match"] > 0.6 and abs(m1["exact_match"] - m2["exact_match"]) <= METRIC_TOLERANCE, (m1, m2)
+    w1, w2 = (load_file(r / "model" / "model.safetensors") for r in (single, two))
+    assert sorted(w1) == sorted(w2) and "lm_head.weight" not in w2  # written once, as by one process
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < PROB_TOLERANCE  # measured: 3.6e-6
+    assert len(load_file(two / "checkpoints" / "step-0000020" / "model.safetensors")) == len(w2)
+
+    finished = (two / "test_predictions.csv").read_bytes()
+    shutil.rmtree(two / "checkpoints" / "step-0000020")
+    (two / "metrics.json").unlink()
+    _launch(cfg, tmp_path / "resume", cli_env, "--resume", str(two), "--fsdp")
+    assert (two / "test_predictions.csv").read_bytes() == finished

@@ -97,7 +97,7 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None)
 
     _reshard(model)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=options)
+    weights = _tied_as_one(model, get_model_state_dict(model, options=options))
     optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
     return weights, optim
 
@@ -149,13 +149,29 @@ def unshared(weights: dict) -> dict:
     return out
 
 
-def _with_tied_names(model: nn.Module, weights: dict) -> dict:
-    """Each name of a parameter that several names share (tied embeddings), given the saved name's tensor."""
+def _tied_names(model: nn.Module) -> list[list[str]]:
+    """The names of each parameter that several names share (tied input and output embeddings)."""
     names: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _tied_as_one(model: nn.Module, weights: dict) -> dict:
+    """A tied weight gathered under each of its names comes back as separate copies: one tensor for all its
+    names again, so that save_pretrained and safetensors write it once, as they do for a whole model
+    (measured on a tied Llama: model/ had lm_head.weight besides model.embed_tokens.weight)."""
+    for group in _tied_names(model) if weights else []:
+        present = [n for n in group if n in weights]
+        for name in present[1:]:
+            weights[name] = weights[present[0]]
+    return weights
+
+
+def _with_tied_names(model: nn.Module, weights: dict) -> dict:
+    """Each name of a parameter that several names share (tied embeddings), given the saved name's tensor."""
     weights = dict(weights)
-    for group in names.values():
+    for group in _tied_names(model):
         saved = next((n for n in group if n in weights), None)
         for name in group:
             if saved is not None and name not in weights:
