@@ -1,5 +1,5 @@
-"""Several processes (DDP through accelerate, or FSDP: fsdp.py): who this process is, its share of a batch, outputs gathered
-from every process, decisions they all take together, and the `--processes N` launcher.
+"""Several processes (DDP through accelerate, or FSDP: fsdp.py): who this process is, its share of a batch,
+outputs gathered from every process, decisions they all take together, and the `--processes N` launcher.
 
 A launch (`accelerate launch --multi_gpu --num_processes N -m tunesmith train CONFIG`, torchrun, or
 `tunesmith train CONFIG --processes N`) starts N copies of the same command. Every copy reads the data and
@@ -129,7 +129,8 @@ def launch(n: int, argv: list[str], fsdp: bool = False) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args([
-        *(["--use_fsdp", "--fsdp_version", "2"] if fsdp else ["--multi_gpu"]), "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no",
+        *(["--use_fsdp", "--fsdp_version", "2"] if fsdp else ["--multi_gpu"]),
+        "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "--module", "tunesmith", *argv])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))  # n processes share the cores
     try:
