@@ -334,3 +334,30 @@ def test_serve_keeps_onednns_kernel_cache_small(tiny_run, monkeypatch):
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
     assert serve_module.serve(run, {"serve.port": 0}) == 0
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256"
+
+
+def test_model_calls_pad_widths_to_a_multiple_and_give_freed_memory_back(tiny_run, monkeypatch):
+    """Each new (batch, width) shape grew a CPU PyTorch server's memory; widths rounded up to 8 tokens (auto) and
+    malloc_trim after each call kept it flat (bench/README.md). The answers are those of unpadded calls."""
+    import torch
+    from tunesmith import serve as serve_module
+    from tunesmith.serve import pad_width_to
+    run, _ = tiny_run("text_classification")
+    texts = ["good", "a great and wonderful film with a story", "awful and boring"]
+    with _client(run, workers=1) as client:
+        exact = client.post("/predict", json={"inputs": texts}).json()["predictions"]  # warm: loaded, first call
+    trims, widths = [], []
+    monkeypatch.setattr(serve_module, "_MALLOC_TRIM", lambda pad: trims.append(pad))
+    with _client(run, workers=1) as client:
+        model = client.app.state.model
+        assert client.get("/metadata").json()["batching"]["pad_to_multiple_of"] == 8 == model.pad_to
+        model.run.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(
+            kwargs["input_ids"].shape[1]), with_kwargs=True)
+        padded = client.post("/predict", json={"inputs": texts}).json()["predictions"]
+    assert widths and all(w % 8 == 0 for w in widths) and trims == [0]
+    for a, b in zip(exact, padded):
+        assert a["predicted_label"] == b["predicted_label"] and a["prob_pos"] == pytest.approx(b["prob_pos"], abs=1e-3)
+    # explicit values win; ONNX Runtime (flat without it) and GPUs keep the run's own widths
+    assert pad_width_to(ServeConfig(pad_to_multiple_of=4), torch.device("cpu"), "auto") == 4
+    assert pad_width_to(ServeConfig(backend="onnx"), torch.device("cpu"), "auto") == 1
+    assert pad_width_to(ServeConfig(), torch.device("cuda"), "auto") == 16

@@ -589,6 +589,10 @@ class ServeConfig(_Section):
                             "threads one call uses (OMP_NUM_THREADS, else all cores: 1 worker), 1 on a GPU")
     batch_window_ms: float = Field(
         5.0, ge=0, description="how long the first waiting request waits for others to join its batch")
+    pad_to_multiple_of: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="round each model call's text width up to a multiple of this many tokens: fewer "
+                            "distinct shapes keep a PyTorch server's memory from growing with each new one; auto: "
+                            "8 for PyTorch on a CPU, else as in training (bench/README.md, Serving under load)")
     max_queue: int = Field(
         256, ge=1, description="inputs waiting or running at most; beyond it a request gets 503 with Retry-After")
     retry_after_s: int = Field(1, ge=1, description="the Retry-After of a 503 answer (seconds)")

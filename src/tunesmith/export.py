@@ -209,8 +209,8 @@ class OnnxRun:
         feeds = {n: np.ascontiguousarray(batch[n].numpy()) for n in self.input_names}
         return torch.from_numpy(self.session.run(None, feeds)[0])
 
-    def logits(self, examples, batch_size: int = 128, quiet: bool = False):
-        return run_logits(self, examples, batch_size, quiet, forward=self.forward)
+    def logits(self, examples, batch_size: int = 128, quiet: bool = False, pad_to: int | None = None):
+        return run_logits(self, examples, batch_size, quiet, forward=self.forward, pad_to=pad_to)
 
 
 def format_report(report: dict) -> str:

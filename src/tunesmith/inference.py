@@ -262,12 +262,14 @@ class LoadedRun:
         self.model.to(self.device).eval()
         self.precision = choose_precision(precision, self.device, sum(p.numel() for p in self.model.parameters()))
 
-    def logits(self, examples, batch_size: int = 128, quiet: bool = False):
-        """One output per example (quiet: no note on stderr about long inputs, e.g. inside a server)."""
-        return run_logits(self, examples, batch_size, quiet)
+    def logits(self, examples, batch_size: int = 128, quiet: bool = False, pad_to: int | None = None):
+        """One output per example (quiet: no note on stderr about long inputs, e.g. inside a server; pad_to:
+        round each batch's width up to a multiple of this, instead of train.pad_to_multiple_of)."""
+        return run_logits(self, examples, batch_size, quiet, pad_to=pad_to)
 
 
-def run_logits(run, examples, batch_size: int, quiet: bool = False, forward: Callable | None = None):
+def run_logits(run, examples, batch_size: int, quiet: bool = False, forward: Callable | None = None,
+               pad_to: int | None = None):
     """A loaded run's outputs for examples: encode, batch by length, run the model (or `forward`), merge windows."""
     # serve's workers encode from several threads: a fast tokenizer whose truncation / padding settings change
     # while another thread uses it fails with "Already borrowed" (huggingface/tokenizers#537), so one at a time
@@ -275,7 +277,8 @@ def run_logits(run, examples, batch_size: int, quiet: bool = False, forward: Cal
         enc = run.task.encode(run.processor, examples, run.cfg)
     if enc.truncated and not quiet:
         print(f"tunesmith: {run.task.describe_inputs(enc, run.cfg)}", file=sys.stderr)
-    collate = run.task.make_collate(run.processor, pad_multiple(run.cfg.train.pad_to_multiple_of, run.device))
+    multiple = pad_to or pad_multiple(run.cfg.train.pad_to_multiple_of, run.device)
+    collate = run.task.make_collate(run.processor, multiple)
     outputs, _ = example_outputs(getattr(run, "model", None), run.task, enc, collate, batch_size, run.device,
                                  run.precision, run.cfg.model.chunk_aggregation, forward=forward)
     return outputs
@@ -319,8 +322,9 @@ class CVEnsemble:
         first = self.members[0]
         self.task, self.labels, self.cfg = first.task, first.labels, first.cfg
 
-    def logits(self, examples, batch_size: int = 128, quiet: bool = False):
-        return ensemble_logits([m.logits(examples, batch_size, quiet) for m in self.members], self.labels.problem_type)
+    def logits(self, examples, batch_size: int = 128, quiet: bool = False, pad_to: int | None = None):
+        return ensemble_logits([m.logits(examples, batch_size, quiet, pad_to) for m in self.members],
+                               self.labels.problem_type)
 
 
 def is_cv_dir(path: str | Path) -> bool:

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import ctypes
 import email.parser
 import email.policy
 import io
@@ -38,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .config import ServeConfig, load_config
 from .errors import TunesmithError
-from .inference import RUN_INFO, load_run
+from .inference import RUN_INFO, load_run, pad_multiple
 from .tasks.base import exportable
 
 
@@ -167,13 +168,18 @@ class Model:
             raise TunesmithError(f"task {self.task.NAME}: serving is not available for it yet")
         self.kind, self.settings = self.task.INPUT_KIND, settings
         self.workers = model_workers(settings.workers, getattr(self.run, "device", None))
+        device = getattr(self.run, "device", None) or torch.device("cpu")
+        self.pad_to = pad_width_to(settings, device, self.cfg.train.pad_to_multiple_of)
 
     def predict(self, inputs: list) -> list[dict]:
         """Prediction rows (the task's prediction frame as JSON records) for raw texts or image paths."""
         examples = self.task.read_examples(inputs, self.cfg, self.labels, require_labels=False)
-        frame = self.task.predictions_frame(examples, self.run.logits(examples, self.settings.max_batch_size,
-                                                                      quiet=True), self.labels)
-        return json.loads(frame.to_json(orient="records", force_ascii=False))
+        outputs = self.run.logits(examples, self.settings.max_batch_size, quiet=True, pad_to=self.pad_to)
+        frame = self.task.predictions_frame(examples, outputs, self.labels)
+        rows = json.loads(frame.to_json(orient="records", force_ascii=False))
+        del examples, outputs, frame
+        _give_back_freed_memory()
+        return rows
 
     def metadata(self) -> dict:
         s = self.settings
@@ -185,7 +191,7 @@ class Model:
                            "max_chars_per_input": s.max_chars_per_input, "max_image_bytes": s.max_image_bytes,
                            "max_queue": s.max_queue},
                 "batching": {"max_batch_size": s.max_batch_size, "batch_window_ms": s.batch_window_ms,
-                             "workers": self.workers}}
+                             "workers": self.workers, "pad_to_multiple_of": self.pad_to}}
 
     def body_limit(self) -> int:
         """Bytes a valid request can take: every input at its limit (JSON escapes take up to 6 bytes a
@@ -193,6 +199,35 @@ class Model:
         s = self.settings
         per_input = s.max_chars_per_input * 6 if self.kind == "text" else s.max_image_bytes * 4 // 3 + 1024
         return s.max_inputs_per_request * per_input + 65536
+
+
+def pad_width_to(settings: ServeConfig, device: torch.device, training_setting: int | str) -> int:
+    """serve.pad_to_multiple_of resolved; auto: 8 for PyTorch on a CPU, else the run's train.pad_to_multiple_of.
+    A CPU PyTorch server meets a new (batch, width) shape with nearly every call, and each new shape grew its
+    memory (oneDNN kernels, malloc's free lists); widths rounded up to 8 tokens kept it flat over 1,000+
+    calls (bench/README.md, Serving under load). ONNX Runtime stayed flat without it."""
+    if settings.pad_to_multiple_of != "auto":
+        return int(settings.pad_to_multiple_of)
+    if settings.backend == "torch" and device.type == "cpu":
+        return 8
+    return pad_multiple(training_setting, device)
+
+
+def _libc_malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc only (musl, macOS: none)
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def _give_back_freed_memory() -> None:
+    """After a model call, return what glibc's malloc keeps of the freed activations to the system: without
+    it a server's resident memory crept up with each call of a new shape."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def model_workers(setting: int | str, device: torch.device | None) -> int:
