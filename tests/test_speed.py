@@ -151,3 +151,40 @@ def test_is_peft_knows_a_lora_model(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     assert is_peft(get_peft_model(model, LoraConfig(r=2, target_modules=["query"])))
     assert not is_peft(AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2))
+
+
+def test_the_command_leaves_without_the_interpreters_teardown(monkeypatch, capsys):
+    """`tunesmith` skips Python's teardown (2 s after a demo run had written everything), but first lets other
+    threads finish, runs the exit handlers and flushes its output, and exits with main()'s code."""
+    import threading
+
+    from tunesmith import cli
+    events = []
+
+    def late_writer():
+        time.sleep(0.2)
+        events.append("thread done")
+
+    def main():
+        threading.Thread(target=late_writer).start()
+        print("answer", end="")  # no newline: still in the buffer
+        return 2
+    monkeypatch.setattr(cli, "main", main)
+    monkeypatch.setattr(cli.atexit, "_run_exitfuncs", lambda: events.append("exit handlers"))
+    monkeypatch.setattr(cli.sys.stdout, "flush", lambda: events.append("flushed"))
+
+    def fake_exit(code):
+        events.append(("exit", code))
+        raise SystemExit(code)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    with pytest.raises(SystemExit):
+        cli.run()
+    assert events == ["thread done", "exit handlers", "flushed", ("exit", 2)]
+
+
+def test_the_command_and_python_m_exit_with_mains_code(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    for cmd in ([sys.executable, "-m", "tunesmith", "train", str(missing)],
+                [sys.executable, "-c", "from tunesmith.cli import run; run()", "train", str(missing)]):
+        out = subprocess.run(cmd, capture_output=True, text=True, env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"})
+        assert out.returncode == 2 and "missing.yaml" in out.stderr and out.stderr.endswith("\n"), out.stderr

@@ -1,7 +1,5 @@
 """`python -m tunesmith ...`: what `accelerate launch -m tunesmith train CONFIG` starts in each process."""
 
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

@@ -4,6 +4,7 @@ and exit with code 2."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import json
 import os
@@ -347,6 +348,21 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def run() -> None:
+    """The `tunesmith` command (and `python -m tunesmith`): main(), then leave without Python's teardown.
+    Once a run has written everything, tearing down torch, transformers and ~3,000 modules took 2.0 s of a
+    1-step demo run's 21 s (measured on a 2-core CPU; `import torch` and one matmul alone: 0.8 s). What the
+    teardown would still do that matters runs first: other threads finish, exit handlers run, output is flushed."""
+    code = main()
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 0)
+
+
 def _print_error(exc: TunesmithError) -> None:
     """One line, from the main process of a several-process launch only: the others read the same inputs and
     stop with the same message."""
@@ -361,4 +377,4 @@ def _terminate(signum: int, frame) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
