@@ -178,21 +178,26 @@ def test_two_processes_train_like_one_with_the_same_global_batch(no_dropout_mode
     assert list(preds["predicted_label"]) == ["pos", "neg"]
 
 
+def _unfreezing_one_and_two_processes(model_dir, data, tmp_path, cli_env, *launch_args):
+    """Gradual unfreezing with oversampling and augmentation: one process ("one"), then two launched with
+    launch_args ("two", checkpoints kept every 20 steps); the two trained alike. Returns (two's folder, its config)."""
+    out = tmp_path / "runs"
+    extra = {"strategy": {"name": "gradual_unfreeze", "unfreeze_every_steps": 5},
+             "imbalance": {"method": "oversample"}, "augment": [{"op": "swap", "p": 0.3}]}
+    single = tunesmith.train(_config(model_dir, data, out, output={"dir": str(out), "name": "one"}, **extra))
+    cfg = _config(model_dir, data, out, output={"dir": str(out), "name": "two"}, train__batch_size=16,
+                  train__keep_checkpoints=True, train__checkpoint_every_steps=20, **extra)
+    _launch(cfg, tmp_path / "launch", cli_env, *launch_args)
+    _assert_same_training(single.run_dir, out / "two")
+    return out / "two", cfg
+
+
 def test_gradual_unfreezing_oversampling_augmentation_and_resume_under_ddp(no_dropout_model, uneven_data, tmp_path,
                                                                           cli_env):
     """Unfreezing must reach DDP (a layer unfrozen after DDP was built would train on each process's own
     gradients, unlike one process); a checkpoint resumes with the same number of processes, to the same
     result, and is refused with another number."""
-    out = tmp_path / "runs"
-    extra = {"strategy": {"name": "gradual_unfreeze", "unfreeze_every_steps": 5},
-             "imbalance": {"method": "oversample"}, "augment": [{"op": "swap", "p": 0.3}]}
-    single = tunesmith.train(_config(no_dropout_model, uneven_data, out, output={"dir": str(out), "name": "one"},
-                                     **extra))
-    cfg = _config(no_dropout_model, uneven_data, out, output={"dir": str(out), "name": "two"}, train__batch_size=16,
-                  train__keep_checkpoints=True, train__checkpoint_every_steps=20, **extra)
-    _launch(cfg, tmp_path / "launch", cli_env)
-    two = out / "two"
-    _assert_same_training(single.run_dir, two)
+    two, cfg = _unfreezing_one_and_two_processes(no_dropout_model, uneven_data, tmp_path, cli_env)
     unfrozen = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()
                 if '"unfreeze"' in line]
     assert [(u["step"], u["layer"]) for u in unfrozen] == [(5, "layer.1"), (10, "layer.0")]
@@ -321,16 +326,7 @@ def test_fsdp_gradual_unfreezing_checkpoint_and_resume(no_dropout_model, uneven_
     """Layers unfrozen after sharding get their gradients reduced like the others (as one process trains);
     a checkpoint holds the whole weights and optimizer state (gathered), and a run resumed from it under FSDP
     ends where the uninterrupted one ended; resumed without --fsdp it is refused."""
-    out = tmp_path / "runs"
-    extra = {"strategy": {"name": "gradual_unfreeze", "unfreeze_every_steps": 5},
-             "imbalance": {"method": "oversample"}, "augment": [{"op": "swap", "p": 0.3}]}
-    single = tunesmith.train(_config(no_dropout_model, uneven_data, out, output={"dir": str(out), "name": "one"},
-                                     **extra))
-    cfg = _config(no_dropout_model, uneven_data, out, output={"dir": str(out), "name": "two"}, train__batch_size=16,
-                  train__keep_checkpoints=True, train__checkpoint_every_steps=20, **extra)
-    _launch(cfg, tmp_path / "launch", cli_env, "--fsdp")
-    two = out / "two"
-    _assert_same_training(single.run_dir, two)
+    two, cfg = _unfreezing_one_and_two_processes(no_dropout_model, uneven_data, tmp_path, cli_env, "--fsdp")
     # the checkpoint is a whole model: the same tensors as a plain state dict, not one process's shards
     from safetensors.torch import load_file
     saved = load_file(two / "checkpoints" / "step-0000060" / "model.safetensors")

@@ -167,8 +167,8 @@ class Model:
         if not exportable(self.task):
             raise TunesmithError(f"task {self.task.NAME}: serving is not available for it yet")
         self.kind, self.settings = self.task.INPUT_KIND, settings
-        self.workers = model_workers(settings.workers, getattr(self.run, "device", None))
         device = getattr(self.run, "device", None) or torch.device("cpu")
+        self.workers = model_workers(settings.workers, device)
         self.pad_to = pad_width_to(settings, device, self.cfg.train.pad_to_multiple_of)
 
     def predict(self, inputs: list) -> list[dict]:
@@ -178,7 +178,8 @@ class Model:
         frame = self.task.predictions_frame(examples, outputs, self.labels)
         rows = json.loads(frame.to_json(orient="records", force_ascii=False))
         del examples, outputs, frame
-        _give_back_freed_memory()
+        if _MALLOC_TRIM is not None:  # what malloc keeps of the freed activations back to the system: without it
+            _MALLOC_TRIM(0)           # a server's resident memory crept up with each call of a new shape
         return rows
 
     def metadata(self) -> dict:
@@ -221,13 +222,6 @@ def _libc_malloc_trim():
 
 
 _MALLOC_TRIM = _libc_malloc_trim()
-
-
-def _give_back_freed_memory() -> None:
-    """After a model call, return what glibc's malloc keeps of the freed activations to the system: without
-    it a server's resident memory crept up with each call of a new shape."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def model_workers(setting: int | str, device: torch.device | None) -> int:
