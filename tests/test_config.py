@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.config import Config, load_config, parse_override_value
+from tunesmith import inputs
+from tunesmith.config import Config, config_to_yaml, load_config, parse_override_value
 from tunesmith.errors import TunesmithError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +40,31 @@ def test_bad_value_names_key_and_line(tmp_path):
     path = write(tmp_path, "data:\n  dataset: x\ntrain:\n  lr: fast\n")
     with pytest.raises(TunesmithError, match=r"line 4: train.lr: .*number.*'fast'"):
         load_config(path)
+
+
+@pytest.mark.parametrize("text", ["false", "off", "no", "False"])
+def test_test_false_means_no_test_split_and_is_kept(tmp_path, text):
+    """`data.test: false` (YAML off / no too) skips even a catalog dataset's own test split (None means: use it);
+    the saved run config keeps it, as do an override and in-memory data's config."""
+    cfg = load_config(write(tmp_path, f"data:\n  dataset: chatterbot\n  test: {text}\n"))
+    assert cfg.data.test is False
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config_to_yaml(cfg))
+    assert "  test: false\n" in saved.read_text() and load_config(saved, saved=True).data.test is False
+    overridden = load_config({"data": {"dataset": "chatterbot"}}, {"data.test": parse_override_value(text)})
+    assert overridden.data.test is False
+    with inputs.in_memory_data({"data": {"train": [{"text": "a", "label": "x"}], "test": False}}) as (config, _):
+        assert load_config(config).data.test is False
+    assert load_config({"data": {"dataset": "chatterbot", "test": None}}).data.test is None
+
+
+@pytest.mark.parametrize("text,shown", [("3", "3"), ("0", "0"), ("yes", "True"), ("[a.csv]", "['a.csv']")])
+def test_test_takes_a_file_or_false_only(tmp_path, text, shown):
+    path = write(tmp_path, f"data:\n  dataset: chatterbot\n  test: {text}\n")
+    with pytest.raises(TunesmithError) as err:
+        load_config(path)
+    expected = f"{path}, line 3: data.test: expected a file path, or false for no test split (got {shown})"
+    assert str(err.value) == expected
 
 
 def test_invalid_choice(tmp_path):

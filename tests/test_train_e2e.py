@@ -124,3 +124,41 @@ def test_a_one_row_validation_file_is_enough(tiny_model_dir, sentiment_csv, tmp_
     cfg["data"]["validation"] = str(validation)
     result = tunesmith.train(cfg)
     assert set(result.validation_metrics) >= {"accuracy", "macro_f1"}
+
+
+def test_test_off_skips_a_catalog_datasets_test_split(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`data.test: off` with a catalog dataset: no test split is read, scored or written, the run's saved config
+    keeps it off, and export (which would check on the test split) asks for --data instead."""
+    from conftest import sentiment_rows
+    from tunesmith import catalog
+    from tunesmith.cli import main
+    from tunesmith.config import load_config
+    from tunesmith.errors import TunesmithError
+    from tunesmith.export import export
+    from tunesmith.tasks.base import resolve_data_config
+
+    def build(wheels, target):  # a stand-in catalog dataset with its own test split, built without a download
+        pd.DataFrame(sentiment_rows(60, seed=1)).to_csv(target / "train.csv", index=False)
+        pd.DataFrame(sentiment_rows(20, seed=2)).to_csv(target / "test.csv", index=False)
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(catalog.DATASETS, "tiny_reviews", catalog.Entry(
+        (), build, "tiny reviews", data_defaults={"train": "train.csv", "test": "test.csv"}))
+    cfg = tiny_config(tiny_model_dir, tmp_path / "unused.csv", None, tmp_path / "runs", epochs=1)
+    cfg["data"] = {"dataset": "tiny_reviews", "validation_fraction": 0.2}
+    assert resolve_data_config(load_config(cfg).data).test.endswith("test.csv")  # absent: the catalog's own split
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg).replace("  dataset: tiny_reviews\n", "  dataset: tiny_reviews\n  test: off\n"))
+    assert "test: off" in path.read_text()
+
+    assert main(["train", str(path), "--output.name", "r", "--train.max_steps", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "tunesmith: test:" not in err, err
+    run = tmp_path / "runs" / "r"
+    summary = json.loads((run / "metrics.json").read_text())
+    assert "test" not in summary and summary["data"]["test"] == 0
+    assert not (run / "test_predictions.csv").exists()
+    assert all(json.loads(line)["type"] != "test" for line in (run / "metrics.jsonl").read_text().splitlines())
+    assert load_config(run / "config.yaml", saved=True).data.test is False
+    with pytest.raises(TunesmithError, match="the run has no test split"):
+        export(run)

@@ -61,7 +61,9 @@ class DataConfig(_Section):
     train: str | None = Field(None, description="training data: a .csv, .tsv, .jsonl or .parquet file (a folder of "
                                                 "class folders for images, CoNLL for NER)")
     validation: str | None = Field(None, description="validation data; carved out of train when absent")
-    test: str | None = Field(None, description="test data, evaluated once with the best model")
+    test: str | Literal[False] | None = Field(
+        None, description="test data, evaluated once with the best model; absent: a catalog dataset's own test "
+                          "split, if any; false: no test split at all")
     text_column: str = Field("text", description="the text of each row (token classification: raw text to predict)")
     label_column: str = "label"
     group_column: str | None = Field(
@@ -75,6 +77,14 @@ class DataConfig(_Section):
     unlabeled: str | None = Field(
         None, description="extra inputs without labels (texts, sentences or images, read like train) that "
                           "distill.teacher labels: the student learns them from the teacher's soft targets only")
+
+    @field_validator("test", mode="before")
+    @classmethod
+    def _test_is_a_path_or_false(cls, value):
+        # checked before the union: pydantic would read 0 as false, and its message spells false as False
+        if value is None or value is False or isinstance(value, str):
+            return value
+        raise ValueError("expected a file path, or false for no test split")  # the message adds (got ...)
 
     @field_validator("validation_fraction")
     @classmethod

@@ -69,7 +69,8 @@ def _train_fold(i: int, cfg: Config, task, base: Splits, held: np.ndarray, held_
     log(f"fold {i}/{cfg.cv.folds}: {len(fold_train)} train, "
         f"{len(validation) if validation is not None else 0} validation, {len(held)} held out")
     splits = Splits(fold_train, validation, held_rows, base.labels)
-    fold_cfg = load_config(cfg, {"output.dir": str(cv_dir), "output.name": f"fold-{i}", "data.test": None})
+    # false, not None: a catalog dataset's test split must not come back when a fold's config is read again
+    fold_cfg = load_config(cfg, {"output.dir": str(cv_dir), "output.name": f"fold-{i}", "data.test": False})
     result = train(fold_cfg, splits=splits)
     shutil.rmtree(result.run_dir / "checkpoints", ignore_errors=True)  # the fold is done: no resume needed
     if not cfg.cv.keep_models:

@@ -72,7 +72,7 @@ def export(run: str | Path, output: str | Path | None = None, quantize: str | No
 def _parity_examples(loaded: LoadedRun, data: Any) -> tuple[Any, str]:
     """Labelled examples for the parity check: `data`, else the run's test split."""
     source = data if data is not None else resolve_data_config(loaded.cfg.data).test
-    if source is None:
+    if source is None or source is False:  # data.test: false, or no test split at all
         raise TunesmithError("export: the run has no test split to check the export on; give --data FILE "
                              "(labelled, like the training data)")
     examples = loaded.task.read_examples(source, loaded.cfg, loaded.labels, require_labels=True)

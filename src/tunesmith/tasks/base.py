@@ -120,7 +120,7 @@ def resolve_data_config(data: DataConfig) -> DataConfig:
     updates = {}
     for key, value in entry.data_defaults.items():
         if key in ("train", "validation", "test"):
-            if getattr(data, key) is None:
+            if getattr(data, key) is None:  # only an absent split: `test: false` keeps the catalog's test out
                 updates[key] = str(folder / value)
         elif key not in data.model_fields_set:
             updates[key] = value
@@ -206,7 +206,8 @@ def fold_indices(n: int, folds: int, seed: int, classes: np.ndarray | None, clas
 def splits_around(train_all: Any, read_examples: Callable, cfg: Config, labels: Any,
                   classes: np.ndarray | None = None) -> Splits:
     """Splits of a task's training examples: validation from data.validation or held out of train
-    (split_train, stratified by `classes`), and data.test, both read with the task's read_examples."""
+    (split_train, stratified by `classes`), and data.test (none when absent or false), both read with the
+    task's read_examples."""
     data = cfg.data
     if data.validation:
         train, validation = train_all, read_examples(data.validation, cfg, labels)
