@@ -99,6 +99,46 @@ def test_bad_config_values(override, expected, tmp_path, tiny_model_dir, good_tr
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("override,expected", [
+    (["--train.lr", "abc"], "error: command line --train.lr abc: train.lr: Input should be a valid number"),
+    (["--train.batch_size", "-1"],
+     "error: command line --train.batch_size -1: train.batch_size: Input should be greater than or equal to 1"),
+    (["--trian.lr", "1"], "error: command line --trian.lr 1: unknown key 'trian' (did you mean 'train'?)"),
+    (["--data.text_pair_column", "b"], "error: command line --data.text_pair_column b: 'data.text_pair_column' has "
+                                       "moved to 'text_classification.text_pair_column'"),
+    (["--imbalance.method", "class_weights", "--imbalance.weights", "{zzz: 2}"],  # found after the data is read
+     "error: command line --imbalance.weights {'zzz': 2}: imbalance.weights: unknown class 'zzz'"),
+])
+def test_a_bad_override_is_reported_as_the_command_line_not_the_file(override, expected, tmp_path, tiny_model_dir,
+                                                                      good_train, capsys):
+    code, err = run_cli(capsys, ["train", write_config(tmp_path, tiny_model_dir, good_train), *override])
+    assert code == 2
+    assert error_line(err).startswith(expected) and "cfg.yaml" not in err
+
+
+def test_a_bad_value_in_the_file_still_names_its_line(tmp_path, tiny_model_dir, good_train, capsys):
+    path = write_config(tmp_path, tiny_model_dir, good_train)
+    text = path.read_text().replace("  lr: 0.002\n", "  lr: abc\n")
+    path.write_text(text)
+    line = text.splitlines().index("  lr: abc") + 1
+    code, err = run_cli(capsys, ["train", path, "--train.epochs", "2"])  # an override of another key changes nothing
+    assert code == 2
+    assert error_line(err).startswith(f"error: {path}, line {line}: train.lr: Input should be a valid number")
+
+
+def test_a_bad_override_of_a_saved_run_config_is_the_command_lines(tmp_path, tiny_model_dir, good_train, capsys):
+    """serve and predict read the run's saved config with overrides: a bad one is not a line of that file."""
+    config = write_config(tmp_path, tiny_model_dir, good_train)
+    assert run_cli(capsys, ["train", config, "--output.name=r", "--train.max_steps", "1"])[0] == 0
+    run = tmp_path / "runs" / "r"
+    code, err = run_cli(capsys, ["serve", run, "--serve.port", "abc"])
+    assert code == 2 and error_line(err).startswith(
+        "error: command line --serve.port abc: serve.port: Input should be a valid integer")
+    code, err = run_cli(capsys, ["predict", run, "--text", "good", "--max-new-tokens", "-1"])
+    assert code == 2 and error_line(err).startswith(
+        "error: command line --causal_lm.max_new_tokens -1: causal_lm.max_new_tokens: Input should be greater")
+
+
 def test_unseen_labels_at_evaluate_and_predict(tmp_path, tiny_model_dir, good_train, capsys):
     assert run_cli(capsys, ["train", write_config(tmp_path, tiny_model_dir, good_train), "--output.name=r"])[0] == 0
     other = tmp_path / "other.csv"

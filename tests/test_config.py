@@ -42,6 +42,13 @@ def test_bad_value_names_key_and_line(tmp_path):
         load_config(path)
 
 
+def test_a_bad_override_from_python_is_named_as_the_override_not_the_file(tmp_path):
+    path = write(tmp_path, "data:\n  dataset: x\ntrain:\n  lr: 0.1\n")
+    with pytest.raises(TunesmithError) as err:
+        load_config(path, {"train.lr": "abc"})
+    assert str(err.value).startswith("override train.lr='abc': train.lr: Input should be a valid number")
+
+
 @pytest.mark.parametrize("text", ["false", "off", "no", "False"])
 def test_test_false_means_no_test_split_and_is_kept(tmp_path, text):
     """`data.test: false` (YAML off / no too) skips even a catalog dataset's own test split (None means: use it);

@@ -323,8 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     previous = None
     if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds like Ctrl-C, not a silent death
         previous = signal.signal(signal.SIGTERM, _terminate)
+    from .config import overrides_from_command_line  # imported above already, for the train command's help
+
     try:
-        return args.func(args, extra)
+        with overrides_from_command_line():  # a bad override is reported as the command line's, not the file's
+            return args.func(args, extra)
     except Interrupted as exc:  # training stopped by a signal: the message says how to resume
         _print_error(exc)
         return 128 + exc.signum

@@ -2,13 +2,18 @@
 
 A config is one YAML file; any key can be overridden with a dotted path
 (`--train.lr 3e-5` on the command line, `{"train.lr": 3e-5}` from Python).
-Every mistake is reported as one line naming the file, the key and, where known, the line.
+Every mistake is reported as one line naming the file, the key and, where known, the line; a bad
+override names the override instead (`command line --train.lr abc: ...`).
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -870,14 +875,79 @@ def load_config(source: str | Path | dict | Config, overrides: dict[str, Any] | 
             raise TunesmithError(f"{path}: the top level must be a mapping of sections (model, data, train...)")
     else:
         raw = source
+    source_info = _Source(origin, text, raw, overrides or {})
     raw = apply_overrides(raw, overrides or {})
     if saved:
         raw = _move_old_keys(raw)
-    _refuse_moved_keys(raw, origin, text)
+    _refuse_moved_keys(raw, source_info)
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise TunesmithError(_describe_validation_error(exc, origin, text)) from None
+        raise TunesmithError(_describe_validation_error(exc, source_info)) from None
+
+
+# Who gave the overrides, for error messages: the CLI (cli.main) sets this, so a bad `--train.lr abc` is
+# reported as "command line --train.lr abc" and not at a line of the YAML file it overrides. A context
+# variable, since load_config is reached from every command through code that need not know.
+_FROM_COMMAND_LINE: ContextVar[bool] = ContextVar("tunesmith_overrides_from_command_line", default=False)
+
+
+@contextmanager
+def overrides_from_command_line() -> Iterator[None]:
+    """Inside the block, errors in overrides name the command line."""
+    token = _FROM_COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _FROM_COMMAND_LINE.reset(token)
+
+
+def override_origin(key: str, value: Any) -> str:
+    """How an error names an override: 'command line --train.lr abc' (CLI) or "override train.lr='abc'" (Python)."""
+    if _FROM_COMMAND_LINE.get():
+        return f"command line --{key} {shorten(value)}"
+    return f"override {key}={shorten(repr(value))}"
+
+
+@dataclass
+class _Source:
+    """Where a config's values came from, for error messages: a file (or dict) and the overrides applied to it."""
+    origin: str                 # the file's path, or "config" for a dict
+    text: str | None            # the file's YAML text, for line numbers
+    raw: Any                    # its values before the overrides
+    overrides: dict[str, Any]
+
+    def where(self, keys: list[str]) -> str:
+        """The override that set the value at `keys`, else the file and the key's line (or its section's)."""
+        key = self._override_of(keys)
+        if key is not None:
+            return override_origin(key, self.overrides[key])
+        line = _yaml_line(self.text, keys) if self.text else None
+        return f"{self.origin}, line {line}" if line else self.origin
+
+    def _override_of(self, keys: list[str]) -> str | None:
+        # an override at the key or above it replaced the value; one below it made the key only if the file
+        # does not have it (e.g. --trian.lr 1: the unknown section 'trian' came from the command line)
+        dotted = ".".join(keys)
+        for key in self.overrides:
+            if dotted == key or dotted.startswith(key + "."):
+                return key
+        if keys and not _holds(self.raw, keys):
+            return next((key for key in self.overrides if key.startswith(dotted + ".")), None)
+        return None
+
+
+def _holds(raw: Any, keys: list[str]) -> bool:
+    """Does the nested dict (or list) have a value at these keys?"""
+    node = raw
+    for key in keys:
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            return False
+    return True
 
 
 def _move_old_keys(raw: dict) -> dict:
@@ -891,21 +961,19 @@ def _move_old_keys(raw: dict) -> dict:
     return raw
 
 
-def _refuse_moved_keys(raw: dict, origin: str, yaml_text: str | None) -> None:
+def _refuse_moved_keys(raw: dict, source: _Source) -> None:
     data = raw.get("data")
     for key in data if isinstance(data, dict) else ():
         moved = MOVED_KEYS.get(f"data.{key}")
         if moved:
-            line = _yaml_line(yaml_text, ["data", key]) if yaml_text else None
-            where = f"{origin}, line {line}" if line else origin
-            raise TunesmithError(f"{where}: 'data.{key}' has moved to '{moved}' (the options of one task live in "
-                                 f"its own section)")
+            raise TunesmithError(f"{source.where(['data', key])}: 'data.{key}' has moved to '{moved}' (the options "
+                                 f"of one task live in its own section)")
 
 
 AUGMENT_OPS = TEXT_AUGMENT_OPS + IMAGE_AUGMENT_OPS
 
 
-def _describe_validation_error(exc: ValidationError, origin: str, yaml_text: str | None) -> str:
+def _describe_validation_error(exc: ValidationError, source: _Source) -> str:
     errors = exc.errors()
     err = errors[0]
     loc = list(err["loc"])
@@ -913,8 +981,7 @@ def _describe_validation_error(exc: ValidationError, origin: str, yaml_text: str
     loc = loc[:-1] if key_error else loc
     keys = _config_keys(loc)
     dotted = ".".join(keys)
-    line = _yaml_line(yaml_text, keys) if yaml_text else None
-    loc = f"{origin}, line {line}" if line else origin
+    loc = source.where(keys)
     if err["type"] == "extra_forbidden":
         parent = _section_model(keys[:-1])
         hint = ""
@@ -960,15 +1027,17 @@ def _section_model(keys: list[str]) -> type[BaseModel] | None:
     return model
 
 
-def locate(path: str | Path | None, dotted: str) -> str:
-    """Where a key sits in a YAML config file, for errors found after loading: 'cfg.yaml, line 12'."""
-    if path is None:
-        return "config"
-    try:
-        line = _yaml_line(Path(path).read_text(encoding="utf-8", errors="replace"), dotted.split("."))
-    except OSError:
-        line = None
-    return f"{path}, line {line}" if line else str(path)
+def locate(path: str | Path | None, dotted: str, overrides: dict[str, Any] | None = None) -> str:
+    """Where a key's value came from, for errors found after loading: 'cfg.yaml, line 12', or the override
+    that set it ('command line --imbalance.weights ...')."""
+    text, raw = None, {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+            raw = read_yaml(text)
+        except (OSError, yaml.YAMLError):
+            pass
+    return _Source(str(path) if path is not None else "config", text, raw, overrides or {}).where(dotted.split("."))
 
 
 def _yaml_line(text: str, keys: list[str]) -> int | None:

@@ -183,10 +183,11 @@ def setup(config, overrides=None, resume=None, splits=None, locks: ExitStack | N
         train_enc = distill.prepare(teacher, task, processor, splits, train_enc, cfg, labels)
     try:
         balance = setup_imbalance(task, cfg, splits, labels)
-    except TunesmithError as exc:  # a hand weight naming no class: point at the key in the config file
+    except TunesmithError as exc:  # a hand weight naming no class: point at the key in the config file (or override)
         config_file = run_dir / "config.yaml" if resume is not None else \
             config if isinstance(config, (str, Path)) else None
-        raise TunesmithError(f"{locate(config_file, 'imbalance.weights')}: {exc}") from None
+        given = overrides if resume is None else None  # a resumed run's config holds every value
+        raise TunesmithError(f"{locate(config_file, 'imbalance.weights', given)}: {exc}") from None
     metric = _check_metric(cfg, task, splits, labels)
     n_val = len(splits.validation) if splits.validation is not None else 0
     plan = make_plan(cfg, task, len(train_enc.features), n_val, processes)
