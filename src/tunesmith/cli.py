@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = None
     if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds like Ctrl-C, not a silent death
         previous = signal.signal(signal.SIGTERM, _terminate)
-    from .config import overrides_from_command_line  # imported above already, for the train command's help
+    from .config import overrides_from_command_line  # lazily, as the other config imports here (start-up time)
 
     try:
         with overrides_from_command_line():  # a bad override is reported as the command line's, not the file's
