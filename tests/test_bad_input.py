@@ -139,6 +139,25 @@ def test_a_bad_override_of_a_saved_run_config_is_the_command_lines(tmp_path, tin
         "error: command line --causal_lm.max_new_tokens -1: causal_lm.max_new_tokens: Input should be greater")
 
 
+def test_a_count_or_size_below_1_is_refused_by_the_parser(tmp_path, tiny_model_dir, good_train, capsys):
+    """--batch-size 0 or -1 crashed evaluate and predict with a traceback, and export took its default: every
+    count and size flag is refused in one line naming it, before anything is read or written."""
+    config = write_config(tmp_path, tiny_model_dir, good_train)
+    assert run_cli(capsys, ["train", config, "--output.name=r", "--train.max_steps", "1"])[0] == 0
+    run, onnx = tmp_path / "runs" / "r", tmp_path / "onnx"
+    commands = {"evaluate": [run, "--data", good_train, "--batch-size"],
+                "predict": [run, "--text", "good", "--batch-size"],
+                "export": [run, "--data", good_train, "--output", onnx, "--batch-size"],
+                "augment": [config, "--preview", "--n"],
+                "train": [config, "--processes"]}
+    for command, args in commands.items():
+        for value in ("0", "-1", "two"):
+            code, err = run_cli(capsys, [command, *args, value])
+            assert code == 2 and error_line(err) == (f"error: argument {args[-1]}: give a whole number, 1 or more "
+                                                     f"(got {value}); see tunesmith {command} --help")
+    assert not onnx.exists()
+
+
 def test_unseen_labels_at_evaluate_and_predict(tmp_path, tiny_model_dir, good_train, capsys):
     assert run_cli(capsys, ["train", write_config(tmp_path, tiny_model_dir, good_train), "--output.name=r"])[0] == 0
     other = tmp_path / "other.csv"

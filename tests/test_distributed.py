@@ -240,7 +240,8 @@ def test_processes_must_be_positive(tmp_path, capsys):
     from tunesmith.cli import main
 
     assert main(["train", str(tmp_path / "x.yaml"), "--processes", "0"]) == 2
-    assert capsys.readouterr().err.strip() == "error: --processes 0: give 1 or more"
+    assert capsys.readouterr().err.strip() == \
+        "error: argument --processes: give a whole number, 1 or more (got 0); see tunesmith train --help"
     for extra in ([], ["--processes", "1"]):
         assert main(["train", str(tmp_path / "x.yaml"), "--fsdp", *extra]) == 2
         assert capsys.readouterr().err.strip() == \

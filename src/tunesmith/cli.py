@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import Interrupted, Terminated, TunesmithError
 
@@ -45,8 +46,6 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if args.fsdp and (args.processes or 1) < 2:
         raise TunesmithError("--fsdp shards the model over several processes: give --processes 2 or more")
     if args.processes is not None:
-        if args.processes < 1:
-            raise TunesmithError(f"--processes {args.processes}: give 1 or more")
         if distributed.processes() > 1:
             raise TunesmithError("--processes: this command already runs under a launcher (accelerate launch, "
                                  "torchrun); give the number of processes to the launcher only")
@@ -219,15 +218,36 @@ def config_help() -> str:
     return "\n".join([header, *walk(Config, "")])
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, its mistakes reported as every other input error: one line, exit code 2 (argparse would print
+    the usage first and exit on its own); the sub-command parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        raise TunesmithError(f"{message}; see {self.prog} --help")
+
+
+def positive_int(text: str) -> int:
+    """The argparse type of the count and size flags that are not config overrides: 0 or less is refused before
+    anything loads (--batch-size 0 crashed evaluate and predict deep in batching; export took its default without
+    a word). Flags passed on as overrides (--folds, --trials, --max-new-tokens, --port) meet the config's bounds."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"give a whole number, 1 or more (got {text})")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained models on your own data.")
+    parser = _Parser(prog="tunesmith", description="Fine-tune pretrained models on your own data.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune from a YAML config", epilog=config_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config file")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--processes", type=int, metavar="N",
+    p.add_argument("--processes", type=positive_int, metavar="N",
                    help="train in N processes on this machine (DDP; accelerate's launcher starts them; "
                         "train.batch_size is per process). Several machines: accelerate launch, see "
                         "docs/distributed.md")
@@ -270,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--top-p", type=float, help="causal_lm, sampling: nucleus mass (default 1.0)")
             p.set_defaults(func=cmd_predict)
         p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
-        p.add_argument("--batch-size", type=int, default=128)
+        p.add_argument("--batch-size", type=positive_int, default=128)
         p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                        help="onnx: run the export of `tunesmith export` (RUN/onnx) with ONNX Runtime")
 
@@ -280,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8"], help="int8: dynamic int8 quantization (ONNX Runtime)")
     p.add_argument("--output", help="export folder (default: RUN/onnx)")
     p.add_argument("--data", help="labelled file for the parity check (default: the run's test split)")
-    p.add_argument("--batch-size", type=int, help="batch size of the parity runs (default: export.batch_size)")
+    p.add_argument("--batch-size", type=positive_int,
+                   help="batch size of the parity runs (default: export.batch_size)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="serve a run over HTTP (FastAPI + uvicorn): POST /predict, GET /health, "
@@ -302,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("augment", help="show training examples before and after augmentation")
     p.add_argument("config", help="YAML config file with an augment: list")
     p.add_argument("--preview", action="store_true", help="print original / augmented pairs")
-    p.add_argument("--n", type=int, default=5, help="how many pairs")
+    p.add_argument("--n", type=positive_int, default=5, help="how many pairs")
     p.set_defaults(func=cmd_augment, allow_extra=True)
 
     p = sub.add_parser("fetch", help="download catalog models/datasets (or wordnet) into the cache")
@@ -317,9 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "allow_extra", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "allow_extra", False):
+            raise TunesmithError(f"unrecognized arguments: {' '.join(extra)}; see tunesmith {args.command} --help")
+    except TunesmithError as exc:  # a bad flag (_Parser.error)
+        _print_error(exc)
+        return 2
     previous = None
     if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds like Ctrl-C, not a silent death
         previous = signal.signal(signal.SIGTERM, _terminate)
