@@ -16,9 +16,12 @@ with this mask. On GPUs torch's fused dropout is already cheap: the training loo
 
 from __future__ import annotations
 
+import math
 import types
 
 import torch
+
+from .models import use_attention
 
 FAST_DROPOUT_ATTENTION = "tunesmith_sdpa"
 _LEVELS = 65536
@@ -26,9 +29,7 @@ _LEVELS = 65536
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """A boolean mask of `shape`, each element False (dropped) with probability round(p * 65536) / 65536."""
-    n = 1
-    for size in shape:
-        n *= size
+    n = math.prod(shape)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)  # all 64 bits
     return bits.view(torch.int16)[:n].view(shape) >= round(p * _LEVELS) - _LEVELS // 2
 
@@ -70,14 +71,10 @@ def use_fast_dropout(model: torch.nn.Module) -> int:
             swapped += 1
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) == "sdpa" and hasattr(model, "set_attn_implementation"):
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+        from transformers.masking_utils import sdpa_mask
 
-        if FAST_DROPOUT_ATTENTION not in AttentionInterface._global_mapping:
-            AttentionInterface.register(FAST_DROPOUT_ATTENTION, _attention)
-            ALL_MASK_ATTENTION_FUNCTIONS.register(FAST_DROPOUT_ATTENTION, sdpa_mask)
         try:
-            model.set_attn_implementation(FAST_DROPOUT_ATTENTION)
+            use_attention(model, FAST_DROPOUT_ATTENTION, _attention, sdpa_mask)
         except (ValueError, NotImplementedError):  # a model class that takes only the library's own names
             pass
     return swapped

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .models import use_attention
 from .tasks.base import IGNORE
 
 
@@ -24,13 +25,7 @@ PACKED_ATTENTION = "tunesmith_packed"
 def use_packed_attention(model: torch.nn.Module) -> None:
     """Give the model PACKED_ATTENTION (registered with transformers on first use). A Hugging Face model's
     config keeps the name only in memory: a saved folder loads with the library's default attention."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    if PACKED_ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, _packed_attention_mask)
-    model.set_attn_implementation(PACKED_ATTENTION)
+    use_attention(model, PACKED_ATTENTION, _packed_attention, _packed_attention_mask)
 
 
 def _packed_attention_mask(**kwargs):

@@ -1,5 +1,6 @@
 """Backbone resolution (catalog name | local folder | hub id), loading, the optimizer's parameter
-groups, and the first-token-only last block of BERT-style classifiers."""
+groups, the first-token-only last block of BERT-style classifiers, and tunesmith's own attention functions
+given to a Hugging Face model."""
 
 from __future__ import annotations
 
@@ -109,6 +110,20 @@ def parameter_groups(params: torch.nn.Module | Iterable[tuple[str, torch.nn.Para
         for group in groups:
             group["lr"] = lr
     return [g for g in groups if g["params"]]
+
+
+def use_attention(model: torch.nn.Module, name: str, attention: Callable[..., Any], mask: Callable[..., Any]) -> None:
+    """Run this model's attention with `attention`, and build the masks it is given with `mask`: transformers
+    finds both by the name in the model's config, so they are registered under `name` on first use. Only the
+    config in memory holds the name: a saved folder loads with the library's default attention. A model class
+    that takes only the library's own names raises what its set_attn_implementation raises."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask)
+    model.set_attn_implementation(name)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
