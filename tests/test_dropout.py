@@ -154,6 +154,17 @@ def test_training_on_a_cpu_draws_its_dropout_masks_the_cheap_way(tiny_model_dir,
     assert calls["fast"] == 0 and calls["torch"] >= 4 * steps
 
 
+def test_fast_dropout_auto_means_on_cpus():
+    from tunesmith.config import load_config
+
+    base = {"data": {"train": "x.csv"}}
+    assert load_config(base).uses_fast_dropout("cpu") is True
+    assert load_config(base).uses_fast_dropout("cuda") is False
+    for value in (True, False):
+        cfg = load_config({**base, "train": {"fast_dropout": value}})
+        assert cfg.uses_fast_dropout("cpu") is cfg.uses_fast_dropout("cuda") is value
+
+
 @pytest.mark.parametrize("p", [0.1, 0.3])
 def test_the_dropped_share_is_p_rounded_to_a_65536th(p):
     torch.manual_seed(2)

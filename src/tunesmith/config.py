@@ -668,6 +668,13 @@ class Config(_Section):
             return self.train.group_by_length
         return not (self.task == "causal_lm" and self.causal_lm.packing)
 
+    def uses_fast_dropout(self, device_type: str) -> bool:
+        """train.fast_dropout with auto resolved (see its description) for training on `device_type`
+        (torch.device.type: "cpu", "cuda", ...)."""
+        if self.train.fast_dropout != "auto":
+            return self.train.fast_dropout
+        return device_type == "cpu"
+
     @field_validator("tracking", mode="before")
     @classmethod
     def _one_tracker(cls, value: Any) -> Any:

@@ -229,7 +229,7 @@ def _start(run) -> _Loop:
     else:
         model, optimizer = accelerator.prepare(run.model, optimizer)
         unwrapped = accelerator.unwrap_model(model)
-    if tcfg.fast_dropout is True or (tcfg.fast_dropout == "auto" and device.type == "cpu"):
+    if cfg.uses_fast_dropout(device.type):
         use_fast_dropout(unwrapped)  # torch's CPU dropout masks cost ~a seventh of a bf16 step (dropout.py)
     state = _resume(run, unwrapped, optimizer, scheduler) if run.resuming else None
     if state is not None and not sharded:  # the resume may have unfrozen layers (gradual unfreezing): DDP must see them
