@@ -201,6 +201,20 @@ def test_lora_trains_adapters_and_head_and_the_merged_save_loads_into_a_fresh_mo
         assert not torch.allclose(_model(arch).eval()(x), expected, atol=1e-5)  # training changed it
 
 
+def test_save_weights_writes_a_channels_last_model_and_a_gathered_state_dict_alike(tmp_path):
+    """A model without save_pretrained (timm, torchvision) is written as its state_dict, or as the whole weights
+    gathered from a sharded model's shards in its place: one path, contiguous tensors either way (a channels_last
+    model's conv weights are not), loading into a fresh model of the architecture."""
+    model = _model("torchvision resnet18").to(memory_format=torch.channels_last)
+    gathered = {name: tensor + 1 for name, tensor in model.state_dict().items()}
+    save_weights(model, tmp_path / "own", _cfg())
+    save_weights(model, tmp_path / "gathered", _cfg(), gathered)
+    for folder, expected in (("own", model.state_dict()), ("gathered", gathered)):
+        fresh = _model("torchvision resnet18")
+        load_model(fresh, tmp_path / folder / "model.safetensors")
+        assert all(torch.equal(tensor, expected[name]) for name, tensor in fresh.state_dict().items()), folder
+
+
 def _collate(features: list[dict]) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.stack([f["pixel_values"] for f in features]),
             "labels": torch.tensor([f["labels"] for f in features])}

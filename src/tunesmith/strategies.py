@@ -251,7 +251,7 @@ def save_weights(model: nn.Module, folder: Path, cfg: Config, state_dict: dict |
     torchvision models (no save_pretrained): `model.safetensors`, their state_dict, which loads
     into a fresh model of the same architecture (safetensors.torch.load_model). state_dict: the whole
     weights of a sharded (FSDP) model, written in place of its own (LoRA is not sharded: fsdp.py)."""
-    from safetensors.torch import save_file, save_model
+    from safetensors.torch import save_file
 
     from .fsdp import unshared
 
@@ -262,12 +262,12 @@ def save_weights(model: nn.Module, folder: Path, cfg: Config, state_dict: dict |
         if hasattr(model, "save_pretrained"):
             model.save_pretrained(folder, safe_serialization=True,
                                   **({"state_dict": state_dict} if state_dict is not None else {}))
-        elif state_dict is not None:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            save_file(unshared(state_dict), str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
         else:
             Path(folder).mkdir(parents=True, exist_ok=True)
-            save_model(model, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
+            weights = unshared(model.state_dict() if state_dict is None else state_dict)  # tied weights once
+            # contiguous, as safetensors' save_model makes them: a channels_last model's conv weights are not
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(Path(folder) / "model.safetensors"),
+                      metadata={"format": "pt"})
 
 
 def load_adapter(model_dir: Path, base: nn.Module) -> nn.Module:
