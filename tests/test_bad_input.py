@@ -8,7 +8,10 @@ import pytest
 import yaml
 
 from conftest import TUNESMITH, sentiment_rows, tiny_config
+import tunesmith
+from tunesmith import TunesmithError
 from tunesmith.cli import main
+from tunesmith.export import export
 
 
 def run_cli(capsys, args) -> tuple[int, str]:
@@ -277,3 +280,14 @@ def test_a_tab_separated_file_named_csv_gets_a_hint(tmp_path, tiny_model_dir, ca
     assert code == 2
     assert error_line(err) == (f"error: {tsv}, line 1: one column named 'text\\tlabel\\tfilm': the file looks "
                                "tab-separated; name it .tsv")
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_the_python_api_refuses_a_batch_size_below_1_in_one_line(tmp_path, bad):
+    # checked before the run is loaded: a bad size never reaches batching (0 failed there with a ValueError)
+    calls = [lambda: tunesmith.evaluate(tmp_path / "run", tmp_path / "data.csv", batch_size=bad),
+             lambda: tunesmith.predict(tmp_path / "run", texts=["a review"], batch_size=bad),
+             lambda: export(tmp_path / "run", batch_size=bad)]
+    for call in calls:
+        with pytest.raises(TunesmithError, match=r"^batch_size: give a whole number, 1 or more \(got "):
+            call()

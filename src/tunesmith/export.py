@@ -24,7 +24,7 @@ from .atomic import replace_dir, temp_dir_beside
 from .config import load_config
 from .errors import TunesmithError
 from .evaluate import scalar_metrics
-from .inference import RUN_INFO, LoadedRun, is_cv_dir, run_logits
+from .inference import RUN_INFO, LoadedRun, check_batch_size, is_cv_dir, run_logits
 from .tasks import TASKS
 from .tasks.base import exportable, resolve_data_config
 
@@ -39,6 +39,8 @@ def export(run: str | Path, output: str | Path | None = None, quantize: str | No
     check it against PyTorch on the test split (or `data`), and return the report saved as export.json."""
     if is_cv_dir(run):
         raise TunesmithError(f"{run}: a cross-validation folder holds several models; export one run folder")
+    if batch_size is not None:
+        check_batch_size(batch_size)
     started = time.perf_counter()
     loaded = LoadedRun(run, precision="fp32")
     task, cfg = loaded.task, loaded.cfg
@@ -47,7 +49,7 @@ def export(run: str | Path, output: str | Path | None = None, quantize: str | No
     loaded.model.to("cpu")  # exported and compared on the CPU, in fp32
     loaded.device = torch.device("cpu")
     quantize = quantize if quantize is not None else cfg.export.quantize
-    batch_size = batch_size or cfg.export.batch_size
+    batch_size = batch_size if batch_size is not None else cfg.export.batch_size
     examples, source = _parity_examples(loaded, data)
     model_dir = Path(run) / "model" if (Path(run) / "model").is_dir() else Path(run)
     target = Path(output) if output is not None else model_dir.parent / EXPORT_DIR

@@ -345,8 +345,16 @@ def load_run(run: str | Path, precision: str = "auto", backend: str = "torch",
     return CVEnsemble(run, precision) if is_cv_dir(run) else LoadedRun(run, precision, overrides)
 
 
+def check_batch_size(batch_size: Any) -> None:
+    """The batch size an API call was given, refused in one line when it is not a whole number of 1 or more
+    (0 failed deep in batching with a ValueError)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise TunesmithError(f"batch_size: give a whole number, 1 or more (got {batch_size!r})")
+
+
 def evaluate(run: str | Path, data, precision: str = "auto", batch_size: int = 128, backend: str = "torch") -> dict:
     """Metrics of a trained model on labelled data: a file, a DataFrame, a list of dicts or a Dataset."""
+    check_batch_size(batch_size)
     loaded = load_run(run, precision, backend)
     with inputs.in_memory_input(data, "data", loaded.cfg.data.text_column) as source:
         examples = loaded.task.read_examples(source, loaded.cfg, loaded.labels, require_labels=True)
@@ -364,6 +372,7 @@ def predict(run: str | Path, input=None, output: str | Path | None = None,
     when given."""
     if (input is None) == (texts is None):
         raise TunesmithError("predict needs an input (a file, a DataFrame, a list) or texts (one of them)")
+    check_batch_size(batch_size)
     loaded = load_run(run, precision, backend, overrides)
     name = "input" if texts is None else "texts"
     if isinstance(texts, str):
