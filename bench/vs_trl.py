@@ -12,6 +12,12 @@ and is turned off here (tunesmith does not recompute activations); tunesmith wit
 batches, each packed into one row with attention example by example).
 
     python bench/vs_trl.py [--steps 40] [--batch-size 8] [--max-length 128] [--lr 5e-4] [--val-rows N] [--seeds 0 1]
+    python bench/vs_trl.py ... --same-streams
+
+--same-streams takes the randomness out of the comparison: TRL trains on tunesmith's batches of that seed
+(the same examples in the same order, tunesmith's token ids and answer targets) from tunesmith's initial
+LoRA matrices, so the two runs differ only in their training machinery and dropout masks. tunesmith runs
+first and writes both down; TRL's data sampler is sequential over them.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ def validation_loss(model, model_dir: str, args) -> float:
 
 def _config(args, out: str) -> dict:
     return {"task": "causal_lm", "model": {"name": "smollm2-135m", "max_length": args.max_length},
-            "data": {"dataset": "chatterbot", "test": None},
+            "data": {"dataset": "chatterbot", "test": False},
             "train": {"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup_ratio": 0.1,
                       "precision": args.precision, "eval_every_steps": args.steps, "seed": args.seed,
                       "checkpoint_every_steps": 10**6},
@@ -60,10 +66,11 @@ def _config(args, out: str) -> dict:
 
 
 def run_tunesmith(args) -> dict:
+    import torch
     from transformers import AutoModelForCausalLM
 
     import tunesmith
-    from tunesmith import loop
+    from tunesmith import loop, strategies
 
     tokens = [0]
     forward_backward = loop._forward_backward
@@ -73,6 +80,22 @@ def run_tunesmith(args) -> dict:
         return forward_backward(lp, train_enc, indices, *rest)
 
     loop._forward_backward = counting
+    if args.streams:  # write down the first epoch's batches and the initial LoRA matrices for the TRL side
+        make_batches, wrap_lora = loop.make_batches, strategies._wrap_lora
+
+        def recording_batches(*a, **k):
+            batches = make_batches(*a, **k)
+            if not Path(args.streams, "batches.json").exists():
+                Path(args.streams, "batches.json").write_text(json.dumps(batches))
+            return batches
+
+        def recording_lora(*a, **k):
+            model = wrap_lora(*a, **k)
+            torch.save({_layer_key(n): p.detach().clone() for n, p in model.named_parameters() if "lora_" in n},
+                       Path(args.streams, "lora_init.pt"))
+            return model
+
+        loop.make_batches, strategies._wrap_lora = recording_batches, recording_lora
     with tempfile.TemporaryDirectory() as out:
         result = tunesmith.train(_config(args, out))
         summary = json.loads((result.run_dir / "metrics.json").read_text())
@@ -80,6 +103,30 @@ def run_tunesmith(args) -> dict:
         from tunesmith import catalog
         loss = validation_loss(model, str(catalog.model_path("smollm2-135m")), args)
     return {"seconds": summary["train"]["seconds"], "tokens": tokens[0], "val_loss": loss}
+
+
+def _layer_key(name: str) -> str:
+    """A LoRA parameter's name from its block on (the wrappers above it are named differently)."""
+    return name[name.index("layers."):]
+
+
+def _tunesmith_batches(args, model_dir: str):
+    """tunesmith's training examples of this seed in its batch order (--same-streams), as token ids + targets."""
+    import datasets
+
+    from tunesmith import catalog
+    from tunesmith.config import load_config
+    from tunesmith.tasks import causal_lm
+
+    cfg = load_config(_config(args, "unused"))
+    _, processor = causal_lm.build_model(model_dir, causal_lm.LMSpec(), cfg)
+    examples = causal_lm.read_examples(str(catalog.dataset_path("chatterbot") / "train.jsonl"), cfg, None)
+    enc = causal_lm.encode(processor, examples, cfg)
+    batches = json.loads(Path(args.streams, "batches.json").read_text())[:args.steps]
+    if len(batches) < args.steps:
+        raise SystemExit(f"--same-streams: {args.steps} steps are more than one pass ({len(batches)} batches)")
+    return datasets.Dataset.from_list([{"input_ids": list(enc.features[i]["input_ids"]),
+                                        "labels": list(enc.features[i]["labels"])} for b in batches for i in b])
 
 
 def run_trl(args) -> dict:
@@ -92,10 +139,14 @@ def run_trl(args) -> dict:
     from tunesmith import catalog
 
     model_dir = str(catalog.model_path("smollm2-135m"))
-    rows = [json.loads(line) for line in (catalog.dataset_path("chatterbot") / "train.jsonl").read_text().splitlines()]
-    data = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                                        "completion": [{"role": "assistant", "content": r["completion"]}]}
-                                       for r in rows])
+    if args.streams:
+        data = _tunesmith_batches(args, model_dir)
+    else:
+        rows = [json.loads(line) for line in
+                (catalog.dataset_path("chatterbot") / "train.jsonl").read_text().splitlines()]
+        data = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                                            "completion": [{"role": "assistant", "content": r["completion"]}]}
+                                           for r in rows])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as out:
@@ -108,13 +159,19 @@ def run_trl(args) -> dict:
         peft = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
         trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                              peft_config=peft)
-        tokens = [0]
+        if args.streams:  # tunesmith's initial LoRA matrices, its batches in order
+            initial = torch.load(Path(args.streams, "lora_init.pt"), weights_only=True)
+            with torch.no_grad():
+                loaded = [p.copy_(initial[_layer_key(n)]) for n, p in trainer.model.named_parameters() if "lora_" in n]
+            assert len(loaded) == len(initial), (len(loaded), len(initial))
+            trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+        batch_tokens = []
         collator = trainer.data_collator
 
         def counting(features):
             batch = collator(features)
-            tokens[0] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else \
-                int(batch["input_ids"].numel())
+            batch_tokens.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else
+                                int(batch["input_ids"].numel()))
             return batch
 
         trainer.data_collator = counting  # get_train_dataloader reads it when training starts
@@ -122,7 +179,9 @@ def run_trl(args) -> dict:
         trainer.train()
         seconds = time.perf_counter() - started
         merged = trainer.model.merge_and_unload()
-    return {"seconds": seconds, "tokens": tokens[0], "val_loss": validation_loss(merged, model_dir, args)}
+    # the data loader collates one batch ahead: the last one it made (step 81 of 80) is never trained on
+    return {"seconds": seconds, "tokens": sum(batch_tokens[:args.steps]),
+            "val_loss": validation_loss(merged, model_dir, args)}
 
 
 def side(args) -> None:
@@ -140,7 +199,10 @@ def main() -> None:
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     parser.add_argument("--val-rows", type=int, default=10**9, help="score the final loss on the first N validation rows")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (both sides each)")
+    parser.add_argument("--same-streams", action="store_true",
+                        help="TRL trains on tunesmith's batches of the seed from its initial LoRA matrices")
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--streams", help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=["trl", "tunesmith"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -150,18 +212,20 @@ def main() -> None:
     if args.side:
         return side(args)
     runs = {"trl": [], "tunesmith": []}
+    order = ["tunesmith", "trl"] if args.same_streams else ["trl", "tunesmith"]  # streams: tunesmith writes them
     for seed in args.seeds:  # both sides of a seed back to back
-        for name in runs:
-            with tempfile.NamedTemporaryFile(suffix=".json") as f:
-                cmd = [sys.executable, __file__, "--side", name, "--result", f.name, "--steps", str(args.steps),
-                       "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-                       "--lr", str(args.lr), "--precision", args.precision, "--val-rows", str(args.val_rows),
-                       "--seed", str(seed)]
-                subprocess.run(cmd, check=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
-                runs[name].append(json.loads(Path(f.name).read_text()))
+        with tempfile.TemporaryDirectory() as streams:
+            for name in order:
+                with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                    cmd = [sys.executable, __file__, "--side", name, "--result", f.name, "--steps", str(args.steps),
+                           "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+                           "--lr", str(args.lr), "--precision", args.precision, "--val-rows", str(args.val_rows),
+                           "--seed", str(seed)] + (["--streams", streams] if args.same_streams else [])
+                    subprocess.run(cmd, check=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+                    runs[name].append(json.loads(Path(f.name).read_text()))
     print(f"\nsmollm2-135m, chatterbot train, LoRA r 8 (all linear layers of the blocks), {args.steps} steps of "
           f"{args.batch_size}, max_length {args.max_length}, lr {args.lr:g}, precision {args.precision}, "
-          f"seeds {' '.join(map(str, args.seeds))}\n")
+          f"seeds {' '.join(map(str, args.seeds))}{', TRL on tunesmith streams' if args.same_streams else ''}\n")
     print("| side | seed | train s | real tokens | real tokens/s | final val loss | peak RSS MB |")
     print("|---|---|---|---|---|---|---|")
     for name, results in runs.items():
