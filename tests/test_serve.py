@@ -156,7 +156,9 @@ def test_workers_run_model_calls_at_once(tiny_run, monkeypatch):
 
 def test_workers_share_what_waits(tiny_run):
     run, _ = tiny_run("text_classification")
-    with _client(run, workers=2, batch_window_ms=500) as client:
+    # a window long enough for the 4 threads' requests to arrive on a loaded machine (with 0.5 s, one came late
+    # in a CI run with other jobs beside it: 2 + 1 + 1)
+    with _client(run, workers=2, batch_window_ms=3_000) as client:
         answers: list = []
         threads = [threading.Thread(target=lambda t=t: answers.append(client.post("/predict", json={"inputs": t})))
                    for t in ("good fun", "awful", "superb", "dull")]
