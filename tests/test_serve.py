@@ -169,6 +169,24 @@ def test_workers_share_what_waits(tiny_run):
         assert (health["batches"], health["largest_batch"]) == (2, 2)  # 2 + 2 at once, not 4 in one call
 
 
+def test_a_full_batch_shared_among_workers_starts_every_share_at_once(tiny_run):
+    run, _ = tiny_run("text_classification")
+    # 4 requests fill max_batch_size 4: no need to wait out the window, and the 2 workers take 2 each at once.
+    # Before, the second share waited a whole window more and then went as 1 + 1 (batches 2, 1, 1)
+    with _client(run, workers=2, max_batch_size=4, batch_window_ms=10_000) as client:
+        answers: list = []
+        threads = [threading.Thread(target=lambda t=t: answers.append(client.post("/predict", json={"inputs": t})))
+                   for t in ("good fun", "awful", "superb", "dull")]
+        started = time.perf_counter()
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        seconds = time.perf_counter() - started
+        assert [a.status_code for a in answers] == [200] * 4
+        health = client.get("/health").json()
+        assert (health["batches"], health["largest_batch"]) == (2, 2)
+        assert seconds < 5, seconds  # answered when the 4th arrived, not a 10 s window later
+
+
 def test_workers_auto_fill_the_cores(monkeypatch):
     import torch
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(4)), raising=False)

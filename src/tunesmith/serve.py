@@ -97,18 +97,25 @@ class Batcher:
                 except TimeoutError:
                     break
             # what is waiting is shared among the free workers: 32 clients and 2 workers are 2 calls of 16 at
-            # once, not one call of 32 while the other worker idles until its answers bring new requests
+            # once, not one call of 32 while the other worker idles until its answers bring new requests. Every
+            # share starts now: a share left waiting for the next turn of this loop waited a whole window more
+            # (4 requests, max_batch 4, 2 workers: 2 at once, then 1 + 1 a window later)
             free = self.workers - len(self.running)
             limit = min(self.max_batch, -(-self.waiting_inputs // free))
-            group = [self.waiting.popleft()[:2]]
-            taken = len(group[0][0])
-            while self.waiting and taken + len(self.waiting[0][0]) <= limit:
-                taken += len(self.waiting[0][0])
-                group.append(self.waiting.popleft()[:2])
-            self.waiting_inputs -= taken
-            task = asyncio.create_task(self._run(group))
-            self.running.add(task)  # held until done (the event loop keeps only weak references to tasks)
-            task.add_done_callback(self._finished)
+            for share in range(free):
+                if share:
+                    await self.free_workers.acquire()  # a worker that is free: taken at once
+                group = [self.waiting.popleft()[:2]]
+                taken = len(group[0][0])
+                while self.waiting and taken + len(self.waiting[0][0]) <= limit:
+                    taken += len(self.waiting[0][0])
+                    group.append(self.waiting.popleft()[:2])
+                self.waiting_inputs -= taken
+                task = asyncio.create_task(self._run(group))
+                self.running.add(task)  # held until done (the event loop keeps only weak references to tasks)
+                task.add_done_callback(self._finished)
+                if not self.waiting:
+                    break
 
     def _finished(self, task: asyncio.Task) -> None:
         self.running.discard(task)
