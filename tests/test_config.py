@@ -65,13 +65,26 @@ def test_test_false_means_no_test_split_and_is_kept(tmp_path, text):
     assert load_config({"data": {"dataset": "chatterbot", "test": None}}).data.test is None
 
 
+@pytest.mark.parametrize("split", ["test", "validation"])
 @pytest.mark.parametrize("text,shown", [("3", "3"), ("0", "0"), ("yes", "True"), ("[a.csv]", "['a.csv']")])
-def test_test_takes_a_file_or_false_only(tmp_path, text, shown):
-    path = write(tmp_path, f"data:\n  dataset: chatterbot\n  test: {text}\n")
+def test_test_and_validation_take_a_file_or_false_only(tmp_path, split, text, shown):
+    path = write(tmp_path, f"data:\n  dataset: chatterbot\n  {split}: {text}\n")
     with pytest.raises(TunesmithError) as err:
         load_config(path)
-    expected = f"{path}, line 3: data.test: expected a file path, or false for no test split (got {shown})"
+    expected = f"{path}, line 3: data.{split}: expected a file path, or false for no {split} split (got {shown})"
     assert str(err.value) == expected
+
+
+@pytest.mark.parametrize("text", ["false", "off"])
+def test_validation_false_holds_nothing_out_and_is_kept(tmp_path, text):
+    """`data.validation: false`: no validation split at all, neither a catalog dataset's own nor one carved out
+    of train (as validation_fraction 0); the saved run config keeps it."""
+    cfg = load_config(write(tmp_path, f"data:\n  dataset: chatterbot\n  validation: {text}\n"))
+    assert cfg.data.validation is False and not cfg.data.holds_out
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config_to_yaml(cfg))
+    assert "  validation: false\n" in saved.read_text() and load_config(saved, saved=True).data.validation is False
+    assert load_config({"data": {"dataset": "chatterbot"}}).data.holds_out
 
 
 def test_invalid_choice(tmp_path):

@@ -215,6 +215,29 @@ def test_save_weights_writes_a_channels_last_model_and_a_gathered_state_dict_ali
         assert all(torch.equal(tensor, expected[name]) for name, tensor in fresh.state_dict().items()), folder
 
 
+def test_save_weights_keeps_slices_of_one_storage_and_writes_tied_weights_once(tmp_path):
+    """Two weights that are slices of one tensor (a fused projection split in two) are both written, with their
+    values; a tied weight (the same tensor under two names) is written once (safetensors' save_model does the same)."""
+    class Split(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fused = torch.randn(6, 4)
+            self.q, self.k = nn.Parameter(self.fused[:3]), nn.Parameter(self.fused[3:])  # one storage
+            self.embed = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 4)
+            self.out.weight = self.embed.weight  # tied
+
+    model = Split()
+    assert model.q.untyped_storage().data_ptr() == model.k.untyped_storage().data_ptr()
+    save_weights(model, tmp_path / "split", _cfg())
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "split" / "model.safetensors"))
+    assert set(saved) == {"q", "k", "embed.weight", "embed.bias", "out.bias"}  # the tied weight once
+    fresh = Split()
+    assert fresh.load_state_dict(saved, strict=False).missing_keys == ["out.weight"]  # as timm loads a file
+    assert all(torch.equal(tensor, model.state_dict()[name]) for name, tensor in fresh.state_dict().items())
+
+
 def _collate(features: list[dict]) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.stack([f["pixel_values"] for f in features]),
             "labels": torch.tensor([f["labels"] for f in features])}

@@ -126,6 +126,28 @@ def test_a_one_row_validation_file_is_enough(tiny_model_dir, sentiment_csv, tmp_
     assert set(result.validation_metrics) >= {"accuracy", "macro_f1"}
 
 
+def test_validation_off_skips_a_catalog_datasets_validation_split(tiny_model_dir, tmp_path, monkeypatch):
+    """`data.validation: off` with a catalog dataset that has its own validation split: no validation rows at all
+    (none read, none carved out of train), the run trains on every training row and keeps its last model."""
+    from conftest import sentiment_rows
+    from tunesmith import catalog
+
+    def build(wheels, target):
+        for split, n, seed in (("train", 60, 1), ("validation", 20, 2)):
+            pd.DataFrame(sentiment_rows(n, seed=seed)).to_csv(target / f"{split}.csv", index=False)
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(catalog.DATASETS, "tiny_reviews", catalog.Entry(
+        (), build, "tiny reviews", data_defaults={"train": "train.csv", "validation": "validation.csv"}))
+    cfg = tiny_config(tiny_model_dir, tmp_path / "unused.csv", None, tmp_path / "runs", epochs=1)
+    cfg["data"] = {"dataset": "tiny_reviews", "validation": False}
+    result = tunesmith.train(cfg)
+    summary = json.loads((result.run_dir / "metrics.json").read_text())
+    assert summary["data"]["train"] == 60 and summary["data"]["validation"] == 0, summary["data"]
+    assert not result.validation_metrics
+    assert (result.run_dir / "model").is_dir()
+
+
 def test_test_off_skips_a_catalog_datasets_test_split(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """`data.test: off` with a catalog dataset: no test split is read, scored or written, the run's saved config
     keeps it off, and export (which would check on the test split) asks for --data instead."""

@@ -65,7 +65,10 @@ class DataConfig(_Section):
     dataset: str | None = Field(None, description="catalog dataset short name (instead of train/test files)")
     train: str | None = Field(None, description="training data: a .csv, .tsv, .jsonl or .parquet file (a folder of "
                                                 "class folders for images, CoNLL for NER)")
-    validation: str | None = Field(None, description="validation data; carved out of train when absent")
+    validation: str | Literal[False] | None = Field(
+        None, description="validation data; absent: a catalog dataset's own validation split, else carved out of "
+                          "train (data.validation_fraction); false: no validation split at all (the last model "
+                          "is kept, as with validation_fraction 0)")
     test: str | Literal[False] | None = Field(
         None, description="test data, evaluated once with the best model; absent: a catalog dataset's own test "
                           "split, if any; false: no test split at all")
@@ -83,13 +86,13 @@ class DataConfig(_Section):
         None, description="extra inputs without labels (texts, sentences or images, read like train) that "
                           "distill.teacher labels: the student learns them from the teacher's soft targets only")
 
-    @field_validator("test", mode="before")
+    @field_validator("validation", "test", mode="before")
     @classmethod
-    def _test_is_a_path_or_false(cls, value):
+    def _split_is_a_path_or_false(cls, value, info):
         # checked before the union: pydantic would read 0 as false, and its message spells false as False
         if value is None or value is False or isinstance(value, str):
             return value
-        raise ValueError("expected a file path, or false for no test split")  # the message adds (got ...)
+        raise ValueError(f"expected a file path, or false for no {info.field_name} split")  # the message adds (got ...)
 
     @field_validator("validation_fraction")
     @classmethod
@@ -101,7 +104,7 @@ class DataConfig(_Section):
     @property
     def holds_out(self) -> bool:
         """Is a validation split carved out of train (when no validation file is given)?"""
-        return self.validation_fraction == "auto" or self.validation_fraction > 0
+        return self.validation is not False and (self.validation_fraction == "auto" or self.validation_fraction > 0)
 
     def validation_share(self, n: int) -> float:
         """The share of n training rows to hold out: the set fraction, or for auto 10% and at most

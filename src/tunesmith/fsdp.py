@@ -137,15 +137,23 @@ def _reshard(model: nn.Module) -> None:
 
 
 def unshared(weights: dict) -> dict:
-    """One name per tensor storage (safetensors refuses tensors that share memory: tied weights)."""
-    seen: set[int] = set()
+    """Each tensor written once, as safetensors needs (it refuses tensors that share memory): a name whose
+    tensor is the very view an earlier name holds (tied weights) is left out, as safetensors' save_model does;
+    another view of a storage already kept (a slice of a fused weight) is copied, so no values are lost."""
+    storages: set[int] = set()
+    views: set[tuple] = set()
     out = {}
     for name, tensor in weights.items():
-        ptr = tensor.untyped_storage().data_ptr()
-        if tensor.numel() and ptr in seen:
+        if not tensor.numel():
+            out[name] = tensor
             continue
-        seen.add(ptr)
-        out[name] = tensor
+        storage = tensor.untyped_storage().data_ptr()
+        view = (storage, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        if view in views:
+            continue
+        views.add(view)
+        out[name] = tensor.clone() if storage in storages else tensor
+        storages.add(storage)
     return out
 
 

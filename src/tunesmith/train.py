@@ -454,7 +454,8 @@ def _wants_refit(run: Setup, degenerate: bool) -> bool:
     if not cfg.train.refit:
         return False
     skipped = ("the validation rows come from data.validation (a file of their own)"
-               if cfg.data.validation is not None or not cfg.data.holds_out else
+               if isinstance(cfg.data.validation, str) else
+               "no validation rows are held out" if not cfg.data.holds_out else
                "the plan did not learn on the validation split (see the warning above)" if degenerate else
                "train.time_limit is set (the budget is the first run's)" if cfg.train.time_limit else
                "several processes train (not supported there yet)" if run.plan.processes > 1 else None)
