@@ -13,11 +13,14 @@ batches, each packed into one row with attention example by example).
 
     python bench/vs_trl.py [--steps 40] [--batch-size 8] [--max-length 128] [--lr 5e-4] [--val-rows N] [--seeds 0 1]
     python bench/vs_trl.py ... --same-streams
+    python bench/vs_trl.py ... --sides tunesmith --tunesmith-order torch
 
 --same-streams takes the randomness out of the comparison: TRL trains on tunesmith's batches of that seed
 (the same examples in the same order, tunesmith's token ids and answer targets) from tunesmith's initial
 LoRA matrices, so the two runs differ only in their training machinery and dropout masks. tunesmith runs
-first and writes both down; TRL's data sampler is sequential over them.
+first and writes both down; TRL's data sampler is sequential over them. --tunesmith-order torch makes tunesmith
+draw its batch order the way TRL's sampler does (torch.randperm seeded with the seed; its own is numpy's
+permutation): then both libraries train on the same orders of every seed, from their own code otherwise.
 """
 
 from __future__ import annotations
@@ -80,6 +83,12 @@ def run_tunesmith(args) -> dict:
         return forward_backward(lp, train_enc, indices, *rest)
 
     loop._forward_backward = counting
+    if args.tunesmith_order == "torch":  # TRL's sampler: torch.randperm with a generator seeded with the seed
+        def torch_batches(lengths, batch_size, seed, group_by_length, sample_weights=None):
+            order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+            return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+        loop.make_batches = torch_batches
     if args.streams:  # write down the first epoch's batches and the initial LoRA matrices for the TRL side
         make_batches, wrap_lora = loop.make_batches, strategies._wrap_lora
 
@@ -201,6 +210,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (both sides each)")
     parser.add_argument("--same-streams", action="store_true",
                         help="TRL trains on tunesmith's batches of the seed from its initial LoRA matrices")
+    parser.add_argument("--sides", nargs="+", choices=["trl", "tunesmith"], default=["trl", "tunesmith"])
+    parser.add_argument("--tunesmith-order", choices=["own", "torch"], default="own",
+                        help="torch: tunesmith's side draws its batch order as TRL's sampler does (torch.randperm "
+                             "seeded with the seed) instead of with numpy: the same orders as TRL's, to tell the "
+                             "libraries apart from their shuffles")
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--streams", help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=["trl", "tunesmith"], help=argparse.SUPPRESS)
@@ -212,7 +226,10 @@ def main() -> None:
     if args.side:
         return side(args)
     runs = {"trl": [], "tunesmith": []}
+    if args.same_streams and args.sides != ["trl", "tunesmith"] or args.same_streams and args.tunesmith_order != "own":
+        parser.error("--same-streams runs both sides on tunesmith's own order")
     order = ["tunesmith", "trl"] if args.same_streams else ["trl", "tunesmith"]  # streams: tunesmith writes them
+    order = [name for name in order if name in args.sides]
     for seed in args.seeds:  # both sides of a seed back to back
         with tempfile.TemporaryDirectory() as streams:
             for name in order:
@@ -220,12 +237,14 @@ def main() -> None:
                     cmd = [sys.executable, __file__, "--side", name, "--result", f.name, "--steps", str(args.steps),
                            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                            "--lr", str(args.lr), "--precision", args.precision, "--val-rows", str(args.val_rows),
-                           "--seed", str(seed)] + (["--streams", streams] if args.same_streams else [])
+                           "--seed", str(seed), "--tunesmith-order", args.tunesmith_order] + \
+                          (["--streams", streams] if args.same_streams else [])
                     subprocess.run(cmd, check=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
                     runs[name].append(json.loads(Path(f.name).read_text()))
     print(f"\nsmollm2-135m, chatterbot train, LoRA r 8 (all linear layers of the blocks), {args.steps} steps of "
           f"{args.batch_size}, max_length {args.max_length}, lr {args.lr:g}, precision {args.precision}, "
-          f"seeds {' '.join(map(str, args.seeds))}{', TRL on tunesmith streams' if args.same_streams else ''}\n")
+          f"seeds {' '.join(map(str, args.seeds))}{', TRL on tunesmith streams' if args.same_streams else ''}"
+          f"{', tunesmith in torch.randperm orders' if args.tunesmith_order == 'torch' else ''}\n")
     print("| side | seed | train s | real tokens | real tokens/s | final val loss | peak RSS MB |")
     print("|---|---|---|---|---|---|---|")
     for name, results in runs.items():
@@ -240,6 +259,8 @@ def main() -> None:
         return sum(r["val_loss"] for r in results) / len(results)
 
     t, s = runs["trl"], runs["tunesmith"]
+    if not (t and s):
+        return
     print(f"\ntunesmith / TRL: tokens/s {speed(s) / speed(t):.2f}x, mean val loss {mean_loss(s):.4f} against "
           f"{mean_loss(t):.4f} ({mean_loss(s) - mean_loss(t):+.4f}), peak RSS "
           f"{max(r['peak_rss_mb'] for r in s) / max(r['peak_rss_mb'] for r in t):.2f}x")
