@@ -264,7 +264,9 @@ def test_ctrl_c_during_a_search_says_search_resume_and_requeues_the_trial(tiny_m
     `train --resume`); the trial's parameters are queued again, its folder removed; the resumed search
     runs them and ends with search.trials finished trials, the stopped one shown as 'interrupted'."""
     cfg = _config(tmp_path, tiny_model_dir, trials=3)
-    cfg["train"]["epochs"] = 3  # 18 steps a trial: long enough to be caught training
+    # 90-180 steps a trial (about a second or two): long enough to be caught training. At 3 epochs a trial of
+    # batch 32 trained 9 steps in 0.1 s and a CI run on a loaded machine missed trials 1 and 2 (exit 0, no SIGINT)
+    cfg["train"]["epochs"] = 30
     cfg_path = tmp_path / "search.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     search_dir = tmp_path / "runs" / "s"
