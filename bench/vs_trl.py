@@ -226,7 +226,7 @@ def main() -> None:
     if args.side:
         return side(args)
     runs = {"trl": [], "tunesmith": []}
-    if args.same_streams and args.sides != ["trl", "tunesmith"] or args.same_streams and args.tunesmith_order != "own":
+    if args.same_streams and (set(args.sides) != {"trl", "tunesmith"} or args.tunesmith_order != "own"):
         parser.error("--same-streams runs both sides on tunesmith's own order")
     order = ["tunesmith", "trl"] if args.same_streams else ["trl", "tunesmith"]  # streams: tunesmith writes them
     order = [name for name in order if name in args.sides]
