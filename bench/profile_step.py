@@ -1,7 +1,7 @@
 """Where a training step's time goes: tunesmith's loop pieces on minilm-l6 + Rotten Tomatoes.
 
     .venv/bin/python bench/profile_step.py [--steps 20] [--precision fp32|bf16] [--ab-first-token 3]
-                                           [--ab-fast-dropout 1]
+                                           [--ab-fast-dropout 1] [--ab-bf16-weights 2]
 
 Times each phase of the step (collate, forward, backward, clip, optimizer step) with wall clocks over
 --steps length-grouped batches of 32, then prints the top operators from torch.profiler. With
@@ -10,11 +10,14 @@ tunesmith's first-token-only one (models.first_token_only), R rounds over the sa
 batch's step runs under both settings back to back, in alternating order, so the host's changes of
 speed (large on a shared machine) fall on both alike. --ab-fast-dropout R does the same for torch's
 dropout masks against tunesmith's cheaper ones (dropout.use_fast_dropout, what training on a CPU uses).
+--ab-bf16-weights R (with --precision bf16): bf16 autocast on fp32 weights (what tunesmith does) against a bf16
+model with fp32 master weights in the optimizer (no casts in the step; bf16_weights_step).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -55,7 +58,12 @@ def main() -> None:
                         help="also time whole vs first-token-only last block, step by step, ROUNDS rounds")
     parser.add_argument("--ab-fast-dropout", type=int, default=0, metavar="ROUNDS",
                         help="also time torch's vs tunesmith's dropout masks, step by step, ROUNDS rounds")
+    parser.add_argument("--ab-bf16-weights", type=int, default=0, metavar="ROUNDS",
+                        help="with --precision bf16: also time bf16 autocast on fp32 weights (tunesmith) against a bf16 "
+                             "copy of the model with fp32 master weights in the optimizer, step by step, ROUNDS rounds")
     args = parser.parse_args()
+    if args.ab_bf16_weights and args.precision != "bf16":
+        parser.error("--ab-bf16-weights compares two ways of training in bf16: give --precision bf16")
 
     model, tok, enc, batches, opt = minilm_training_setup(args.steps + 3)
     phases = {k: 0.0 for k in ("collate", "forward", "backward", "clip", "optimizer")}
@@ -115,6 +123,40 @@ def main() -> None:
         interleaved(args.ab_fast_dropout, {"torch's dropout masks": torch_dropout,
                                            "tunesmith's dropout masks": lambda: use_fast_dropout(model)},
                     step, batches[3:], args.steps)
+    if args.ab_bf16_weights:
+        bf16_step = bf16_weights_step(model, tok, enc)
+        mode = {"bf16 weights": False}
+        interleaved(args.ab_bf16_weights, {"bf16 autocast, fp32 weights": lambda: mode.update({"bf16 weights": False}),
+                                           "bf16 weights, fp32 masters": lambda: mode.update({"bf16 weights": True})},
+                    lambda b, timed: bf16_step(b) if mode["bf16 weights"] else step(b, timed), batches[3:], args.steps)
+
+
+def bf16_weights_step(model, tok, enc):
+    """A step of "O2" mixed precision: a bf16 copy of the model runs forward and backward without autocast (no
+    casts of weights or activations), its gradients go to fp32 master weights, which the fused AdamW updates and
+    which are copied back into the bf16 model. Its own copy of the model: the fp32 one keeps training as before."""
+    model16 = copy.deepcopy(model).to(torch.bfloat16)
+    use_fast_dropout(model16)
+    model16.train()
+    params16 = list(model16.parameters())
+    masters = [p.detach().float().requires_grad_(True) for p in params16]
+    named = dict(zip([n for n, _ in model16.named_parameters()], masters))
+    opt = torch.optim.AdamW(parameter_groups(named.items(), 0.01), lr=5e-5, fused="cpu" in FUSED_ADAMW_DEVICES)
+    collate = tc.make_collate(tok, 1)
+
+    def step(b):
+        batch = collate([enc.features[i] for i in b])
+        labels = batch.pop("labels")
+        loss = torch.nn.functional.cross_entropy(model16(**batch).logits.float(), labels)
+        loss.backward()
+        for master, p in zip(masters, params16):
+            master.grad, p.grad = p.grad.float(), None
+        torch.nn.utils.clip_grad_norm_(masters, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_copy_(params16, masters)
+    return step
 
 
 def interleaved(rounds: int, settings: dict, step, batches: list, steps: int) -> None:
