@@ -304,3 +304,42 @@ def test_resume_after_the_last_step_writes_the_test_line_once(tiny_model_dir, tm
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["type"] for r in records].count("test") == 1
     assert [json.loads(x) for x in before] == records
+
+
+class _SharedWeights(torch.nn.Module):
+    """Weights that share memory three ways: two slices of one tensor (a fused weight seen as two parameters),
+    an input and output embedding tied as one parameter, and a channels-last (non-contiguous) convolution."""
+
+    def __init__(self):
+        super().__init__()
+        fused = torch.randn(8, 4)
+        self.q, self.k = torch.nn.Parameter(fused[:4]), torch.nn.Parameter(fused[4:])
+        self.embed = torch.nn.Embedding(5, 4)
+        self.out = torch.nn.Linear(4, 5, bias=False)
+        self.out.weight = self.embed.weight
+        self.conv = torch.nn.Conv2d(3, 2, 3).to(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        return (self.out(self.embed(x) @ self.q @ self.k.T).sum() + self.conv(torch.ones(1, 3, 4, 4)).sum())
+
+
+def test_a_checkpoint_keeps_weights_that_share_memory(tmp_path):
+    """safetensors' save_model refuses parameters that are slices of one tensor ('None is covering the entire
+    storage'), which failed such a model's first checkpoint; every weight must come back, tied ones still tied."""
+    torch.manual_seed(0)
+    model = _SharedWeights()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    model(torch.tensor([1, 2])).backward()
+    opt.step()
+    path = save_checkpoint(tmp_path, model, opt, sched, TrainState(step=1))
+
+    torch.manual_seed(1)
+    fresh = _SharedWeights()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    load_checkpoint(path, fresh, fresh_opt, torch.optim.lr_scheduler.LambdaLR(fresh_opt, lambda step: 1.0))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor), name
+    assert fresh.out.weight is fresh.embed.weight
+    assert fresh.q.untyped_storage().data_ptr() == fresh.k.untyped_storage().data_ptr()  # still one fused tensor
+    assert fresh.conv.weight.is_contiguous(memory_format=torch.channels_last)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from .atomic import temp_dir_beside, write_text_atomic
 from .errors import TunesmithError
@@ -57,11 +57,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module | dict, optimizer, sch
     final = folder / name
     tmp = temp_dir_beside(final)
     try:
-        if isinstance(model, dict):
-            from .fsdp import unshared
-            save_file(unshared(model), str(tmp / "model.safetensors"))
-        else:
-            save_model(model, str(tmp / "model.safetensors"))
+        save_file(_savable(model if isinstance(model, dict) else model.state_dict()), str(tmp / "model.safetensors"))
         torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         for r, rng in enumerate(rng_states or [rng_state()]):
@@ -86,6 +82,24 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module | dict, optimizer, sch
     for partial in folder.glob(".step-*.*"):  # left by a kill during an earlier save
         shutil.rmtree(partial, ignore_errors=True)
     return final
+
+
+def _savable(weights: dict) -> dict:
+    """The weights as safetensors writes them: each tensor once (a tied weight under one of its names; a slice of
+    a storage another name already holds copied, which safetensors' save_model refuses), and contiguous (the
+    conv weights of a channels-last image model are not). Loading gives each tied name its tensor again."""
+    from .fsdp import unshared
+
+    return {name: tensor.contiguous() for name, tensor in unshared(weights).items()}
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """A whole model's model.safetensors (a checkpoint's, or model/'s) into `model`, every weight present; each
+    name of a tied weight gets the tensor saved under one of them. (safetensors' load_model would refuse a model
+    whose parameters are slices of one tensor.)"""
+    from .fsdp import with_tied_names
+
+    model.load_state_dict(with_tied_names(model, load_file(str(path))))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -167,7 +181,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, ra
             load_full_state(model, load_file(str(path / "model.safetensors")) if main else {}, optimizer,
                             torch.load(path / "optimizer.pt", weights_only=True) if main else {})
         else:
-            load_model(model, str(path / "model.safetensors"))
+            load_weights(model, path / "model.safetensors")
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         _set_rng_state(torch.load(path / ("rng.pt" if rank == 0 else f"rng-{rank}.pt"), weights_only=True))

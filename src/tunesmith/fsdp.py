@@ -111,7 +111,7 @@ def load_full_state(model: nn.Module, weights: dict, optimizer: torch.optim.Opti
 
     _reshard(model)
     if distributed.is_main():
-        weights = _with_tied_names(model, weights)
+        weights = with_tied_names(model, weights)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, weights, options=options)
     if optimizer is not None:
@@ -176,7 +176,7 @@ def _tied_as_one(model: nn.Module, weights: dict) -> dict:
     return weights
 
 
-def _with_tied_names(model: nn.Module, weights: dict) -> dict:
+def with_tied_names(model: nn.Module, weights: dict) -> dict:
     """Each name of a parameter that several names share (tied embeddings), given the saved name's tensor."""
     weights = dict(weights)
     for group in _tied_names(model):

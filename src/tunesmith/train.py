@@ -24,7 +24,7 @@ from accelerate.utils import set_seed
 
 from . import distill, distributed, fsdp, inputs
 from .atomic import recover_dir, remove_stale_temps, replace_dir, write_text_atomic
-from .checkpoint import latest_checkpoint
+from .checkpoint import latest_checkpoint, load_weights
 from .config import Config, config_to_yaml, load_config, locate
 from .errors import TunesmithError
 from .evaluate import scalar_metrics
@@ -297,8 +297,7 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
     elif sharded:  # the main process reads model/, each process keeps its shards
         fsdp.load_weights_file(model, run_dir / "model" / "model.safetensors")
     else:
-        from safetensors.torch import load_model
-        load_model(model, str(run_dir / "model" / "model.safetensors"))
+        load_weights(model, run_dir / "model" / "model.safetensors")
     model.eval()
     total = count_parameters(model)[1]  # of the final model (a LoRA run's merged one); what learned: the outcome's
     summary: dict[str, Any] = {
