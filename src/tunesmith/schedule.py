@@ -26,7 +26,7 @@ AUTO_SMALL_DATA = AUTO_MIN_STEPS * AUTO_SMALL_BATCH  # 4,800 training inputs
 AUTO_MAX_EPOCHS = 40        # ... but no more passes than this over tiny data (early stopping ends most sooner)
 # ... and on large data one and a half passes: the whole Rotten Tomatoes train split (281 steps of 32 per pass),
 # macro F1 0.816 +- 0.004 in 1 pass, 0.818 +- 0.005 in 1.5 (0.822 +- 0.000 with 500 rows held out instead of
-# 1,000), for 1.45x the training time; the Trainer's 3 passes of batch 8: 0.822 +- 0.004 over 4 seeds. Two passes
+# 1,000), for 1.45x the training time; the Trainer's 3 passes of batch 8: 0.824 +- 0.005 over 6 seeds. Two passes
 # gained 0.35 points over the same 4 seeds (0.819 against 0.815 with today's dropout masks) for a third more time
 # (bench/README.md, seventh follow-up)
 AUTO_LARGE_DATA_EPOCHS = 1.5
