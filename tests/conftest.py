@@ -92,6 +92,13 @@ def cli_env(tmp_path) -> dict:
 TUNESMITH = [sys.executable, "-m", "tunesmith.cli"]
 
 
+def sigint_as_at_a_terminal() -> None:
+    """preexec_fn of a CLI process a test sends SIGINT: its default disposition, as for a command typed at a
+    terminal, even where the tests themselves were started ignoring it (a script's `make test &`), which
+    the process would otherwise inherit and keep."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def kill_after_first_checkpoint(config: Path, run_dir: Path, env: dict, cwd: Path) -> None:
     """`tunesmith train config` in a real process, SIGKILLed as soon as its first checkpoint is complete
     (or after 120 s, or once it exits)."""

@@ -4,13 +4,14 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 import yaml
 
-from conftest import TUNESMITH, sentiment_rows, tiny_config
+from conftest import TUNESMITH, sentiment_rows, sigint_as_at_a_terminal, tiny_config
 from tunesmith.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -150,14 +151,9 @@ def test_signal_finishes_the_step_checkpoints_and_says_how_to_resume(signum, tin
     stderr = tmp_path / "stopped.log"
     with open(stderr, "w") as err_file:
         proc = subprocess.Popen(TUNESMITH + ["train", str(cfg_path), "--output.name=stopped"], env=cli_env,
-                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err_file)
-        latest = runs / "stopped" / "checkpoints" / "latest"
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if latest.is_file() and int(latest.read_text().strip().split("-")[1] or 0) >= 20:
-                proc.send_signal(signum)
-                break
-            time.sleep(0.01)
+                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err_file,
+                                preexec_fn=sigint_as_at_a_terminal)
+        _signal_after_checkpoint(proc, runs / "stopped", signum)
         assert proc.wait(timeout=120) == 128 + signum, stderr.read_text()[-3000:]
     err = stderr.read_text()
     assert "Traceback" not in err
@@ -184,6 +180,37 @@ def test_signal_finishes_the_step_checkpoints_and_says_how_to_resume(signum, tin
     ref_log = [json.loads(x) for x in (runs / "reference" / "metrics.jsonl").read_text().splitlines()]
     got_log = [json.loads(x) for x in (stopped / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in got_log] == [r["step"] for r in ref_log]
+
+
+def _signal_after_checkpoint(proc: subprocess.Popen, run: Path, signum: int, step: int = 20) -> None:
+    """Send signum once the run's latest checkpoint is of `step` or later (or give up after 120 s)."""
+    latest = run / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and int(latest.read_text().strip().split("-")[1] or 0) >= step:
+            proc.send_signal(signum)
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no checkpoint of step {step} in {run} (exit code {proc.poll()})")
+
+
+def test_a_run_started_ignoring_sigint_keeps_ignoring_it_while_training(tiny_model_dir, tmp_path, cli_env):
+    """A script's `tunesmith train CONFIG &` starts with SIGINT ignored. Python keeps it ignored outside the
+    loop, so the loop does too: a SIGINT mid-training changes nothing, and the run ends by its plan. (It once
+    stopped only when the signal came during training, and a search's test missed its Ctrl-C when it came
+    just before.) SIGTERM still stops it."""
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(tiny_model_dir, tmp_path)))
+    run = tmp_path / "runs" / "ignoring"
+    with open(tmp_path / "log.txt", "w") as err_file:
+        proc = subprocess.Popen(TUNESMITH + ["train", str(cfg_path), "--output.name=ignoring"], env=cli_env,
+                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err_file,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        _signal_after_checkpoint(proc, run, signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    err = (tmp_path / "log.txt").read_text()
+    assert "SIGINT" not in err and "error:" not in err, err
+    assert json.loads((run / "metrics.json").read_text())["train"]["steps"] == 360  # 1,440 rows, batch 8, 2 epochs
 
 
 def test_sigterm_outside_training_is_one_line_and_exit_143(monkeypatch, capsys):

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import tunesmith
-from conftest import TUNESMITH, sentiment_rows, tiny_config
+from conftest import TUNESMITH, sentiment_rows, sigint_as_at_a_terminal, tiny_config
 from tunesmith.cli import main
 from tunesmith.config import load_config
 
@@ -272,7 +272,7 @@ def test_ctrl_c_during_a_search_says_search_resume_and_requeues_the_trial(tiny_m
     search_dir = tmp_path / "runs" / "s"
     with open(tmp_path / "stopped.log", "w") as err_file:
         proc = subprocess.Popen(TUNESMITH + ["search", str(cfg_path)], env=cli_env, cwd=tmp_path,
-                                stdout=subprocess.DEVNULL, stderr=err_file)
+                                stdout=subprocess.DEVNULL, stderr=err_file, preexec_fn=sigint_as_at_a_terminal)
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
             if (search_dir / "trial-0001" / "metrics.jsonl").is_file():

@@ -116,7 +116,8 @@ class _StopSignals:
     """SIGINT and SIGTERM while training: the first lets the current step finish, then the loop saves a
     checkpoint and stops (resuming continues exactly there); a second one stops at once, dropping the
     step (the previous checkpoint stays). Handlers can only be set from the main thread: elsewhere the
-    signals keep their usual effect."""
+    signals keep their usual effect. A signal the process was started ignoring (SIGINT for a script's
+    `command &`) stays ignored here too, as Python leaves it everywhere else in the run."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -125,7 +126,8 @@ class _StopSignals:
     def __enter__(self) -> "_StopSignals":
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous[signum] = signal.signal(signum, self._handle)
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
