@@ -1,7 +1,7 @@
 """Where a training step's time goes: tunesmith's loop pieces on minilm-l6 + Rotten Tomatoes.
 
     .venv/bin/python bench/profile_step.py [--steps 20] [--precision fp32|bf16] [--ab-first-token 3]
-                                           [--ab-fast-dropout 1] [--ab-bf16-weights 2]
+                                           [--ab-fast-dropout 1] [--ab-bf16-weights 2] [--ab-no-dropout 2]
 
 Times each phase of the step (collate, forward, backward, clip, optimizer step) with wall clocks over
 --steps length-grouped batches of 32, then prints the top operators from torch.profiler. With
@@ -12,6 +12,8 @@ speed (large on a shared machine) fall on both alike. --ab-fast-dropout R does t
 dropout masks against tunesmith's cheaper ones (dropout.use_fast_dropout, what training on a CPU uses).
 --ab-bf16-weights R (with --precision bf16): bf16 autocast on fp32 weights (what tunesmith does) against a bf16
 model with fp32 master weights in the optimizer (no casts in the step; bf16_weights_step).
+--ab-no-dropout R: the model's dropout (0.1, tunesmith's cheaper masks) against none (`train.dropout: 0`, what
+`dropout: auto` gives a plan of at most two passes: the attention then runs in SDPA's own kernel).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 from tunesmith import catalog
 from tunesmith.config import load_config
 from tunesmith.dropout import use_fast_dropout
-from tunesmith.models import first_token_only, parameter_groups
+from tunesmith.models import first_token_only, parameter_groups, set_dropout
 from tunesmith.tasks import text_classification as tc
 from tunesmith.loop import FUSED_ADAMW_DEVICES, make_batches
 
@@ -61,6 +63,8 @@ def main() -> None:
     parser.add_argument("--ab-bf16-weights", type=int, default=0, metavar="ROUNDS",
                         help="with --precision bf16: also time bf16 autocast on fp32 weights (tunesmith) against a bf16 "
                              "copy of the model with fp32 master weights in the optimizer, step by step, ROUNDS rounds")
+    parser.add_argument("--ab-no-dropout", type=int, default=0, metavar="ROUNDS",
+                        help="also time the model's dropout against none, step by step, ROUNDS rounds")
     args = parser.parse_args()
     if args.ab_bf16_weights and args.precision != "bf16":
         parser.error("--ab-bf16-weights compares two ways of training in bf16: give --precision bf16")
@@ -122,6 +126,10 @@ def main() -> None:
 
         interleaved(args.ab_fast_dropout, {"torch's dropout masks": torch_dropout,
                                            "tunesmith's dropout masks": lambda: use_fast_dropout(model)},
+                    step, batches[3:], args.steps)
+    if args.ab_no_dropout:
+        interleaved(args.ab_no_dropout, {"dropout 0.1": lambda: set_dropout(model, 0.1),
+                                         "no dropout": lambda: set_dropout(model, 0.0)},
                     step, batches[3:], args.steps)
     if args.ab_bf16_weights:
         bf16_step = bf16_weights_step(model, tok, enc)

@@ -100,6 +100,82 @@ def test_auto_learning_rate_follows_the_strategy_and_the_batch_size():
     assert make_plan(_cfg(lr=3e-5), TEXT, 100, 10).lr == 3e-5
 
 
+def test_auto_dropout_is_off_for_at_most_one_and_a_half_passes_over_the_data():
+    large = make_plan(_cfg(), TEXT, train_features=9479, validation_examples=500)  # 446 steps of 297 a pass
+    assert (large.dropout, large.dropout_reason) == (0.0, "auto: 1.5 pass(es) over the data, at most 1.5")
+    assert make_plan(_cfg(), TEXT, train_features=4000, validation_examples=400).dropout == 0.0  # 375 steps of 16
+    middle = make_plan(_cfg(), TEXT, train_features=2700, validation_examples=300)  # 300 steps of 169 a pass
+    assert (middle.dropout, middle.dropout_reason) == (None, "auto: 1.8 passes over the data, more than 1.5")
+    assert make_plan(_cfg(), TEXT, train_features=900, validation_examples=100).dropout is None  # 5.3 passes
+    assert make_plan(_cfg(epochs=3), TEXT, 9479, 500).dropout is None
+    assert make_plan(_cfg(epochs=2), TEXT, 9479, 500).dropout is None
+    assert make_plan(_cfg(epochs=1), TEXT, 900, 100).dropout == 0.0
+    assert make_plan(_cfg(max_steps=900), TEXT, 9479, 500).dropout is None  # 3 passes
+    assert make_plan(_cfg(dropout="model"), TEXT, 9479, 500).dropout is None
+    assert make_plan(_cfg(dropout=0.2), TEXT, 900, 100).dropout == 0.2
+    assert make_plan(_cfg(dropout=0), TEXT, 900, 100).dropout == 0.0
+    from tunesmith.errors import TunesmithError
+    with pytest.raises(TunesmithError, match="train.dropout"):
+        _cfg(dropout=1.0)
+
+
+def test_a_plan_of_few_passes_keeps_its_best_model_from_the_second_half(tiny_model_dir, tmp_path, capsys):
+    """epochs auto over large data (at most 2 passes): evaluations of the first half are logged, not kept, even
+    when they score best; early stopping counts from there. Small data (many passes) keeps any evaluation."""
+    plan = make_plan(_cfg(), TEXT, train_features=9479, validation_examples=500)
+    assert plan.best_from_step == 223 == plan.patience_from_step
+    assert "best model chosen from step 223 on" in plan.reason
+    assert make_plan(_cfg(), TEXT, train_features=900, validation_examples=100).best_from_step == 0
+    assert make_plan(_cfg(), TEXT, train_features=2700, validation_examples=300).best_from_step == 0  # 1.8 passes
+    assert make_plan(_cfg(epochs=1), TEXT, train_features=9479, validation_examples=500).best_from_step == 0
+    assert make_plan(_cfg(), TEXT, train_features=9479, validation_examples=0).best_from_step == 0
+
+    # 3,800 training rows at batch 16: 238 steps per epoch, 357 planned (1.5 passes), best model from step 178
+    pd.DataFrame(sentiment_rows(4000, seed=9)).to_csv(tmp_path / "train.csv", index=False)
+    cfg = tiny_config(tiny_model_dir, tmp_path / "train.csv", None, tmp_path / "runs", epochs="auto")
+    cfg["data"]["validation_fraction"] = 0.05
+    result = tunesmith.train(cfg)
+    err = capsys.readouterr().err
+    summary = json.loads((result.run_dir / "metrics.json").read_text())
+    assert (summary["plan"]["total_steps"], summary["plan"]["best_from_step"]) == (357, 178)
+    evals = [line for line in err.splitlines() if ": validation loss" in line]
+    steps = [int(line.split("step ")[1].split(":")[0]) for line in evals]
+    early = [line for line, step in zip(evals, steps) if step < 178]
+    # the very first evaluation would be the best so far, were it a candidate
+    assert early and all(line.endswith("(the best model is chosen from step 178 on)") for line in early)
+    first_candidate = evals[len(early)]
+    assert first_candidate.endswith("(best so far, saved)") and summary["best_step"] >= 178
+
+
+@pytest.mark.parametrize("epochs, expected", [(1, 0.0), (3, 0.1)])
+def test_the_planned_dropout_is_what_trains_and_the_saved_model_keeps_its_own(tiny_model_dir, sentiment_csv, tmp_path,
+                                                                             epochs, expected):
+    """Every dropout layer, the attention's included, at the plan's probability while training; model/config.json
+    keeps the backbone's (0.1: the tiny BERT's, as BERT's)."""
+    import torch
+
+    from tunesmith.loop import fit
+    from tunesmith.train import setup
+
+    train, test = sentiment_csv
+    cfg = tiny_config(tiny_model_dir, train, test, tmp_path / "runs", epochs=epochs)
+    seen = []
+
+    def on_evaluate(step, metrics):
+        seen.append({m.p for m in run.model.modules() if isinstance(m, torch.nn.Dropout)})
+        return False
+    run = setup(cfg)
+    layers = [m for m in run.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(layers) == 2 * 3 + 2  # per block: attention probabilities, attention output, feed-forward; embeddings, head
+    fit(run, on_evaluate)
+    assert seen and all(ps == {expected} for ps in seen)
+    result = tunesmith.train(cfg)
+    saved = json.loads((result.run_dir / "model" / "config.json").read_text())
+    assert saved["hidden_dropout_prob"] == 0.1 and saved["attention_probs_dropout_prob"] == 0.1
+    summary = json.loads((result.run_dir / "metrics.json").read_text())
+    assert summary["plan"]["dropout"] == (None if expected == 0.1 else expected)
+
+
 def test_config_values_as_the_docs_write_them():
     cfg = load_config({"data": {"train": "x.csv"}, "train": {"time_limit": "1h30m"},
                        "strategy": {"name": "freeze", "freeze_layers": 2, "cache_features": False}})

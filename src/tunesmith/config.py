@@ -238,6 +238,11 @@ class TrainConfig(_Section):
                             "(text: full, freeze, gradual_unfreeze 5e-5, at batch 32+ 1e-4, lora 5e-4, linear_probe 2e-3; NER: "
                             "full, freeze, gradual_unfreeze 1e-4; images: 1e-3, lora 2e-3, linear_probe 1e-2)")
     weight_decay: float = Field(0.01, ge=0)
+    dropout: Annotated[float, Field(ge=0, lt=1)] | Literal["auto", "model"] = Field(
+        "auto", description="drop probability of every dropout layer of the model while training (the saved model "
+                            "keeps its own); model: the model's own; auto: none when the plan makes at most 1.5 passes "
+                            "over the training data (large data with epochs: auto), where it only slowed learning "
+                            "(docs/defaults.md), else the model's own")
     warmup_ratio: float = Field(0.1, ge=0, le=1)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float | None = Field(1.0, description="clip gradients to this norm; null turns it off")

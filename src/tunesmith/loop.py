@@ -253,7 +253,8 @@ def _start(run) -> _Loop:
         append_jsonl(run.run_dir / "metrics.jsonl", {
             "type": "setup", "step": 0, "strategy": cfg.strategy.name, "param_groups": groups,
             "trainable_parameters": trainable, "total_parameters": total,
-            "plan": {"total_steps": plan.total_steps, "reason": plan.reason, "lr": plan.lr, "lr_reason": plan.lr_reason}})
+            "plan": {"total_steps": plan.total_steps, "reason": plan.reason, "lr": plan.lr, "lr_reason": plan.lr_reason,
+                     "dropout": plan.dropout}})
     cache, cache_seconds = _feature_cache(run, unwrapped, collate, device, sharded)
     budget = None
     if tcfg.time_limit:
@@ -449,7 +450,7 @@ def _after_step(lp: _Loop, last_of_epoch: bool, epoch_float: float, on_evaluate)
     if done or ((state.step % plan.eval_every == 0) if plan.eval_every else last_of_epoch):
         state.train_seconds = lp.train_seconds()
         lp.model.eval()
-        stop = _evaluate(lp, epoch_float, on_evaluate)
+        stop = _evaluate(lp, epoch_float, on_evaluate, last=done)
         set_train_mode(lp.model)
         lp.clock = time.perf_counter() - state.train_seconds
         if not done:
@@ -518,8 +519,9 @@ def _read_losses(lp: _Loop) -> list[float]:
     return running
 
 
-def _evaluate(lp: _Loop, epoch_float: float, on_evaluate) -> bool:
-    """Validate, log, keep the best model; returns True when early stopping or the callback says stop."""
+def _evaluate(lp: _Loop, epoch_float: float, on_evaluate, last: bool = False) -> bool:
+    """Validate, log, keep the best model; returns True when early stopping or the callback says stop. The
+    last evaluation of a run (the plan's end, the time limit) is always a candidate for the best model."""
     run, state, plan, cfg = lp.run, lp.state, lp.run.plan, lp.run.cfg
     record: dict[str, Any] = {"type": "eval", "step": state.step, "epoch": round(epoch_float, 4),
                               "lr": lp.scheduler.get_last_lr()[0]}
@@ -545,7 +547,9 @@ def _evaluate(lp: _Loop, epoch_float: float, on_evaluate) -> bool:
         append_jsonl(lp.metrics_log, record)
     value = scores[run.metric]
     shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k in (run.metric, "loss", "accuracy"))
-    if is_improvement(run.metric, value, state.best_metric):
+    if state.step < plan.best_from_step and not last:
+        log(f"step {state.step}: validation {shown} (the best model is chosen from step {plan.best_from_step} on)")
+    elif is_improvement(run.metric, value, state.best_metric):
         state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
         state.extra["best_validation_metrics"], state.extra["best_validation_step"] = full, state.step
         started = time.perf_counter()

@@ -126,6 +126,15 @@ def use_attention(model: torch.nn.Module, name: str, attention: Callable[..., An
     model.set_attn_implementation(name)
 
 
+def set_dropout(model: torch.nn.Module, p: float) -> int:
+    """Every torch.nn.Dropout of the model at drop probability p, in memory only (the config, and so the saved
+    model, keeps its own); returns how many. BERT-style attention reads its module's p at each call."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    for layer in layers:
+        layer.p = p
+    return len(layers)
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

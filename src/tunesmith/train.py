@@ -33,7 +33,7 @@ from .imbalance import setup as setup_imbalance
 from .inference import choose_precision, example_outputs, load_model_dir, save_model_dir, write_frame_atomic
 from .lock import FolderLock
 from .loop import FitOutcome, fit
-from .models import count_parameters, resolve_model
+from .models import count_parameters, resolve_model, set_dropout
 from .runlog import append_jsonl, count, log, warn
 from .schedule import TrainingPlan, auto_steps, make_plan
 from .strategies import Plan, apply_strategy, is_peft
@@ -193,6 +193,8 @@ def setup(config, overrides=None, resume=None, splits=None, locks: ExitStack | N
     plan = make_plan(cfg, task, len(train_enc.features), n_val, processes)
     precision = choose_precision(tcfg.precision, parameters=sum(p.numel() for p in model.parameters()),
                                  cpu_needs_amx=task.cpu_bf16_needs_amx())
+    if plan.dropout is not None:  # before the strategy: LoRA's own dropout is strategy.lora.dropout
+        set_dropout(model, plan.dropout)
     model, strategy = apply_strategy(model, cfg, plan.steps_per_epoch, plan.lr)
 
     if resume is None:
@@ -244,12 +246,14 @@ def _log_setup(run: Setup) -> None:
     if cfg.augment:
         log("augmentation of training examples, new every epoch: " + ", ".join(f"{op.op} (p {op.p})" for op in cfg.augment))
     evals = "at the end of every epoch" if plan.eval_every is None else f"every {plan.eval_every} steps"
+    dropout = "the model's own" if plan.dropout is None else f"{plan.dropout:g}"
     per_process = (f" ({plan.batch_size // plan.processes} per process x {plan.processes} processes)"
                    if plan.processes > 1 else "")
     log(f"plan: {plan.total_steps} optimizer steps ({plan.reason}); batch {plan.batch_size}{per_process}"
         f"{' (auto)' if cfg.train.batch_size == 'auto' else ''}"
         f"{f' x {cfg.train.grad_accum_steps} accumulation' if cfg.train.grad_accum_steps > 1 else ''}; "
-        f"learning rate {plan.lr:.3g} ({plan.lr_reason}); validation {evals}, best model by {run.metric}")
+        f"learning rate {plan.lr:.3g} ({plan.lr_reason}); dropout {dropout} ({plan.dropout_reason}); "
+        f"validation {evals}, best model by {run.metric}")
     _warn_about_the_plan(run)
 
 
@@ -305,6 +309,8 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
         "plan": {"total_steps": run.plan.total_steps, "steps_per_epoch": run.plan.steps_per_epoch,
                  "batch_size": run.plan.batch_size,
                  "reason": run.plan.reason, "lr": run.plan.lr, "lr_reason": run.plan.lr_reason,
+                 "dropout": run.plan.dropout, "dropout_reason": run.plan.dropout_reason,
+                 "best_from_step": run.plan.best_from_step,
                  "eval_every": run.plan.eval_every, "stopped": outcome.stopped, "processes": run.plan.processes},
         "train": {"steps": state.step, "seconds": round(outcome.train_seconds, 2),
                   "samples_per_second": round(outcome.samples_per_second, 2), "precision": run.precision,
