@@ -190,12 +190,17 @@ def run_hf(train_csv: Path, test_csv: Path, best: bool, workdir: Path, seed: int
             "precision": "bf16" if bf16 else "fp32", "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb()}
 
 
-def tunesmith_config(train_csv: Path, test_csv: Path, workdir: Path, seed: int, precision: str, name: str) -> Path:
+def tunesmith_config(train_csv: Path, test_csv: Path, workdir: Path, seed: int, precision: str, name: str,
+                     src: Path) -> Path:
     cfg = {"model": {"name": "minilm-l6", "max_length": MAX_LEN},
            "data": {"train": str(train_csv), "test": str(test_csv), "validation_fraction": 0},
            "train": {"epochs": 1, "batch_size": BATCH, "lr": LR, "weight_decay": WD, "warmup_ratio": WARMUP,
                      "seed": seed, "precision": precision},
            "output": {"dir": str(workdir / "runs"), "name": name}}
+    # the Trainer trains with the model's dropout; train.dropout: auto would drop it for 1 epoch (a checkout from
+    # before 2026-12-03, --before-src, has no such key and always kept it)
+    if "dropout:" in (src / "tunesmith" / "config.py").read_text():
+        cfg["train"]["dropout"] = "model"
     path = workdir / f"{name}.yaml"
     path.write_text(json.dumps(cfg))  # JSON is YAML
     return path
@@ -205,7 +210,7 @@ def run_tunesmith_cli(train_csv: Path, test_csv: Path, workdir: Path, seed: int,
                       src: Path) -> dict:
     """`tunesmith train CONFIG` then `tunesmith predict`, each a process timed from its start to its exit,
     with tunesmith from `src` (this checkout, or --before-src)."""
-    config = tunesmith_config(train_csv, test_csv, workdir, seed, precision, name)
+    config = tunesmith_config(train_csv, test_csv, workdir, seed, precision, name, src)
     env = os.environ | {"PYTHONPATH": str(src)}
     cli = [sys.executable, "-m", "tunesmith.cli"]
     run_dir = workdir / "runs" / name

@@ -90,7 +90,7 @@ def side_tunesmith(dataset: str, size: int, epochs: int, workdir: Path) -> dict:
         "data": {"dataset": dataset, "validation_fraction": 0},
         "image_classification": {"image_size": size},
         "train": {"epochs": epochs, "batch_size": BATCH, "lr": LR, "weight_decay": WD, "warmup_ratio": WARMUP,
-                  "seed": SEED},
+                  "seed": SEED, "dropout": "model"},  # the plain loop keeps the model's dropout (auto drops it at 1 epoch)
         "output": {"dir": str(workdir)}})
     summary = json.loads((result.run_dir / "metrics.json").read_text())
     n_train = summary["data"]["train"]
