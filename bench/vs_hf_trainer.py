@@ -14,7 +14,8 @@ only. Sides:
   hf_best     Trainer's recommended speed setting: group_by_length, + bf16 where the CPU/GPU runs bf16 fast
   (hf_best_pad16, with --hf-pad16: the same with its collator padding to multiples of 16)
 Ratios are against whichever Trainer setting trained fastest in this run.
-  tunesmith   tunesmith's defaults
+  tunesmith   tunesmith's defaults, with the model's own dropout as the Trainer (train.dropout: model)
+  (tunesmith_dropout_auto, with --also-dropout-auto: tunesmith's default train.dropout, none at 1 epoch)
 Then inference: HF pipeline("text-classification", batch_size=32) vs tunesmith predict on the test texts,
 3 alternating passes each in one process (medians).
 
@@ -191,7 +192,7 @@ def run_hf(train_csv: Path, test_csv: Path, best: bool, workdir: Path, seed: int
 
 
 def tunesmith_config(train_csv: Path, test_csv: Path, workdir: Path, seed: int, precision: str, name: str,
-                     src: Path) -> Path:
+                     src: Path, same_dropout: bool = True) -> Path:
     cfg = {"model": {"name": "minilm-l6", "max_length": MAX_LEN},
            "data": {"train": str(train_csv), "test": str(test_csv), "validation_fraction": 0},
            "train": {"epochs": 1, "batch_size": BATCH, "lr": LR, "weight_decay": WD, "warmup_ratio": WARMUP,
@@ -199,7 +200,7 @@ def tunesmith_config(train_csv: Path, test_csv: Path, workdir: Path, seed: int, 
            "output": {"dir": str(workdir / "runs"), "name": name}}
     # the Trainer trains with the model's dropout; train.dropout: auto would drop it for 1 epoch (a checkout from
     # before 2026-12-03, --before-src, has no such key and always kept it)
-    if "dropout:" in (src / "tunesmith" / "config.py").read_text():
+    if same_dropout and "dropout:" in (src / "tunesmith" / "config.py").read_text():
         cfg["train"]["dropout"] = "model"
     path = workdir / f"{name}.yaml"
     path.write_text(json.dumps(cfg))  # JSON is YAML
@@ -207,10 +208,10 @@ def tunesmith_config(train_csv: Path, test_csv: Path, workdir: Path, seed: int, 
 
 
 def run_tunesmith_cli(train_csv: Path, test_csv: Path, workdir: Path, seed: int, precision: str, name: str,
-                      src: Path) -> dict:
+                      src: Path, same_dropout: bool = True) -> dict:
     """`tunesmith train CONFIG` then `tunesmith predict`, each a process timed from its start to its exit,
     with tunesmith from `src` (this checkout, or --before-src)."""
-    config = tunesmith_config(train_csv, test_csv, workdir, seed, precision, name, src)
+    config = tunesmith_config(train_csv, test_csv, workdir, seed, precision, name, src, same_dropout)
     env = os.environ | {"PYTHONPATH": str(src)}
     cli = [sys.executable, "-m", "tunesmith.cli"]
     run_dir = workdir / "runs" / name
@@ -287,6 +288,9 @@ def main() -> None:
     parser.add_argument("--test-rows", type=int, default=None, help="sample this many test rows (default: all)")
     parser.add_argument("--also-precision", nargs="*", default=[], choices=["fp32", "bf16"],
                         help="also run tunesmith with this train.precision (beside its default, auto)")
+    parser.add_argument("--also-dropout-auto", action="store_true",
+                        help="also run tunesmith with its default train.dropout (auto: none at 1 epoch) instead of the "
+                             "model's own, which the Trainer keeps: less work, not the same hyperparameters")
     parser.add_argument("--hf-pad16", action="store_true",
                         help="also run the Trainer's best setting with its collator padding to multiples of 16")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],
@@ -327,16 +331,18 @@ def compare(args: argparse.Namespace, workdir: Path) -> None:
     src = Path(tunesmith.__file__).resolve().parents[1]
     runs: dict[str, list[dict]] = {}
     sides = ["hf_default"] * (not args.no_hf_default) + ["hf_best"] + ["hf_best_pad16"] * args.hf_pad16 \
-        + ["tunesmith"] + [f"tunesmith_{p}" for p in args.also_precision] + ["tunesmith_before"] * bool(args.before_src)
+        + ["tunesmith"] + [f"tunesmith_{p}" for p in args.also_precision] + ["tunesmith_dropout_auto"] * \
+        args.also_dropout_auto + ["tunesmith_before"] * bool(args.before_src)
     for seed in args.seeds:
         for side in sides:
             if side == "hf_default" and seed != args.seeds[0]:
                 continue
             print(f"running {side}, seed {seed} ...", file=sys.stderr, flush=True)
             if side.startswith("tunesmith"):
-                precision = "auto" if side in ("tunesmith", "tunesmith_before") else side.partition("_")[2]
+                precision = side.partition("_")[2] if side.endswith(("fp32", "bf16")) else "auto"
                 res = run_tunesmith_cli(train_csv, test_csv, workdir, seed, precision, f"{side}-seed{seed}",
-                                        args.before_src if side == "tunesmith_before" else src)
+                                        args.before_src if side == "tunesmith_before" else src,
+                                        same_dropout=side != "tunesmith_dropout_auto")
             else:
                 out = workdir / f"{side}-seed{seed}.json"
                 wall, _ = run_timed([sys.executable, __file__, "--side", side, "--seed", str(seed), "--workdir",
@@ -393,6 +399,11 @@ def compare(args: argparse.Namespace, workdir: Path) -> None:
           f"{ts['train_samples_per_second'] / best['train_samples_per_second']:.2f}x; "
           + ", ".join(f"tunesmith / {k} = {ts['train_samples_per_second'] / v['train_samples_per_second']:.2f}x"
                       for k, v in hf.items() if k != fastest))
+    for side in (s for s in results if s.startswith("tunesmith_")):  # the other tunesmith settings
+        r = results[side]
+        print(f"             {side} / {fastest} = "
+              f"{r['train_samples_per_second'] / best['train_samples_per_second']:.2f}x, accuracy "
+              f"{100 * (r['accuracy'] - best['accuracy']):+.2f} points")
     fastest_eval = max(hf, key=lambda k: hf[k]["eval_samples_per_second"])
     print(f"eval speed:  tunesmith / {fastest_eval} = "
           f"{ts['eval_samples_per_second'] / hf[fastest_eval]['eval_samples_per_second']:.2f}x")
