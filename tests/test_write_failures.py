@@ -127,12 +127,15 @@ def test_disk_full_while_writing_test_predictions(tiny_model_dir, tmp_path, caps
     assert not [p.name for p in run.iterdir() if p.name.startswith(".test_predictions")], "temporary file left"
 
 
-@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
-                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")],
-                         ids=["OSError", "torch-zip-writer"])
-def test_disk_full_in_a_checkpoint_save_keeps_the_previous_one(error, tiny_model_dir, tmp_path, capsys, monkeypatch):
-    """torch.save failing at the second checkpoint (a full disk): one line saying how to resume; the first
-    checkpoint stays whole and no temporary folder is left; once space is back, --resume finishes."""
+@pytest.mark.parametrize("error,hint", [
+    (OSError(errno.ENOSPC, "No space left on device"), "free some space"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"), "free some space"),
+    (OSError(errno.EACCES, "Permission denied"), "fix that")], ids=["OSError", "torch-zip-writer", "no-permission"])
+def test_disk_full_in_a_checkpoint_save_keeps_the_previous_one(error, hint, tiny_model_dir, tmp_path, capsys,
+                                                               monkeypatch):
+    """torch.save failing at the second checkpoint (a full disk, or no permission): one line saying how to resume,
+    space advised only where space is what lacks; the first checkpoint stays whole and no temporary folder is left;
+    once the cause is gone, --resume finishes."""
     cfg = _train_config(tiny_model_dir, tmp_path, max_steps=6, checkpoint_every_steps=2, eval_every_steps=2)
     real_save, calls = torch.save, []
 
@@ -148,7 +151,7 @@ def test_disk_full_in_a_checkpoint_save_keeps_the_previous_one(error, tiny_model
     run = tmp_path / "runs" / "full"
     assert code == 2
     assert line.startswith(f"error: {run / 'checkpoints' / 'step-0000004'}: cannot write the checkpoint (")
-    assert line.endswith(f"the previous checkpoint is kept: free some space and continue with: tunesmith train "
+    assert line.endswith(f"the previous checkpoint is kept: {hint} and continue with: tunesmith train "
                          f"{run}/config.yaml --resume {run}")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-0000002"]
 

@@ -10,6 +10,7 @@ falls back to the newest checkpoint that is whole.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -68,9 +69,11 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module | dict, optimizer, sch
         # a full disk: torch.save's zip writer reports it as a RuntimeError ("file write failed")
         shutil.rmtree(tmp, ignore_errors=True)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+        # torch's zip writer says only "unexpected pos ...": most often a full disk, as ENOSPC and EDQUOT
+        disk_full = not isinstance(exc, OSError) or exc.errno in (errno.ENOSPC, errno.EDQUOT)
         raise TunesmithError(f"{final}: cannot write the checkpoint ({reason}); the previous checkpoint is kept: "
-                             f"free some space and continue with: tunesmith train {run_dir}/config.yaml "
-                             f"--resume {run_dir}") from None
+                             f"{'free some space' if disk_full else 'fix that'} and continue with: tunesmith train "
+                             f"{run_dir}/config.yaml --resume {run_dir}") from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
