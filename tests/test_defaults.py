@@ -147,6 +147,53 @@ def test_a_plan_of_few_passes_keeps_its_best_model_from_the_second_half(tiny_mod
     assert first_candidate.endswith("(best so far, saved)") and summary["best_step"] >= 178
 
 
+def test_a_replanned_length_moves_where_early_stopping_and_the_best_model_start():
+    """A time budget (or the main process of several) sets a new length: what started at half the plan starts
+    at half the new one, down and back up; what started at step 0 stays there."""
+    plan = make_plan(_cfg(), TEXT, train_features=9479, validation_examples=500)  # 446 steps, both from 223
+    plan.set_total_steps(140)
+    assert (plan.total_steps, plan.patience_from_step, plan.best_from_step) == (140, 70, 70)
+    plan.set_total_steps(400)  # a slow start's cut, grown back as the pace recovered
+    assert (plan.patience_from_step, plan.best_from_step) == (200, 200)
+    many = make_plan(_cfg(), TEXT, train_features=900, validation_examples=100)  # many passes: any evaluation
+    many.set_total_steps(100)
+    assert (many.patience_from_step, many.best_from_step) == (50, 0)
+    fixed = make_plan(_cfg(epochs=1), TEXT, train_features=9479, validation_examples=500)
+    fixed.set_total_steps(100)
+    assert (fixed.patience_from_step, fixed.best_from_step) == (0, 0)
+
+
+def test_a_time_budget_that_cuts_a_few_pass_plan_chooses_from_the_second_half_of_the_cut(tiny_model_dir, tmp_path,
+                                                                                        capsys, monkeypatch):
+    """357 steps planned (1.5 passes, best model from step 178); the budget fits 140: the evaluations from
+    step 70 on are candidates. (Before, the cut run kept only its last evaluation, and logged every other one
+    as 'chosen from step 178 on'.)"""
+    from tunesmith import loop
+    real_fit = loop._fit_the_budget
+
+    def budget_for_140_steps(lp, note):
+        lp.budget.steps_that_fit = lambda elapsed, per_step, reserve: max(0, 140 - lp.state.step)
+        real_fit(lp, note)
+
+    monkeypatch.setattr(loop, "_fit_the_budget", budget_for_140_steps)
+    pd.DataFrame(sentiment_rows(4000, seed=9)).to_csv(tmp_path / "train.csv", index=False)
+    cfg = tiny_config(tiny_model_dir, tmp_path / "train.csv", None, tmp_path / "runs", epochs="auto",
+                      time_limit="1h")
+    cfg["data"]["validation_fraction"] = 0.05
+    result = tunesmith.train(cfg)
+    err = capsys.readouterr().err
+    summary = json.loads((result.run_dir / "metrics.json").read_text())
+    total = summary["plan"]["total_steps"]  # 140, or 141: a re-plan at step 140 keeps at least one more step
+    assert total in (140, 141) and summary["train"]["steps"] == total and summary["plan"]["best_from_step"] == 70
+    assert "time limit 1.0h: 140 of the 357 planned steps fit" in err
+    evals = [line for line in err.splitlines() if ": validation loss" in line]
+    steps = [int(line.split("step ")[1].split(":")[0]) for line in evals]
+    assert all(line.endswith("(the best model is chosen from step 70 on)") for line, step in zip(evals, steps) if step < 70)
+    candidates = [line for line, step in zip(evals, steps) if 70 <= step < total]
+    assert candidates and candidates[0].endswith("(best so far, saved)")  # the first candidate is the best so far
+    assert 70 <= summary["best_step"] <= total
+
+
 @pytest.mark.parametrize("epochs, expected", [(1, 0.0), (3, 0.1)])
 def test_the_planned_dropout_is_what_trains_and_the_saved_model_keeps_its_own(tiny_model_dir, sentiment_csv, tmp_path,
                                                                              epochs, expected):

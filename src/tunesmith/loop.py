@@ -304,7 +304,7 @@ def _resume(run, model: torch.nn.Module, optimizer, scheduler) -> TrainState | N
     for layer in unfreeze_due(run.strategy, saved.step):  # the optimizer groups the checkpoint has
         unfreeze(run.strategy, model, optimizer, scheduler, layer)
     state = load_checkpoint(ckpt, model, optimizer, scheduler, distributed.rank())
-    run.plan.total_steps = state.extra.get("total_steps", run.plan.total_steps)  # a time budget may have cut it
+    run.plan.set_total_steps(state.extra.get("total_steps", run.plan.total_steps))  # a time budget may have cut it
     if main:
         truncate_jsonl(run.run_dir / "metrics.jsonl", state.step)
     log(f"resumed from {ckpt} (step {state.step}/{run.plan.total_steps})")
@@ -490,8 +490,7 @@ def _agree(lp: _Loop, flag: bool) -> tuple[bool, bool]:
     if signal_number and lp.signals.received is None:
         lp.signals.received = int(signal_number)  # another process got it (a scheduler may signal only one)
     if int(total) != plan.total_steps:
-        plan.total_steps = int(total)
-        plan.patience_from_step = min(plan.patience_from_step, plan.total_steps // 2)
+        plan.set_total_steps(int(total))
         lp.progress.total = plan.total_steps
     return bool(flag_any), bool(signal_number)
 
@@ -631,8 +630,8 @@ def _fit_the_budget(lp: _Loop, note: str) -> None:
     new_total = min(plan.planned_steps, max(state.step + 1, fits))
     if new_total == plan.total_steps:
         return
-    old, plan.total_steps = plan.total_steps, new_total
-    plan.patience_from_step = min(plan.patience_from_step, plan.total_steps // 2)
+    old = plan.total_steps
+    plan.set_total_steps(new_total)
     state.extra["total_steps"] = plan.total_steps
     lp.progress.total = plan.total_steps
     if abs(new_total - old) >= 0.05 * old:  # the first cut, and any large change

@@ -68,6 +68,17 @@ class TrainingPlan:
     def epochs(self) -> int:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
+    def set_total_steps(self, total: int) -> None:
+        """Move the end of the schedule (a time budget re-plans it; several processes take the main one's).
+        Where the plan starts early stopping and the choice of the best model at half of it, they stay at half
+        of the new length: a run cut short keeps choosing from its own second half, and a plan that grows back
+        after a slow start does not keep an early cut's start. (A moved value is never 0: total >= 2 here.)"""
+        self.total_steps = total
+        if self.patience_from_step:
+            self.patience_from_step = total // 2
+        if self.best_from_step:
+            self.best_from_step = total // 2
+
 
 def resolve_lr(cfg: Config, task, batch_size: int) -> tuple[float, str]:
     """train.lr, or for auto the rate measured to work for the task, strategy and batch size, and why."""
