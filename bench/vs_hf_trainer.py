@@ -16,6 +16,9 @@ only. Sides:
 Ratios are against whichever Trainer setting trained fastest in this run.
   tunesmith   tunesmith's defaults, with the model's own dropout as the Trainer (train.dropout: model)
   (tunesmith_dropout_auto, with --also-dropout-auto: tunesmith's default train.dropout, none at 1 epoch)
+  (tunesmith_warm, with --also-warm-worker: the tunesmith side's commands by the `tunesmith` console script,
+   handed to a warm worker started once before the first side (`tunesmith worker start`); its peak RSS is
+   the worker's child's, not this script's child's, and is not measured: "-")
 Then inference: HF pipeline("text-classification", batch_size=32) vs tunesmith predict on the test texts,
 3 alternating passes each in one process (medians).
 
@@ -207,18 +210,27 @@ def tunesmith_config(train_csv: Path, test_csv: Path, workdir: Path, seed: int, 
     return path
 
 
+def warm_worker_env(workdir: Path, src: Path) -> dict[str, str]:
+    """The environment of the warm side's worker and commands (the worker serves only this environment)."""
+    return os.environ | {"PYTHONPATH": str(src), "TUNESMITH_WORKER_DIR": str(workdir / "w")}
+
+
 def run_tunesmith_cli(train_csv: Path, test_csv: Path, workdir: Path, seed: int, precision: str, name: str,
-                      src: Path, same_dropout: bool = True) -> dict:
+                      src: Path, same_dropout: bool = True, warm: bool = False) -> dict:
     """`tunesmith train CONFIG` then `tunesmith predict`, each a process timed from its start to its exit,
-    with tunesmith from `src` (this checkout, or --before-src)."""
+    with tunesmith from `src` (this checkout, or --before-src); warm: by the console script, which hands them
+    to the worker of warm_worker_env."""
     config = tunesmith_config(train_csv, test_csv, workdir, seed, precision, name, src, same_dropout)
-    env = os.environ | {"PYTHONPATH": str(src)}
-    cli = [sys.executable, "-m", "tunesmith.cli"]
+    env = warm_worker_env(workdir, src) if warm else os.environ | {"PYTHONPATH": str(src)}
+    cli = [str(Path(sys.executable).parent / "tunesmith")] if warm else [sys.executable, "-m", "tunesmith.cli"]
     run_dir = workdir / "runs" / name
     train_wall, rss = run_timed(cli + ["train", str(config)], env)
     predict_wall, _ = run_timed(cli + ["predict", str(run_dir), "--input", str(test_csv),
                                        "--output", str(workdir / f"{name}.csv")], env)
     summary = json.loads((run_dir / "metrics.json").read_text())
+    if summary.get("warm_worker", False) != warm:
+        raise SystemExit(f"{name}: warm_worker is {summary.get('warm_worker')} in its metrics.json, expected {warm}")
+    rss = None if warm else rss
     return {"train_samples_per_second": summary["train"]["samples_per_second"],
             "eval_samples_per_second": summary["test_samples_per_second"],
             "accuracy": summary["test"]["accuracy"], "macro_f1": summary["test"]["macro_f1"],
@@ -291,6 +303,8 @@ def main() -> None:
     parser.add_argument("--also-dropout-auto", action="store_true",
                         help="also run tunesmith with its default train.dropout (auto: none at 1 epoch) instead of the "
                              "model's own, which the Trainer keeps: less work, not the same hyperparameters")
+    parser.add_argument("--also-warm-worker", action="store_true",
+                        help="also run the tunesmith side's commands through a warm worker (tunesmith worker start)")
     parser.add_argument("--hf-pad16", action="store_true",
                         help="also run the Trainer's best setting with its collator padding to multiples of 16")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],
@@ -332,25 +346,17 @@ def compare(args: argparse.Namespace, workdir: Path) -> None:
     runs: dict[str, list[dict]] = {}
     sides = ["hf_default"] * (not args.no_hf_default) + ["hf_best"] + ["hf_best_pad16"] * args.hf_pad16 \
         + ["tunesmith"] + [f"tunesmith_{p}" for p in args.also_precision] + ["tunesmith_dropout_auto"] * \
-        args.also_dropout_auto + ["tunesmith_before"] * bool(args.before_src)
-    for seed in args.seeds:
-        for side in sides:
-            if side == "hf_default" and seed != args.seeds[0]:
-                continue
-            print(f"running {side}, seed {seed} ...", file=sys.stderr, flush=True)
-            if side.startswith("tunesmith"):
-                precision = side.partition("_")[2] if side.endswith(("fp32", "bf16")) else "auto"
-                res = run_tunesmith_cli(train_csv, test_csv, workdir, seed, precision, f"{side}-seed{seed}",
-                                        args.before_src if side == "tunesmith_before" else src,
-                                        same_dropout=side != "tunesmith_dropout_auto")
-            else:
-                out = workdir / f"{side}-seed{seed}.json"
-                wall, _ = run_timed([sys.executable, __file__, "--side", side, "--seed", str(seed), "--workdir",
-                                     str(workdir), "--train-csv", str(train_csv), "--test-csv", str(test_csv),
-                                     "--out", str(out), "--model-path", model_path, "--bf16-fast", str(int(bf16_fast)),
-                                     "--spawned", repr(time.time())], torch_default_env())
-                res = json.loads(out.read_text()) | {"wall_s": wall}
-            runs.setdefault(side, []).append(res | {"seed": seed})
+        args.also_dropout_auto + ["tunesmith_warm"] * args.also_warm_worker + ["tunesmith_before"] * bool(args.before_src)
+    console_script = [str(Path(sys.executable).parent / "tunesmith")]
+    if args.also_warm_worker:
+        started = subprocess.run(console_script + ["worker", "start", "--idle-minutes", "120"], check=True, text=True,
+                                 env=warm_worker_env(workdir, src), capture_output=True)
+        print(started.stderr.strip(), file=sys.stderr)
+    try:
+        runs = run_sides(args, sides, workdir, train_csv, test_csv, src, model_path, bf16_fast)
+    finally:
+        if args.also_warm_worker:
+            subprocess.run(console_script + ["worker", "stop"], env=warm_worker_env(workdir, src), capture_output=True)
     if args.save:  # the raw results, for a table made again later
         args.save.write_text(json.dumps(runs, indent=1))
     results = {side: mean_over_seeds(r) for side, r in runs.items()}
@@ -385,7 +391,8 @@ def compare(args: argparse.Namespace, workdir: Path) -> None:
               f"{r['eval_samples_per_second']:.1f} | "
               f"{mfu(r['train_samples_per_second'], train_tokens, n_train, 6, r['precision']):.1%} | "
               f"{r['accuracy']:.4f}{spread(r, 'accuracy')} | {r['macro_f1']:.4f}{spread(r, 'macro_f1')} | "
-              f"{r['peak_rss_mb']:.0f} | {'-' if r.get('peak_gpu_mb') is None else round(r['peak_gpu_mb'])} |")
+              f"{'-' if r['peak_rss_mb'] is None else round(r['peak_rss_mb'])} | "
+              f"{'-' if r.get('peak_gpu_mb') is None else round(r['peak_gpu_mb'])} |")
     if len(args.seeds) > 1:
         print("\nper seed (test accuracy / macro F1 / train samples/s):")
         for side, rs in runs.items():
@@ -420,6 +427,31 @@ def compare(args: argparse.Namespace, workdir: Path) -> None:
           f"(medians of {len(inference['hf_pipeline_rounds'])} alternating passes; pipeline "
           + "/".join(f"{x:.1f}" for x in inference["hf_pipeline_rounds"]) + ", predict "
           + "/".join(f"{x:.1f}" for x in inference["tunesmith_predict_rounds"]) + ")")
+
+
+def run_sides(args: argparse.Namespace, sides: list[str], workdir: Path, train_csv: Path, test_csv: Path, src: Path,
+              model_path: str, bf16_fast: bool) -> dict[str, list[dict]]:
+    """Every side once per seed, one after the other: {side: [result per seed]}."""
+    runs: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        for side in sides:
+            if side == "hf_default" and seed != args.seeds[0]:
+                continue
+            print(f"running {side}, seed {seed} ...", file=sys.stderr, flush=True)
+            if side.startswith("tunesmith"):
+                precision = side.partition("_")[2] if side.endswith(("fp32", "bf16")) else "auto"
+                res = run_tunesmith_cli(train_csv, test_csv, workdir, seed, precision, f"{side}-seed{seed}",
+                                        args.before_src if side == "tunesmith_before" else src,
+                                        same_dropout=side != "tunesmith_dropout_auto", warm=side == "tunesmith_warm")
+            else:
+                out = workdir / f"{side}-seed{seed}.json"
+                wall, _ = run_timed([sys.executable, __file__, "--side", side, "--seed", str(seed), "--workdir",
+                                     str(workdir), "--train-csv", str(train_csv), "--test-csv", str(test_csv),
+                                     "--out", str(out), "--model-path", model_path, "--bf16-fast", str(int(bf16_fast)),
+                                     "--spawned", repr(time.time())], torch_default_env())
+                res = json.loads(out.read_text()) | {"wall_s": wall}
+            runs.setdefault(side, []).append(res | {"seed": seed})
+    return runs
 
 
 def print_end_to_end(results: dict[str, dict], fastest: str) -> None:

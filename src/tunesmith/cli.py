@@ -194,6 +194,21 @@ def cmd_catalog(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
+    from . import worker
+
+    if not sys.platform.startswith("linux"):
+        raise TunesmithError("tunesmith worker: Linux only (it needs Unix sockets, fork and the caller's "
+                             "credentials); commands run as their own processes here")
+    if args.action == "start":
+        if args.idle_minutes <= 0:
+            raise TunesmithError(f"--idle-minutes: give a number above 0 (got {args.idle_minutes:g})")
+        print(worker.start(args.idle_minutes), file=sys.stderr)
+    else:
+        print(worker.stop() if args.action == "stop" else worker.status(), file=sys.stderr)
+    return 0
+
+
 def config_help() -> str:
     """Every config key with its default and description, straight from the typed config."""
     from pydantic import BaseModel
@@ -331,6 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fetch)
     p = sub.add_parser("catalog", help="list the models and datasets that install from packages")
     p.set_defaults(func=cmd_catalog)
+
+    p = sub.add_parser("worker", help="a warm background process that has imported the libraries once: later "
+                                      "commands in this environment start in well under a second instead of several "
+                                      "(docs/speed.md)")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--idle-minutes", type=float, default=60.0,
+                   help="start: stop after this many minutes without a command (default 60)")
+    p.set_defaults(func=cmd_worker)
     return parser
 
 

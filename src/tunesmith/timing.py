@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
+
+from tunesmith_launcher import process_start_since_boot, seconds_since_boot
 
 _IMPORTED = time.perf_counter()  # the fallback origin where /proc is not there
+_COMMAND_STARTED: float | None = None  # set in a warm worker's child: when the `tunesmith` command started
+
+
+def adopt_process_start(started_since_boot: float | None) -> None:
+    """A warm worker's child (worker.py) counts from the start of the `tunesmith` command it runs for, not
+    from its own fork."""
+    global _COMMAND_STARTED
+    _COMMAND_STARTED = started_since_boot
+
+
+def started_by_worker() -> bool:
+    return _COMMAND_STARTED is not None
 
 
 def process_seconds() -> float:
     """Seconds since this process started (Python start-up and imports included), read from /proc on
-    Linux; elsewhere since tunesmith was imported."""
-    try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
+    Linux; elsewhere since tunesmith was imported. In a warm worker's child: since its command started."""
+    started = _COMMAND_STARTED if _COMMAND_STARTED is not None else process_start_since_boot()
+    now = seconds_since_boot()
+    if started is None or now is None:
         return time.perf_counter() - _IMPORTED
+    return max(0.0, now - started)
 
 
 def format_seconds(seconds: dict[str, float]) -> str:

@@ -38,7 +38,7 @@ from .runlog import append_jsonl, count, log, warn
 from .schedule import TrainingPlan, auto_steps, make_plan
 from .strategies import Plan, apply_strategy, is_peft
 from .tasks import TASKS
-from .timing import format_seconds, process_seconds
+from .timing import format_seconds, process_seconds, started_by_worker
 
 MIN_VALIDATION_EXAMPLES = 30  # fewer cannot tell checkpoints apart reliably (one example is 3+ points)
 
@@ -373,6 +373,7 @@ def finish(run: Setup, outcome: FitOutcome, refit_allowed: bool = False) -> Trai
         run.seconds["test"] = time.perf_counter() - test_started  # encode, outputs, metrics, predictions file
     run.seconds["process_at_finish"] = process_seconds()
     summary["timing"] = {k: round(v, 2) for k, v in run.seconds.items()}
+    summary["warm_worker"] = started_by_worker()  # the command ran in `tunesmith worker`'s child (worker.py)
     if main:
         write_text_atomic(run_dir / "metrics.json", json.dumps(summary, indent=1))  # it marks the run finished
         if not cfg.train.keep_checkpoints:  # the run is complete: model/ and the logs are what it keeps
@@ -432,7 +433,8 @@ def _fixed_costs(seconds: dict[str, float]) -> str:
     setup = {k: seconds[k] for k in ("before_train", "read_data", "load_model", "encode") if k in seconds}
     line = f"setup {format_seconds(setup)}"
     if "first_step" in seconds:
-        line = f"first training step {seconds['before_train'] + seconds['first_step']:.1f}s after the process started ({line})"
+        origin = "the command started, in the warm worker" if started_by_worker() else "the process started"
+        line = f"first training step {seconds['before_train'] + seconds['first_step']:.1f}s after {origin} ({line})"
     rest = {k: seconds[k] for k in ("checkpoints", "test") if k in seconds}
     return line + (f"; {format_seconds(rest)}" if rest else "")
 
