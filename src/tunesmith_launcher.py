@@ -8,6 +8,9 @@ imported code differ from what this process would import: the Python, the enviro
 tunesmith source files and the site-packages folders (pip changes a folder's mtime when it installs
 or removes a package; PYTHONPATH is one of the variables). A changed variable, a `git pull` or a `pip install` gives a new key, so the command
 runs here, cold, and never on stale code.
+
+TUNESMITH_WORKER=0: never hand over. TUNESMITH_WORKER=auto: also start a worker in the background when there is
+none, so that the commands after this one (which runs cold) start warm.
 """
 
 from __future__ import annotations
@@ -84,6 +87,43 @@ def socket_path(key: str) -> Path:
     return worker_dir() / f"{key}.sock"
 
 
+def private_worker_dir() -> Path:
+    """worker_dir(), made if needed; refused unless it is this user's and closed to others."""
+    directory = worker_dir()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise PermissionError(f"{directory}: must belong to you and be closed to others (chmod 700) to hold "
+                              "the worker's socket")
+    return directory
+
+
+def spawn_worker(key: str, idle_minutes: float):
+    """Start `python -m tunesmith.worker` for key in the background, in a session of its own (a closed shell
+    keeps it), its output in KEY.log beside the socket: (the process, the log's path). None when a worker for
+    key is starting or running: it holds KEY.lock (an flock, handed to it here, gone with its process)."""
+    import fcntl
+    import subprocess
+
+    directory = private_worker_dir()
+    lock = os.open(directory / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        return None
+    log = directory / f"{key}.log"
+    try:
+        with open(log, "ab") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "tunesmith.worker", key, str(idle_minutes * 60), str(lock)], pass_fds=[lock],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True, cwd=directory,
+                env={**_TUNESMITH_DEFAULTS, **os.environ})  # as cli.main sets them, before any import
+    finally:
+        os.close(lock)  # the worker's copy keeps the lock
+    return process, log
+
+
 def hand_over(argv: list[str]) -> int | None:
     """Run `tunesmith argv` in the warm worker for this environment and code, if there is one: its exit code.
     None when there is none (or it cannot take the command): the caller runs the command itself."""
@@ -91,11 +131,17 @@ def hand_over(argv: list[str]) -> int | None:
             or argv[:1] == ["worker"]):  # `tunesmith worker ...` manages the worker: it runs here
         return None
     path = socket_path(command_key())
-    if not path.exists():
-        return None
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         connection.connect(str(path))
+    except OSError as exc:
+        connection.close()
+        if isinstance(exc, ConnectionRefusedError):  # the socket of a worker that died (killed, a reboot)
+            path.unlink(missing_ok=True)
+        if os.environ.get("TUNESMITH_WORKER") == "auto":  # for the commands after this one, which runs cold
+            _start_worker_unless_starting()
+        return None
+    try:
         # a signal this command ignores (nohup, a script's `&` for SIGINT) is ignored by the child too
         ignored = [int(s) for s in _FORWARDED if signal.getsignal(s) == signal.SIG_IGN]
         request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path,
@@ -133,6 +179,14 @@ def hand_over(argv: list[str]) -> int | None:
         return 1
     code = int(status["exit"])
     return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
+
+
+def _start_worker_unless_starting() -> None:
+    """TUNESMITH_WORKER=auto: a worker for this command's key in the background, unless one is starting."""
+    try:
+        spawn_worker(command_key(), 60)
+    except OSError:  # no worker then: this command runs cold all the same
+        pass
 
 
 def _umask() -> int:

@@ -155,6 +155,43 @@ def test_worker_status_then_stop(worker_env, tmp_path):  # the last test of this
     assert "no worker" in again.stderr
 
 
+def test_auto_starts_a_worker_for_the_commands_after_it(tiny_model_dir, tmp_path):
+    folder = Path(tempfile.mkdtemp(prefix="tsw-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(TUNESMITH_WORKER="auto", TUNESMITH_WORKER_DIR=str(folder / "w"), OMP_NUM_THREADS="1",
+               TUNESMITH_CACHE=str(tmp_path / "cache"))
+    _write_config(tiny_model_dir, tmp_path)
+    try:
+        first = subprocess.run(COMMAND + ["train", "cfg.yaml", "--output.name=first"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=300)
+        assert first.returncode == 0, first.stderr[-3000:]
+        _wait_for(lambda: list((folder / "w").glob("*.sock")), seconds=300)  # started beside the first command
+        second = subprocess.run(COMMAND + ["train", "cfg.yaml", "--output.name=second"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert second.returncode == 0, second.stderr[-3000:]
+        metrics = [json.loads((tmp_path / "runs" / n / "metrics.json").read_text()) for n in ("first", "second")]
+        assert [m["warm_worker"] for m in metrics] == [False, True]
+        assert metrics[0]["test"] == metrics[1]["test"]
+        # the worker killed outright: its socket is left; the next command removes it, runs cold, starts another
+        (socket_file,) = (folder / "w").glob("*.sock")
+        killed = _worker_pid(env)
+        os.kill(killed, signal.SIGKILL)
+        _wait_for(lambda: not Path(f"/proc/{killed}").exists() or " Z " in Path(f"/proc/{killed}/stat").read_text())
+        third = subprocess.run(COMMAND + ["train", "cfg.yaml", "--output.name=third"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=300)
+        assert third.returncode == 0, third.stderr[-3000:]
+        assert json.loads((tmp_path / "runs" / "third" / "metrics.json").read_text())["warm_worker"] is False
+        _wait_for(lambda: socket_file.exists() and _worker_pid(env) not in (None, killed), seconds=300)
+    finally:
+        subprocess.run(COMMAND + ["worker", "stop"], env=env, capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _worker_pid(env: dict) -> int | None:
+    status = subprocess.run(COMMAND + ["worker", "status"], env=env, capture_output=True, text=True).stderr
+    return int(status.split("worker pid ")[1].split()[0]) if "worker pid " in status else None
+
+
 def _wait_for(condition, proc: subprocess.Popen | None = None, seconds: float = 120) -> None:
     deadline = time.time() + seconds
     while not condition():

@@ -22,7 +22,6 @@ import select
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -30,7 +29,7 @@ import traceback
 from importlib import import_module
 from pathlib import Path
 
-from tunesmith_launcher import command_key, socket_path, worker_dir
+from tunesmith_launcher import command_key, private_worker_dir, socket_path, spawn_worker, worker_dir
 
 from .errors import TunesmithError
 
@@ -48,13 +47,14 @@ def start(idle_minutes: float) -> str:
     running = _worker_pid(key)
     if running:
         return f"a worker for this environment and code is running already (pid {running})"
-    directory = _private_dir()
-    log = directory / f"{key}.log"
+    try:
+        spawned = spawn_worker(key, idle_minutes)
+    except PermissionError as exc:
+        raise TunesmithError(str(exc)) from None
+    if spawned is None:
+        return "a worker for this environment and code is starting already (tunesmith worker status)"
+    process, log = spawned
     started = time.monotonic()
-    with open(log, "ab") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "tunesmith.worker", key, str(idle_minutes * 60)],
-                                   stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                                   start_new_session=True, cwd=directory)  # no terminal: a closed shell keeps it
     path, deadline = socket_path(key), time.monotonic() + 600
     while not path.exists():
         if time.monotonic() > deadline:
@@ -114,19 +114,9 @@ def _worker_pid(key: str) -> int | None:
         connection.close()
 
 
-def _private_dir() -> Path:
-    directory = worker_dir()
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = directory.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise TunesmithError(f"{directory}: must belong to you and be closed to others (chmod 700) to hold "
-                             "the worker's socket")
-    return directory
-
-
 # ---------------------------------------------------------------- the worker process
 
-def serve(key: str, idle_seconds: float) -> None:
+def serve(key: str, idle_seconds: float, lock_fd: int) -> None:
     """Import, listen, fork a child per command, report each child's exit status; stop when asked (SIGTERM)
     or after idle_seconds without a command, once the running children have finished."""
     environ = dict(os.environ)
@@ -134,7 +124,7 @@ def serve(key: str, idle_seconds: float) -> None:
         import_module(name)
     # what the imports put into the environment (torch: KMP_*, TORCHINDUCTOR_CACHE_DIR): a cold command has them
     set_by_imports = {k: v for k, v in os.environ.items() if environ.get(k) != v}
-    directory, path = _private_dir(), socket_path(key)
+    directory, path = private_worker_dir(), socket_path(key)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listening = directory / f".{key}.{os.getpid()}.sock"
     listener.bind(str(listening))
@@ -160,15 +150,22 @@ def serve(key: str, idle_seconds: float) -> None:
                 connection.close()
             last_active = time.monotonic()
         idle = not children and time.monotonic() - last_active > idle_seconds
+        try:  # its socket removed, or taken over by another worker started for the same key: stop
+            replaced = path.stat().st_ino != inode
+        except FileNotFoundError:
+            replaced = True
+        if replaced:
+            stopping.set()
         if (stopping.is_set() or idle) and listener.fileno() != -1:
             listener.close()
-            if path.exists() and path.stat().st_ino == inode:  # still ours
-                path.unlink()
+            if not replaced:
+                path.unlink(missing_ok=True)
         if listener.fileno() == -1:
             if not children:
                 log = directory / f"{key}.log"  # start() sends the worker's output there: kept if it said anything
                 if log.is_file() and log.stat().st_size == 0:
                     log.unlink()
+                (directory / f"{key}.lock").unlink(missing_ok=True)  # its flock goes with this process
                 return
             time.sleep(0.1)
             continue
@@ -180,7 +177,7 @@ def serve(key: str, idle_seconds: float) -> None:
             os.read(wake_read, 512)
         if listener in ready:
             connection, _ = listener.accept()
-            own = [listener.fileno(), wake_read, wake_write, *(c.fileno() for c in children.values())]
+            own = [listener.fileno(), wake_read, wake_write, lock_fd, *(c.fileno() for c in children.values())]
             pid = _take(connection, own, set_by_imports)
             if pid:
                 children[pid] = connection
@@ -291,5 +288,5 @@ def _run_child(connection: socket.socket, fds: list[int], request: dict) -> None
     os._exit(code)
 
 
-if __name__ == "__main__":  # started by start(): python -m tunesmith.worker KEY IDLE_SECONDS
-    serve(sys.argv[1], float(sys.argv[2]))
+if __name__ == "__main__":  # started by spawn_worker(): python -m tunesmith.worker KEY IDLE_SECONDS LOCK_FD
+    serve(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]))
