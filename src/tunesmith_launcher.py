@@ -165,9 +165,25 @@ def hand_over(argv: list[str]) -> int | None:
         except ProcessLookupError:
             pass
 
+    def suspend(_signum: int, _frame) -> None:  # Ctrl-Z: the child stops with this command, and goes on with it
+        try:
+            os.kill(child["pid"], signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
+        os.kill(os.getpid(), signal.SIGSTOP)  # here until SIGCONT (the shell's fg or bg)
+
+    def resume(_signum: int, _frame) -> None:
+        try:
+            os.kill(child["pid"], signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
     for signum in _FORWARDED:
         if signum not in ignored:
             signal.signal(signum, forward)
+    if signal.getsignal(signal.SIGTSTP) != signal.SIG_IGN:
+        signal.signal(signal.SIGTSTP, suspend)
+        signal.signal(signal.SIGCONT, resume)
     try:
         status = json.loads(replies.readline() or b"null")
     except (OSError, ValueError):

@@ -125,6 +125,29 @@ def test_ctrl_c_reaches_the_warm_command_and_it_checkpoints(worker_env, tiny_mod
     assert "error: interrupted (SIGINT) at step " in err and err.endswith("--resume runs/stopped\n")
 
 
+def test_ctrl_z_stops_the_warm_command_and_fg_resumes_it(worker_env, tiny_model_dir, tmp_path):
+    _write_config(tiny_model_dir, tmp_path, epochs=400, checkpoint_every_steps=5)
+    run = tmp_path / "runs" / "paused"
+    proc = subprocess.Popen(COMMAND + ["train", "cfg.yaml", "--output.name=paused"], cwd=tmp_path, env=worker_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _wait_for(lambda: (run / "checkpoints" / "latest").is_file(), proc)
+    child = int((run / ".lock").read_text().split()[0])
+
+    def state(pid: int) -> str:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+    os.killpg(proc.pid, signal.SIGTSTP)  # what Ctrl-Z sends: to the command's process group
+    _wait_for(lambda: state(proc.pid) == "T" and state(child) == "T")
+    os.killpg(proc.pid, signal.SIGCONT)  # fg
+    _wait_for(lambda: state(child) != "T")
+    latest = (run / "checkpoints" / "latest").read_text()
+    _wait_for(lambda: (run / "checkpoints" / "latest").read_text() != latest, proc)  # it trains on
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+
+
 def test_a_warm_command_whose_caller_dies_stops_cleanly(worker_env, tiny_model_dir, tmp_path):
     """The caller killed outright (its terminal gone): the child is sent SIGTERM, checkpoints and stops."""
     _write_config(tiny_model_dir, tmp_path, epochs=400, checkpoint_every_steps=5)

@@ -348,8 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_catalog)
 
     p = sub.add_parser("worker", help="a warm background process that has imported the libraries once: later "
-                                      "commands in this environment start in well under a second instead of several "
-                                      "(docs/speed.md)")
+                                      "commands of this environment and code skip those ~4 s of imports "
+                                      "(TUNESMITH_WORKER=auto starts one when needed; docs/speed.md)")
     p.add_argument("action", choices=["start", "stop", "status"])
     p.add_argument("--idle-minutes", type=float, default=60.0,
                    help="start: stop after this many minutes without a command (default 60)")
