@@ -16,6 +16,7 @@ torch operation itself: an OpenMP thread pool made before fork() would be unusab
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import select
@@ -124,6 +125,10 @@ def serve(key: str, idle_seconds: float, lock_fd: int) -> None:
         import_module(name)
     # what the imports put into the environment (torch: KMP_*, TORCHINDUCTOR_CACHE_DIR): a cold command has them
     set_by_imports = {k: v for k, v in os.environ.items() if environ.get(k) != v}
+    # The imported objects out of the garbage collector's reach: a collection in a child would otherwise write
+    # to every one of them, copying the worker's memory page by page (gc.freeze's documented use: pre-fork servers).
+    gc.collect()
+    gc.freeze()
     directory, path = private_worker_dir(), socket_path(key)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listening = directory / f".{key}.{os.getpid()}.sock"
