@@ -25,8 +25,10 @@ import sys
 from importlib.util import find_spec
 from pathlib import Path
 
-# Variables that differ between shells without changing what a process imports.
-_IGNORED_VARIABLES = {"PWD", "OLDPWD", "SHLVL", "_"}
+# Variables that differ between shells, or that a wrapper adds (make: `make demo`), without changing what a
+# process imports.
+_IGNORED_VARIABLES = {"PWD", "OLDPWD", "SHLVL", "_", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKE_TERMOUT",
+                      "MAKE_TERMERR", "MAKEOVERRIDES"}
 # Set by tunesmith.cli.main when absent: the same key with or without them at these values.
 _TUNESMITH_DEFAULTS = {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
 

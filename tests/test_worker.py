@@ -34,6 +34,7 @@ def test_the_key_follows_the_environment_and_the_code(tmp_path, monkeypatch):
     assert tunesmith_launcher.environment_key(env) == key
     # what differs between shells, and what tunesmith sets itself at its default value: the same key
     assert tunesmith_launcher.environment_key({**env, "PWD": "/x", "OLDPWD": "/y", "SHLVL": "3", "_": "z"}) == key
+    assert tunesmith_launcher.environment_key({**env, "MAKEFLAGS": "", "MFLAGS": "", "MAKELEVEL": "1"}) == key
     assert tunesmith_launcher.environment_key({**env, "TRANSFORMERS_VERBOSITY": "error"}) == key
     # a variable that may change what a process imports or how: another key
     assert tunesmith_launcher.environment_key({**env, "OMP_NUM_THREADS": "1"}) != key
