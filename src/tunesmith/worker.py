@@ -28,7 +28,6 @@ import threading
 import time
 import traceback
 from importlib import import_module
-from pathlib import Path
 
 from tunesmith_launcher import command_key, private_worker_dir, socket_path, spawn_worker, worker_dir
 
