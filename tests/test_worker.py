@@ -196,16 +196,6 @@ def test_auto_starts_a_worker_for_the_commands_after_it(tiny_model_dir, tmp_path
         metrics = [json.loads((tmp_path / "runs" / n / "metrics.json").read_text()) for n in ("first", "second")]
         assert [m["warm_worker"] for m in metrics] == [False, True]
         assert metrics[0]["test"] == metrics[1]["test"]
-        # the worker killed outright: its socket is left; the next command removes it, runs cold, starts another
-        (socket_file,) = (folder / "w").glob("*.sock")
-        killed = _worker_pid(env)
-        os.kill(killed, signal.SIGKILL)
-        _wait_for(lambda: not Path(f"/proc/{killed}").exists() or " Z " in Path(f"/proc/{killed}/stat").read_text())
-        third = subprocess.run(COMMAND + ["train", "cfg.yaml", "--output.name=third"], cwd=tmp_path, env=env,
-                               capture_output=True, text=True, timeout=300)
-        assert third.returncode == 0, third.stderr[-3000:]
-        assert json.loads((tmp_path / "runs" / "third" / "metrics.json").read_text())["warm_worker"] is False
-        _wait_for(lambda: socket_file.exists() and _worker_pid(env) not in (None, killed), seconds=300)
     finally:
         subprocess.run(COMMAND + ["worker", "stop"], env=env, capture_output=True, timeout=60)
         shutil.rmtree(folder, ignore_errors=True)
